@@ -1,0 +1,208 @@
+"""The atlas: one row per (layer, head) with every score, its spread and count, and roles.
+
+Saved as ``DIR/atlas.parquet`` (the table) + ``DIR/atlas.json`` (metadata), each written to a
+temporary file and renamed, so a crash never leaves half an atlas over a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .detectors import VECTOR_SCORES
+from .errors import HeadatlasError
+from .loading import LoadedModel, load
+from .roles import RULES, assign_roles
+from .scanning import BatchDone, ScanResult, build_batteries, discard_partial, has_partial, run_scan
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+TABLE_FILE = "atlas.parquet"
+META_FILE = "atlas.json"
+SCORE_ORDER = (
+    "previous_token",
+    "self",
+    "first_token",
+    "local",
+    "entropy",
+    "entropy_norm",
+    "subword",
+    "induction",
+    "duplicate_token",
+)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("headatlas", "torch", "transformers", "numpy", "pandas"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+class Atlas:
+    """A scanned model's head table (:attr:`table`, a DataFrame) and metadata (:attr:`meta`)."""
+
+    def __init__(self, table: pd.DataFrame, meta: dict[str, Any]) -> None:
+        self.table = table
+        self.meta = meta
+
+    @classmethod
+    def from_scan(cls, result: ScanResult, extra_meta: dict[str, Any] | None = None) -> Atlas:
+        """Build the table from a :class:`ScanResult`: ``layer, head, kv_head``, then per score
+        ``<score>``, ``<score>_std``, ``<score>_n``, the ``distance_profile`` list column and ``roles``."""
+        info = result.loaded.info
+        stats = result.stats
+        layers, heads = np.meshgrid(np.arange(info.n_layers), np.arange(info.n_heads), indexing="ij")
+        table: dict[str, Any] = {
+            "layer": layers.ravel(),
+            "head": heads.ravel(),
+            "kv_head": heads.ravel() // info.group_size,
+        }
+        names = [n for n in SCORE_ORDER if n in stats.names] + [
+            n for n in stats.names if n not in SCORE_ORDER and n not in VECTOR_SCORES
+        ]
+        for name in names:
+            table[name] = stats.mean(name).ravel()
+            table[f"{name}_std"] = stats.std(name).ravel()
+            table[f"{name}_n"] = stats.n(name).ravel()
+        for name in sorted(VECTOR_SCORES & set(stats.names)):
+            profile = stats.mean(name).reshape(info.n_layers * info.n_heads, -1)
+            table[name] = [np.round(row, 6).tolist() for row in profile]
+        table["roles"] = assign_roles({n: np.asarray(table[n]) for n in names})
+        meta = {
+            "model": info.to_dict(),
+            **result.meta,
+            "versions": _versions(),
+            "roles": [{"role": r.role, "score": r.score, "threshold": r.threshold} for r in RULES],
+            **(extra_meta or {}),
+        }
+        return cls(pd.DataFrame(table), meta)
+
+    @property
+    def scores(self) -> list[str]:
+        """Names of the scalar scores in the table."""
+        return [c[:-2] for c in self.table.columns if c.endswith("_n") and c[:-2] in self.table.columns]
+
+    def top(self, score: str, k: int = 10, ascending: bool = False) -> pd.DataFrame:
+        """Return the ``k`` heads with the highest (or lowest) ``score``."""
+        if score not in self.table.columns or score in VECTOR_SCORES:
+            raise HeadatlasError(f"no score {score!r} in this atlas: choose from {', '.join(self.scores)}")
+        return self.table.sort_values(score, ascending=ascending, na_position="last").head(k)
+
+    def with_role(self, role: str) -> pd.DataFrame:
+        """Return the heads holding ``role``."""
+        known = {r.role for r in RULES}
+        if role not in known:
+            raise HeadatlasError(f"unknown role {role!r}: choose from {', '.join(sorted(known))}")
+        has = self.table["roles"].fillna("").str.split(",").apply(lambda r: role in r)
+        return self.table[has]
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``atlas.parquet`` and ``atlas.json`` into ``directory`` atomically; return the directory."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / (TABLE_FILE + ".tmp")
+        self.table.to_parquet(tmp, index=False)
+        tmp_meta = out / (META_FILE + ".tmp")
+        tmp_meta.write_text(json.dumps(self.meta, indent=2, default=str))
+        os.replace(tmp, out / TABLE_FILE)
+        os.replace(tmp_meta, out / META_FILE)
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Atlas:
+        """Read an atlas saved by :meth:`save`; raise :class:`HeadatlasError` if missing or corrupt."""
+        src = Path(directory)
+        table_file, meta_file = src / TABLE_FILE, src / META_FILE
+        if not table_file.exists():
+            raise HeadatlasError(f"no atlas in {str(src)!r}: run `headatlas scan --out {src}` first")
+        try:
+            table = pd.read_parquet(table_file)
+        except Exception as exc:  # pyarrow raises several types for damaged files
+            raise HeadatlasError(
+                f"{table_file} is not a readable atlas table ({type(exc).__name__}): rescan with --force"
+            ) from exc
+        if not {"layer", "head"} <= set(table.columns):
+            raise HeadatlasError(f"{table_file} has no layer/head columns: not a headatlas table")
+        try:
+            meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        except (OSError, json.JSONDecodeError) as exc:
+            raise HeadatlasError(f"{meta_file} is not valid JSON: rescan with --force") from exc
+        return cls(table, meta)
+
+    def __repr__(self) -> str:
+        model = self.meta.get("model", {}).get("name", "?")
+        return f"Atlas({model}: {len(self.table)} heads, scores={self.scores})"
+
+
+def check_out_dir(out: Path, force: bool, resume: bool) -> None:
+    """Refuse to scan into a directory that already holds results, unless ``force`` or ``resume``."""
+    if out.exists() and not out.is_dir():
+        raise HeadatlasError(f"--out {str(out)!r} is a file: give a directory")
+    holds = out.exists() and ((out / TABLE_FILE).exists() or has_partial(out))
+    if holds and not (force or resume):
+        raise HeadatlasError(
+            f"{str(out)!r} already holds an atlas or a partial scan: pass --resume to continue it or --force to overwrite"
+        )
+
+
+def scan(
+    model: str | LoadedModel | PreTrainedModel = "default",
+    probes: Sequence[str] = ("natural", "repeat"),
+    texts: Sequence[str] | None = None,
+    text_file: str | Path | None = None,
+    n_prompts: int = 64,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    seed: int = 0,
+    out: str | Path | None = None,
+    resume: bool = False,
+    force: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+    on_batch: Callable[[BatchDone], None] | None = None,
+) -> Atlas:
+    """Scan every head of ``model`` with the chosen probe batteries and return an :class:`Atlas`.
+
+    ``model`` is anything :func:`headatlas.load` takes, or a :class:`LoadedModel`. ``texts``
+    scans exactly those texts (one sequence each) in place of the natural battery; ``text_file``
+    packs its lines into ``seq_len``-token sequences instead of UD English EWT. With ``out``,
+    partial statistics are saved after every batch (``resume=True`` continues them) and the atlas
+    is written there at the end. Scores and their papers: see :mod:`headatlas.detectors`.
+    """
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        check_out_dir(out_dir, force, resume)
+    loaded = model if isinstance(model, LoadedModel) else load(model, device=device, dtype=dtype)
+    started = time.perf_counter()
+    batteries = build_batteries(loaded, probes, texts, text_file, n_prompts, seq_len, seed)
+    if out_dir is not None and force and not resume and has_partial(out_dir):
+        discard_partial(out_dir)
+    result = run_scan(loaded, batteries, batch_size, checkpoint_dir=out_dir, resume=resume, on_batch=on_batch)
+    extra = {
+        "seed": seed,
+        "probes": list(dict.fromkeys(probes)),
+        "wall_seconds": round(time.perf_counter() - started, 3),
+    }
+    atlas = Atlas.from_scan(result, extra)
+    if out_dir is not None:
+        atlas.save(out_dir)
+        discard_partial(out_dir)
+    return atlas

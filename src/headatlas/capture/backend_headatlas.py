@@ -1,0 +1,115 @@
+"""The ``headatlas`` attention backend for transformers' ``AttentionInterface``.
+
+Registered under two names with the matching mask functions of ``AttentionMaskInterface``
+(forgetting the mask registration makes transformers pass ``mask=None``, which silently drops
+padding):
+
+- ``"headatlas"``: output delegated to transformers' SDPA function, boolean ``sdpa_mask``.
+- ``"headatlas_eager"``: for models whose attention SDPA cannot express (logit soft-capping,
+  learned sinks); output delegated to the model's own ``eager_attention_forward``, additive mask.
+
+When a :class:`~headatlas.capture.session.CaptureSession` is active, the query and key tensors
+(after rotary embeddings, before GQA repetition) are handed to it; nothing else changes, so
+model outputs are identical to the delegated backend's.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .session import CaptureSession
+
+NAME = "headatlas"
+EAGER_NAME = "headatlas_eager"
+
+ACTIVE_SESSION: ContextVar[CaptureSession | None] = ContextVar("headatlas_session", default=None)
+_registered = False
+
+
+def _module_eager(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, Any]]:
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward
+    return fn  # type: ignore[no-any-return]
+
+
+def _forward(
+    use_eager: bool,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention forward: delegate the output, report ``query``/``key`` to the active session.
+
+    Shapes: ``query [batch, head, query, d_head]``, ``key``/``value`` ``[batch, kv_head, key, d_head]``;
+    returns ``([batch, query, head, d_head], None)`` like every transformers backend.
+    """
+    if use_eager:
+        out, _ = _module_eager(module)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    else:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    session = ACTIVE_SESSION.get()
+    if session is not None:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        session.observe(
+            module,
+            query,
+            key,
+            attention_mask,
+            scale,
+            softcap=kwargs.get("softcap"),
+            sinks=kwargs.get("s_aux"),
+        )
+    return out, None
+
+
+def headatlas_attention(module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The ``"headatlas"`` backend: SDPA output + statistics (see module docstring)."""
+    return _forward(False, module, *args, **kwargs)
+
+
+def headatlas_eager_attention(
+    module: torch.nn.Module, *args: Any, **kwargs: Any
+) -> tuple[torch.Tensor, None]:
+    """The ``"headatlas_eager"`` backend: the model's eager output + statistics."""
+    return _forward(True, module, *args, **kwargs)
+
+
+def register() -> None:
+    """Register both backends and their mask functions with transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+    AttentionInterface.register(NAME, headatlas_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionInterface.register(EAGER_NAME, headatlas_eager_attention)
+    AttentionMaskInterface.register(EAGER_NAME, eager_mask)
+    _registered = True
+
+
+def needs_eager(config: Any) -> bool:
+    """Return whether the model's attention needs the eager delegate (soft-capping or sinks)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "attn_logit_softcapping", None) is not None or text.model_type == "gpt_oss"

