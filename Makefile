@@ -35,7 +35,7 @@ setup: venv model data
 
 demo: setup
 	$(VENV)/bin/headatlas scan default --out atlas --force
-	$(VENV)/bin/headatlas show atlas --top 10
+	$(VENV)/bin/headatlas show atlas --top 10 --by induction
 
 test: setup
 	$(PY) -m pytest -q

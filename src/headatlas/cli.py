@@ -225,7 +225,7 @@ def show(
             *[_fmt(float(getattr(row, s))) for s in scores],
             str(row.roles),
         )
-    console.print(out, width=max(console.width, 120))
+    Console(width=max(console.width, 130)).print(out)
 
 
 @data_app.command("status")

@@ -138,7 +138,7 @@ def file_sha256(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
         with path.open("rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+            while block := fh.read(1 << 22):
                 digest.update(block)
     known[key] = digest.hexdigest()
     try:
@@ -167,7 +167,7 @@ def _convert_default(gguf: Path) -> Path:
     logger.info("converting %s to fp32 safetensors in %s (once, ~20 s)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = target.with_name(target.name + ".partial")

@@ -99,7 +99,7 @@ def build_batteries(
                 corpus, source = ewt_sentences("train"), "UD English EWT train"
             out.append(natural_battery(tok, corpus, n_prompts, seq_len, seed, source))
         elif name == "repeat":
-            vocab = int(loaded.model.get_input_embeddings().weight.shape[0])
+            vocab = int(loaded.model.get_input_embeddings().weight.shape[0])  # type: ignore[index]
             out.append(repeat_battery(tok, vocab, n_prompts, seq_len, seed))
     return out
 
@@ -144,7 +144,7 @@ class _Checkpoint:
     def save(self, stats: HeadStats, done: dict[str, int], counters: dict[str, float]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / "stats.tmp.npz"
-        np.savez(tmp, **stats.state())
+        np.savez(tmp, **stats.state())  # type: ignore[arg-type]
         os.replace(tmp, self.dir / "stats.npz")
         progress = {"fingerprint": self.fingerprint, "done": done, "counters": counters}
         tmp_json = self.dir / "progress.tmp.json"

@@ -1,0 +1,77 @@
+"""load(): model facts, and one-line errors for models it cannot use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import headatlas as ha
+from tiny_models import BUILDERS, make_tokenizer
+
+
+def test_model_info_of_tiny_models() -> None:
+    tok = make_tokenizer()
+    expected = {
+        "llama": (3, 4, 2, True),
+        "gpt2": (2, 4, 4, True),
+        "bert": (2, 4, 4, False),
+        "gemma3": (4, 4, 1, True),
+    }
+    for arch, (layers, heads, kv, causal) in expected.items():
+        info = ha.load(BUILDERS[arch](0), tokenizer=tok).info
+        assert (info.n_layers, info.n_heads, info.n_kv_heads, info.causal) == (layers, heads, kv, causal)
+        assert info.head_dim == 16
+        assert [info.kv_head(h) for h in range(heads)] == [h // (heads // kv) for h in range(heads)]
+
+
+def test_local_dir_roundtrip_records_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEADATLAS_CACHE", str(tmp_path / "cache"))
+    model, tok = BUILDERS["qwen2"](0), make_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    loaded = ha.load(str(tmp_path / "m"))
+    assert loaded.info.sha256 is not None and len(loaded.info.sha256) == 64
+    assert loaded.info.source == str((tmp_path / "m").resolve())
+    ids = torch.tensor([[0, 10, 11, 12]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, loaded.model(ids).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["./no/such/model", "/nonexistent/model.gguf"])
+def test_missing_model(name: str) -> None:
+    with pytest.raises(ha.HeadatlasError, match="no model at") as info:
+        ha.load(name)
+    assert "\n" not in str(info.value)
+
+
+def test_dir_without_config(tmp_path: Path) -> None:
+    with pytest.raises(ha.HeadatlasError, match=r"config\.json"):
+        ha.load(str(tmp_path))
+
+
+def test_unknown_hub_id_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ha.HeadatlasError, match="could not load model") as info:
+        ha.load("nobody-xyz/not-a-model")
+    assert "\n" not in str(info.value)
+
+
+def test_model_without_attention_layers() -> None:
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=400, hidden_size=16, num_hidden_layers=1, state_size=4)
+    with pytest.raises(ha.HeadatlasError, match="no attention layers"):
+        ha.load(MambaForCausalLM(config), tokenizer=make_tokenizer())
+
+
+def test_in_memory_model_needs_tokenizer() -> None:
+    with pytest.raises(ha.HeadatlasError, match="tokenizer"):
+        ha.load(BUILDERS["gpt2"](0))
+
+
+def test_bad_dtype() -> None:
+    with pytest.raises(ha.HeadatlasError, match="dtype"):
+        ha.load("default", dtype="float8")
