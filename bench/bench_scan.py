@@ -12,9 +12,12 @@ Timing (this process): one warm-up batch per kind, then ``--repeats`` full passe
 interleaved round-robin (sdpa, eager, scan, sdpa, ...) so slow drift in background load hits every
 kind alike; the median wall time (``time.perf_counter``) is reported.
 
-Memory (one fresh subprocess per kind, this script re-invoked with ``--child KIND``): the peak RSS
-(``ru_maxrss``) right after the model is loaded and the battery built, and again after a warm-up
-batch plus one full pass. Every ratio is computed from numbers measured in this invocation.
+Memory (one fresh subprocess per kind, this script re-invoked with ``--child KIND``): the RSS right
+after the model is loaded and the battery built, then the peak RSS (``ru_maxrss``, nothing
+subtracted) of a warm-up batch plus one full pass. On Linux the high-water mark is reset after
+loading (``/proc/self/clear_refs``), because loading briefly holds far more than it keeps and would
+otherwise hide the run's own peak; the load-time peak is reported separately. Every ratio is
+computed from numbers measured in this invocation.
 
 Usage: ``.venv/bin/python bench/bench_scan.py [--n-prompts 64 --seq-len 256 --repeats 3 ...]``
 """
@@ -22,6 +25,7 @@ Usage: ``.venv/bin/python bench/bench_scan.py [--n-prompts 64 --seq-len 256 --re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -122,7 +126,6 @@ def _runners(
     """Return ``{kind: (warm_up, full_pass)}``; each call restores the attention backend it needs."""
     import torch
 
-    from headatlas.probes import Battery
     from headatlas.scanning import run_scan
 
     model = loaded.model
@@ -141,14 +144,7 @@ def _runners(
 
     def scan(count: int) -> None:
         model.set_attn_implementation("sdpa")  # what capture() restores on exit
-        sub = Battery(
-            battery.name,
-            battery.sequences[: count * batch_size],
-            battery.detectors,
-            dict(battery.params),
-            battery.period,
-            battery.repeat_start,
-        )
+        sub = dataclasses.replace(battery, sequences=battery.sequences[: count * batch_size])
         run_scan(loaded, [sub], batch_size)
 
     n = len(batches)
@@ -159,19 +155,38 @@ def _runners(
     }
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (Linux ``clear_refs`` 5); return whether it worked.
+
+    Loading a model briefly holds more memory than it keeps (the checkpoint and the initialised
+    weights at once), and that transient would otherwise hide the run's own peak in ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def _child(args: argparse.Namespace) -> None:
     """Measure one kind's memory in this fresh process and print a JSON line for the parent."""
     _quiet()
     loaded, battery, batches = _setup(args)
-    after_load_peak = _maxrss_mib()
-    after_load_now = _current_rss_mib()
+    import gc
+
+    gc.collect()
+    load_peak = _maxrss_mib()
+    after_load = _current_rss_mib()
+    reset = _reset_peak_rss()
     warm_up, full = _runners(loaded, battery, batches, args.batch_size)[args.child]
     warm_up()
     full()
     result = {
         "kind": args.child,
-        "rss_after_load_mib": after_load_peak,
-        "rss_now_after_load_mib": after_load_now,
+        "rss_after_load_mib": after_load,
+        "load_peak_rss_mib": load_peak,
+        "peak_reset_after_load": reset,
         "peak_rss_mib": _maxrss_mib(),
     }
     print(CHILD_MARKER + json.dumps(result), flush=True)
@@ -316,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             m = memory[kind]
             if "peak_rss_mib" in m:
                 print(
-                    f"  memory {kind}: {m['rss_after_load_mib']:.0f} MiB after load -> "
-                    f"{m['peak_rss_mib']:.0f} MiB peak",
+                    f"  memory {kind}: {_fmt(m['rss_after_load_mib'], '.0f')} MiB after load "
+                    f"(load peak {m['load_peak_rss_mib']:.0f}) -> {m['peak_rss_mib']:.0f} MiB run peak",
                     flush=True,
                 )
 
@@ -333,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens_per_s": tokens / median,
                 "peak_rss_mib": mem.get("peak_rss_mib"),
                 "rss_after_load_mib": mem.get("rss_after_load_mib"),
-                "rss_now_after_load_mib": mem.get("rss_now_after_load_mib"),
+                "load_peak_rss_mib": mem.get("load_peak_rss_mib"),
+                "peak_reset_after_load": mem.get("peak_reset_after_load"),
             }
         )
     base = next((r for r in rows if r["kind"] == "sdpa"), None)
@@ -352,9 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         spread = ", ".join(f"{t:.2f}" for t in r["times_s"])
         extra = ""
-        if r["peak_rss_mib"] is not None:
+        if r["peak_rss_mib"] is not None and r["rss_after_load_mib"] is not None:
             inc = r["peak_rss_mib"] - r["rss_after_load_mib"]
-            extra = f"; RSS after load {r['rss_after_load_mib']:.0f} MiB, increment {inc:+.0f} MiB"
+            extra = (
+                f"; RSS after load {r['rss_after_load_mib']:.0f} MiB, run peak {r['peak_rss_mib']:.0f} MiB "
+                f"(increment {inc:+.0f} MiB); load-time peak {r['load_peak_rss_mib']:.0f} MiB"
+            )
+            if not r["peak_reset_after_load"]:
+                extra += " [peak not reset after load: the run peak includes it]"
         print(f"{r['kind']}: times {spread} s{extra}")
     if base is None:
         print("(no sdpa run: ratios need the sdpa baseline)")

@@ -59,8 +59,8 @@ def test_blocks_stream_one_layer_at_a_time(loaded: ha.LoadedModel, monkeypatch: 
     ids, mask = _batch(loaded)
     full = ha.attention_maps(loaded, ids, mask)
     monkeypatch.setattr("headatlas.capture.probs.MAX_BLOCK_ELEMENTS", 64)  # force several row blocks
-    blocks: list[tuple[int, int, int]] = []
-    with capture(loaded, lambda b: blocks.append((b.layer, b.q_start, b.probs.shape[2]))) as run:
+    blocks: list[tuple[int, int]] = []
+    with capture(loaded, lambda v: blocks.append((v.layer, int(v.q_index[0]))), mode="dense") as run:
         run.run(ids, mask)
     layers = [b[0] for b in blocks]
     assert layers == sorted(layers), "layers arrive in order, each fully before the next"

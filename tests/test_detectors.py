@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from headatlas.detectors import DETECTOR_SCORES, DETECTORS, Rows, Score
+from headatlas.capture.views import DenseView
+from headatlas.detectors import DETECTOR_SCORES, DETECTORS, Context, Score
 
 T = 12
 
@@ -26,10 +27,15 @@ def shifted(offset: int, t: int = T) -> torch.Tensor:
     return probs
 
 
-def rows(t: int = T, pad: int = 0, **kwargs: object) -> Rows:
+def rows(t: int = T, pad: int = 0, **kwargs: object) -> Context:
     positions = torch.cat([torch.full((pad,), -1), torch.arange(t - pad)])[None]  # [1, key]
-    n_keys = (torch.arange(t) + 1 - pad).clamp_min(0)[None]  # [1, query]
-    return Rows(q_index=torch.arange(t), n_keys=n_keys, positions=positions, **kwargs)  # type: ignore[arg-type]
+    return Context(positions=positions, **kwargs)  # type: ignore[arg-type]
+
+
+def view(probs: torch.Tensor, pad: int = 0) -> DenseView:
+    t = probs.shape[-1]
+    n_keys = (torch.arange(t) + 1 - pad).clamp_min(0)[None].expand(probs.shape[0], t)  # [batch, query]
+    return DenseView(0, probs, 0, n_keys)
 
 
 def mean(score: Score) -> float:
@@ -44,7 +50,7 @@ def stack(*patterns: torch.Tensor) -> torch.Tensor:
 
 def test_positional_scores_on_known_patterns() -> None:
     probs = stack(shifted(1), shifted(0), shifted(T), causal_uniform())  # prev, self, first, uniform
-    out = DETECTORS["positional"](probs, rows())
+    out = DETECTORS["positional"](view(probs), rows())
     prev, self_, first, local = (out[k] for k in ("previous_token", "self", "first_token", "local"))
     assert prev.values.shape == (1, 4, T)
     per_head = [
@@ -64,14 +70,14 @@ def test_first_token_follows_left_padding() -> None:
     pad = 3
     probs = torch.zeros(1, 1, T, T)
     probs[0, 0, pad:, pad] = 1.0  # every real query attends to the first real token
-    out = DETECTORS["positional"](probs, rows(pad=pad))
+    out = DETECTORS["positional"](view(probs, pad), rows(pad=pad))
     assert mean(out["first_token"]) == pytest.approx(1.0)
     assert not out["previous_token"].valid[0, : pad + 1].any(), "pads and the first real token are not rows"
 
 
 def test_entropy_uniform_is_log_n_and_one_normalised() -> None:
     probs = stack(causal_uniform(), shifted(1))
-    out = DETECTORS["entropy"](probs, rows())
+    out = DETECTORS["entropy"](view(probs), rows())
     ent, norm = out["entropy"], out["entropy_norm"]
     valid = ent.valid[0]
     expected = torch.log(torch.arange(1, T + 1).float())
@@ -83,7 +89,7 @@ def test_entropy_uniform_is_log_n_and_one_normalised() -> None:
 def test_subword_mass_on_other_pieces_of_the_word() -> None:
     word_ids = torch.tensor([[-1, 0, 1, 1, 1, 2, 3, 3, 4, 5, 5, 6]])  # words 1, 3, 5 are split
     probs = stack(shifted(1), shifted(0))  # head 0 previous token, head 1 self
-    out = DETECTORS["subword"](probs, rows(word_ids=word_ids))["subword"]
+    out = DETECTORS["subword"](view(probs), rows(word_ids=word_ids))["subword"]
     continuing = out.valid[0].nonzero().flatten().tolist()
     assert continuing == [3, 4, 7, 10]
     assert mean(Score(out.values[:, :1], out.valid)) == pytest.approx(1.0)
@@ -91,7 +97,7 @@ def test_subword_mass_on_other_pieces_of_the_word() -> None:
 
 
 def test_distance_profile_of_a_previous_token_head() -> None:
-    out = DETECTORS["distance"](shifted(1), rows(max_offset=5))["distance_profile"]
+    out = DETECTORS["distance"](view(shifted(1)), rows(max_offset=5))["distance_profile"]
     assert out.values.shape == (1, 1, T, 5)
     w = out.valid[:, None].float()
     profile = (out.values * w).sum((0, 2)) / w.sum((0, 2))
@@ -103,7 +109,7 @@ def test_repeat_scores(offset: int, score: str) -> None:
     period = 5  # [BOS, x(5), x(5)] -> 11 tokens
     t = 1 + 2 * period
     probs = stack(shifted(offset, t), causal_uniform(t))
-    out = DETECTORS["repeat"](probs, rows(t=t, period=period, repeat_start=1))[score]
+    out = DETECTORS["repeat"](view(probs), rows(t=t, period=period, repeat_start=1))[score]
     assert out.valid[0].nonzero().flatten().tolist() == list(range(1 + period, t))
     assert mean(Score(out.values[:, :1], out.valid)) == pytest.approx(1.0)
     assert mean(Score(out.values[:, 1:], out.valid)) < 0.3
@@ -113,16 +119,11 @@ def test_detectors_do_not_mutate_inputs() -> None:
     probs = torch.rand(2, 3, T, T).tril()
     probs = probs / probs.sum(-1, keepdim=True)
     word_ids = torch.arange(T).repeat(2, 1) // 2
-    context = Rows(
-        q_index=torch.arange(T),
-        n_keys=torch.arange(1, T + 1).repeat(2, 1),
-        positions=torch.arange(T).repeat(2, 1),
-        word_ids=word_ids,
-        period=5,
-    )
+    context = Context(positions=torch.arange(T).repeat(2, 1), word_ids=word_ids, period=5)
+    dense = DenseView(0, probs, 0, torch.arange(1, T + 1).repeat(2, 1))
     before = probs.clone()
     for name, detector in DETECTORS.items():
-        out = detector(probs, context)
+        out = detector(dense, context)
         assert set(out) == set(DETECTOR_SCORES[name])
         for score in out.values():
             if score.values.dim() == 3:
@@ -131,6 +132,6 @@ def test_detectors_do_not_mutate_inputs() -> None:
                 if name != "entropy":
                     assert finite.min() >= 0 and finite.max() <= 1 + 1e-6, f"{name} in [0, 1]"
         assert torch.equal(probs, before), f"{name} mutated its input"
-    norm = DETECTORS["entropy"](probs, context)["entropy_norm"]
+    norm = DETECTORS["entropy"](dense, context)["entropy_norm"]
     assert norm.values[norm.valid[:, None].expand_as(norm.values)].max() <= 1 + 1e-5
     assert math.isclose(float(norm.values.min()), max(0.0, float(norm.values.min())), abs_tol=1e-6)

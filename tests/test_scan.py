@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import headatlas as ha
-from headatlas.detectors import DETECTORS, Rows
+from headatlas.capture.views import DenseView
+from headatlas.detectors import DETECTORS, Context
 from headatlas.probes import make_batch
 from headatlas.scanning import BatchDone, build_batteries, run_scan
 from headatlas.stats import HeadStats
@@ -68,16 +68,14 @@ def test_scores_equal_detectors_on_eager_attention(llama: ha.LoadedModel, corpus
         attentions = eager_attentions(llama.model, batch.input_ids, batch.attention_mask)
         for layer, probs in enumerate(attentions):
             n_keys = batch.attention_mask[:, None, :].expand(-1, probs.shape[2], -1).tril().sum(-1)
-            rows = Rows(
-                q_index=torch.arange(probs.shape[2]),
-                n_keys=n_keys,
+            ctx = Context(
                 positions=batch.positions,
                 word_ids=batch.word_ids,
                 period=battery.period,
                 repeat_start=battery.repeat_start,
             )
             for name in battery.detectors:
-                for score, result in DETECTORS[name](probs, rows).items():
+                for score, result in DETECTORS[name](DenseView(layer, probs, 0, n_keys), ctx).items():
                     reference.add(score, layer, result.values, result.valid)
     for name in stats.names:
         np.testing.assert_allclose(stats.mean(name), reference.mean(name), atol=1e-5)
@@ -210,3 +208,37 @@ def test_corrupt_atlas_is_a_clear_error(tmp_path: Path) -> None:
         ha.Atlas.load(tmp_path)
     with pytest.raises(ha.HeadatlasError, match="no atlas"):
         ha.Atlas.load(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_every_architecture_scans(arch: str, corpus_file: Path) -> None:
+    loaded = ha.load(BUILDERS[arch](0), tokenizer=make_tokenizer())
+    atlas = ha.scan(loaded, text_file=corpus_file, n_prompts=2, seq_len=32, batch_size=2)
+    table = atlas.table
+    assert len(table) == loaded.info.n_layers * loaded.info.n_heads
+    for score in (
+        "previous_token",
+        "self",
+        "first_token",
+        "local",
+        "entropy_norm",
+        "induction",
+        "duplicate_token",
+    ):
+        assert table[score].between(0, 1 + 1e-6).all(), (arch, score)
+        assert (table[f"{score}_n"] > 0).all(), (arch, score)
+    assert (table["subword_n"] > 0).all(), "the tiny tokenizer splits words"
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_fast_path_equals_dense_path_on_left_padded_texts(arch: str) -> None:
+    loaded = ha.load(BUILDERS[arch](0), tokenizer=make_tokenizer())
+    texts = [*list(CORPUS[:5]), " ".join(CORPUS[5:9])]
+    battery = build_batteries(loaded, ["natural"], texts, None, 1, 16, 0)
+    battery += build_batteries(loaded, ["repeat"], None, None, 3, 40, 0)
+    fast = run_scan(loaded, battery, batch_size=6, mode="auto").stats
+    dense = run_scan(loaded, battery, batch_size=6, mode="dense").stats
+    assert fast.names == dense.names
+    for name in fast.names:
+        np.testing.assert_allclose(fast.mean(name), dense.mean(name), atol=1e-5, err_msg=name)
+        np.testing.assert_array_equal(fast.n(name), dense.n(name))

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .capture import AttentionBlock, capture
+from .capture import AttentionView, capture
 from .datasets import ewt_sentences
-from .detectors import DETECTORS, Rows
+from .detectors import DETECTORS, Context
 from .errors import HeadatlasError
 from .loading import LoadedModel
 from .probes import (
@@ -152,16 +152,14 @@ class _Checkpoint:
         os.replace(tmp_json, self.dir / "progress.json")
 
 
-def _accumulator(
-    stats: HeadStats, detectors: tuple[str, ...], rows_for: Callable[[AttentionBlock], Rows]
-) -> Any:
-    def on_block(block: AttentionBlock) -> None:
-        rows = rows_for(block)
+def _accumulator(stats: HeadStats, detectors: tuple[str, ...], context: Callable[[], Context]) -> Any:
+    def on_view(view: AttentionView) -> None:
+        ctx = context()
         for name in detectors:
-            for score, result in DETECTORS[name](block.probs, rows).items():
-                stats.add(score, block.layer, result.values, result.valid)
+            for score, result in DETECTORS[name](view, ctx).items():
+                stats.add(score, view.layer, result.values, result.valid)
 
-    return on_block
+    return on_view
 
 
 def run_scan(
@@ -171,11 +169,13 @@ def run_scan(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     on_batch: Callable[[BatchDone], None] | None = None,
+    mode: str = "auto",
 ) -> ScanResult:
     """Run ``batteries`` through capture and return the aggregated :class:`ScanResult`.
 
     With ``checkpoint_dir``, statistics are saved after every batch under ``DIR/.partial`` and,
     with ``resume=True``, a previous partial run with the same fingerprint is continued.
+    ``mode`` picks the capture path (``"auto"``: fast log-sum-exp path where it applies).
     """
     if batch_size < 1:
         raise HeadatlasError(f"--batch-size must be at least 1, got {batch_size}")
@@ -193,17 +193,7 @@ def run_scan(
     total_tokens = sum(b.n_tokens for b in batteries)
     pad = pad_id(loaded.tokenizer)
     device = loaded.device
-    current: dict[str, Any] = {}
-
-    def rows_for(block: AttentionBlock) -> Rows:
-        return Rows(
-            q_index=block.q_index,
-            n_keys=block.n_keys,
-            positions=current["positions"],
-            word_ids=current["word_ids"],
-            period=current["battery"].period,
-            repeat_start=current["battery"].repeat_start,
-        )
+    current: dict[str, Context] = {}
 
     for battery in batteries:
         batches = [
@@ -212,16 +202,17 @@ def run_scan(
         if battery.name == "texts":  # group similar lengths to limit padding
             ordered = sorted(battery.sequences, key=lambda s: len(s.ids))
             batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-        on_block = _accumulator(stats, battery.detectors, rows_for)
-        with capture(loaded, on_block) as session:
+        on_view = _accumulator(stats, battery.detectors, lambda: current["ctx"])
+        with capture(loaded, on_view, mode=mode) as session:
             for index, seqs in enumerate(batches):
                 if index < done.get(battery.name, 0):
                     continue
                 batch = make_batch(seqs, pad)
-                current.update(
-                    battery=battery,
+                current["ctx"] = Context(
                     positions=batch.positions.to(device),
                     word_ids=None if batch.word_ids is None else batch.word_ids.to(device),
+                    period=battery.period,
+                    repeat_start=battery.repeat_start,
                 )
                 started = time.perf_counter()
                 session.run(batch.input_ids, batch.attention_mask)

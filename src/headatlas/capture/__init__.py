@@ -1,11 +1,14 @@
-"""Capture: run a model and stream exact per-layer attention to a callback (see ``session``)."""
+"""Capture: run a model and stream exact per-layer attention views to a callback (see ``session``)."""
 
 from .ablate import ablate, output_projections
-from .session import AttentionBlock, CaptureSession, attention_maps, capture, supports_backend
+from .session import CaptureSession, attention_maps, capture, supports_backend
+from .views import AttentionView, DenseView, LseView
 
 __all__ = [
-    "AttentionBlock",
+    "AttentionView",
     "CaptureSession",
+    "DenseView",
+    "LseView",
     "ablate",
     "attention_maps",
     "capture",

@@ -9,8 +9,9 @@ padding):
   learned sinks); output delegated to the model's own ``eager_attention_forward``, additive mask.
 
 When a :class:`~headatlas.capture.session.CaptureSession` is active, the query and key tensors
-(after rotary embeddings, before GQA repetition) are handed to it; nothing else changes, so
-model outputs are identical to the delegated backend's.
+(after rotary embeddings, before GQA repetition) are handed to it. On its fast path the session
+computes the output itself with the same fused kernel SDPA uses on CPU (plus the log-sum-exp);
+otherwise the output comes from the delegate. Model outputs equal the delegate backend's.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def _forward(
     Shapes: ``query [batch, head, query, d_head]``, ``key``/``value`` ``[batch, kv_head, key, d_head]``;
     returns ``([batch, query, head, d_head], None)`` like every transformers backend.
     """
+    session = ACTIVE_SESSION.get()
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if session is not None and not use_eager and kwargs.get("s_aux") is None and dropout == 0.0:
+        fast = session.attend_fast(module, query, key, value, attention_mask, scale)
+        if fast is not None:
+            return fast, None
     if use_eager:
         out, _ = _module_eager(module)(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -67,9 +74,7 @@ def _forward(
         out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    session = ACTIVE_SESSION.get()
     if session is not None:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         session.observe(
             module,
             query,

@@ -1,10 +1,18 @@
-"""Capture sessions: run a model and stream per-layer attention blocks to a callback.
+"""Capture sessions: run a model and stream one view of each layer's attention to a callback.
 
 A session switches the model to the ``headatlas`` backend for its lifetime. During each forward
-pass, every attention layer's probabilities are computed a block of query rows at a time and
-passed to ``on_block``; the block is dropped before the next one, so the T×T attention of all
-layers is never held at once. Models that cannot swap attention backends fall back to eager
-``output_attentions`` (logged), which does hold every layer at once.
+pass every attention layer hands its query/key tensors to the session, which passes an
+:class:`~headatlas.capture.views.AttentionView` to ``on_view`` and drops it before the next
+layer, so the T×T attention of all layers is never held at once. Two exact paths:
+
+- ``fast`` (CPU, no soft-capping or sinks): the fused flash kernel returns the layer output
+  *and* the per-row log-sum-exp; the view reads probabilities from it without a T×T buffer
+  (:class:`~headatlas.capture.views.LseView`).
+- ``dense``: probabilities are materialised a block of query rows at a time
+  (:class:`~headatlas.capture.views.DenseView`), and the output comes from the delegate backend.
+
+Models that cannot swap attention backends fall back to eager ``output_attentions`` (logged),
+which does hold every layer at once.
 """
 
 from __future__ import annotations
@@ -12,13 +20,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import backend_headatlas as backend
 from .probs import allowed_keys, attention_probs, block_rows
+from .views import AttentionView, DenseView, LseView
 
 if TYPE_CHECKING:
     from ..loading import LoadedModel
@@ -26,39 +34,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class AttentionBlock:
-    """One layer's attention probabilities for a block of query rows.
-
-    Attributes:
-        layer: layer index.
-        probs: ``[batch, head, query, key]`` fp32 probabilities (rows of padding queries are 0).
-        q_start: key-axis index of the block's first query row (queries ``q_start ..
-            q_start + probs.shape[2] - 1``).
-        n_keys: ``[batch, query]`` number of keys each query may attend to (mask, window, padding).
-    """
-
-    layer: int
-    probs: torch.Tensor
-    q_start: int
-    n_keys: torch.Tensor
-
-    @property
-    def q_index(self) -> torch.Tensor:
-        """Key-axis indices of the block's query rows, ``[query]``."""
-        return torch.arange(self.q_start, self.q_start + self.probs.shape[2], device=self.probs.device)
-
-
-BlockCallback = Callable[[AttentionBlock], None]
+ViewCallback = Callable[[AttentionView], None]
 
 
 class CaptureSession:
-    """Streams :class:`AttentionBlock` objects to ``on_block`` for each forward pass of :meth:`run`."""
+    """Streams attention views to ``on_view`` for each forward pass of :meth:`run`.
 
-    def __init__(self, loaded: LoadedModel, on_block: BlockCallback, fallback: bool = False) -> None:
+    ``mode`` is ``"auto"`` (fast path where it applies, else dense) or ``"dense"``.
+    """
+
+    def __init__(
+        self, loaded: LoadedModel, on_view: ViewCallback, fallback: bool = False, mode: str = "auto"
+    ) -> None:
         self.loaded = loaded
-        self.on_block = on_block
+        self.on_view = on_view
         self.fallback = fallback
+        self.mode = mode
         self.layers_seen: set[int] = set()
         self._module_layer: dict[int, int] = {}
 
@@ -98,7 +89,60 @@ class CaptureSession:
                 probs = attention_probs(
                     query[:, :, q0:q1], key, allowed[:, :, q0:q1], scaling, softcap=softcap, sinks=sinks
                 )  # [batch, head, block, key]
-                self.on_block(AttentionBlock(layer, probs, q0 + n_key - n_query, n_keys[:, q0:q1]))
+                self.on_view(DenseView(layer, probs, q0 + n_key - n_query, n_keys[:, q0:q1]))
+
+    def attend_fast(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+    ) -> torch.Tensor | None:
+        """Fast path: fused attention with log-sum-exp, one :class:`LseView` to ``on_view``.
+
+        Returns the layer output ``[batch, query, head, d_head]`` (bitwise what SDPA returns on
+        CPU), or ``None`` when the fast path does not apply (then the caller delegates and
+        calls :meth:`observe`).
+        """
+        batch, _n_heads, n_query, d_head = query.shape
+        n_key = key.shape[2]
+        if (
+            self.mode != "auto"
+            or query.device.type != "cpu"
+            or value.shape[-1] != d_head
+            or (attention_mask is None and n_query != n_key)
+            or query.dtype not in (torch.float32, torch.bfloat16)
+        ):
+            return None
+        layer = self._layer_of(module)
+        self.layers_seen.add(layer)
+        causal = bool(getattr(module, "is_causal", self.loaded.info.causal))
+        allowed: torch.Tensor | None = None
+        additive: torch.Tensor | None = None
+        if attention_mask is not None:
+            allowed = allowed_keys(attention_mask, batch, n_query, n_key, causal, query.device)
+            additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~allowed, float("-inf")
+            )  # [batch, 1, query, key]
+            n_keys = allowed[:, 0].sum(-1)  # [batch, query]
+        elif causal:
+            n_keys = torch.arange(1, n_query + 1, device=query.device).expand(batch, n_query)
+        else:
+            n_keys = torch.full((batch, n_query), n_key, device=query.device)
+        is_causal = attention_mask is None and causal and n_query > 1
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        with torch.no_grad():
+            out, lse = flash(query, key, value, 0.0, is_causal, attn_mask=additive, scale=scaling)
+
+            def keys_times_attention() -> torch.Tensor:
+                return flash(query, key, key, 0.0, is_causal, attn_mask=additive, scale=scaling)[0]
+
+            self.on_view(
+                LseView(layer, query, key, lse, scaling, allowed, causal, n_keys, keys_times_attention)
+            )
+        return out.transpose(1, 2).contiguous()
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run one forward pass (no grad) over ``input_ids [batch, seq]``; return logits or hidden states.
@@ -134,7 +178,7 @@ class CaptureSession:
         n_keys = allowed.sum(-1)  # [batch, query]
         for layer, probs in enumerate(attentions):
             self.layers_seen.add(layer)
-            self.on_block(AttentionBlock(layer, probs.float(), 0, n_keys))
+            self.on_view(DenseView(layer, probs.float(), 0, n_keys))
 
 
 def supports_backend(loaded: LoadedModel) -> bool:
@@ -143,8 +187,14 @@ def supports_backend(loaded: LoadedModel) -> bool:
 
 
 @contextmanager
-def capture(loaded: LoadedModel, on_block: BlockCallback) -> Iterator[CaptureSession]:
-    """Context manager yielding a :class:`CaptureSession`; restores the model's backend on exit."""
+def capture(loaded: LoadedModel, on_view: ViewCallback, mode: str = "auto") -> Iterator[CaptureSession]:
+    """Context manager yielding a :class:`CaptureSession`; restores the model's backend on exit.
+
+    ``mode="auto"`` takes the fast log-sum-exp path where it applies; ``"dense"`` always
+    materialises probabilities (both are exact).
+    """
+    if mode not in ("auto", "dense"):
+        raise ValueError(f"unknown capture mode {mode!r}")
     model = loaded.model
     previous: Any = model.config._attn_implementation
     fallback = not supports_backend(loaded)
@@ -160,7 +210,7 @@ def capture(loaded: LoadedModel, on_block: BlockCallback) -> Iterator[CaptureSes
     backend.register()
     model.set_attn_implementation(name)
     try:
-        yield CaptureSession(loaded, on_block, fallback=fallback)
+        yield CaptureSession(loaded, on_view, fallback=fallback, mode=mode)
     finally:
         model.set_attn_implementation(previous)
 
@@ -178,10 +228,10 @@ def attention_maps(
     """
     blocks: dict[int, list[torch.Tensor]] = {}
 
-    def keep(block: AttentionBlock) -> None:
-        if layers is None or block.layer in layers:
-            blocks.setdefault(block.layer, []).append(block.probs.cpu())
+    def keep(view: AttentionView) -> None:
+        if (layers is None or view.layer in layers) and isinstance(view, DenseView):
+            blocks.setdefault(view.layer, []).append(view.probs.cpu())
 
-    with capture(loaded, keep) as session:
+    with capture(loaded, keep, mode="dense") as session:
         session.run(input_ids, attention_mask)
     return {layer: torch.cat(parts, dim=2) for layer, parts in sorted(blocks.items())}
