@@ -52,6 +52,12 @@ def _offset_index(
     return keys.clamp(0, n_key - 1), inside
 
 
+BAND = 64
+"""Offsets 0..BAND-1 are computed together (the distance profile and subword scores need them all)."""
+BAND_ROWS = 128
+"""Query rows per band block."""
+
+
 class DenseView:
     """A view over materialised probabilities ``probs [batch, head, query, key]``."""
 
@@ -116,6 +122,7 @@ class LseView:
         self.q_index = torch.arange(key.shape[2] - n_query, key.shape[2], device=query.device)
         self._ak = keys_times_attention
         self._cache: dict[int, torch.Tensor] = {}
+        self._band_cache: torch.Tensor | None = None
 
     def _grouped_query(self) -> torch.Tensor:
         batch, heads, n_query, d_head = self.query.shape
@@ -142,8 +149,47 @@ class LseView:
             self._cache[distance] = torch.where(allowed, probs, torch.zeros_like(probs))
         return self._cache[distance]
 
+    def _band(self) -> torch.Tensor:
+        """Probabilities at offsets 0..BAND-1 for every row, ``[batch, head, query, BAND]``.
+
+        Computed a block of query rows at a time as one matmul against the keys those rows can
+        reach at these offsets, then gathered along the diagonals.
+        """
+        if self._band_cache is None:
+            batch, heads, n_query, d_head = self.query.shape
+            width = BAND
+            keys = torch.nn.functional.pad(
+                self.key, (0, 0, width - 1, 0)
+            )  # [batch, kv_head, width-1+key, d_head]
+            grouped = self._grouped_query()  # [batch, kv_head, group, query, d_head]
+            band = torch.empty(batch, heads, n_query, width, device=self.query.device)
+            first = int(self.q_index[0])
+            for r0 in range(0, n_query, BAND_ROWS):
+                r1 = min(n_query, r0 + BAND_ROWS)
+                k_win = keys[
+                    :, :, first + r0 : first + r1 + width - 1
+                ]  # [batch, kv_head, rows+width-1, d_head]
+                logits = grouped[:, :, :, r0:r1] @ k_win[:, :, None].transpose(-1, -2)
+                logits = logits.flatten(1, 2)  # [batch, head, rows, rows+width-1]
+                rows = torch.arange(r1 - r0, device=band.device)
+                col = (
+                    rows[:, None] + (width - 1) - torch.arange(width, device=band.device)[None, :]
+                )  # [rows, width]
+                band[:, :, r0:r1] = logits.gather(-1, col[None, None].expand(batch, heads, r1 - r0, width))
+            keys_idx, inside = _offset_index(self.q_index, range(width), self.key.shape[2])  # [query, width]
+            allowed = self._allowed_at(keys_idx, inside)  # [batch | 1, 1, query, width]
+            probs = torch.exp(band * self.scaling - self.lse[..., None])  # [batch, head, query, width]
+            self._band_cache = torch.where(allowed, probs, torch.zeros_like(probs))
+        return self._band_cache
+
     def offsets(self, distances: Sequence[int]) -> torch.Tensor:
-        return torch.stack([self._one_offset(d) for d in distances], dim=-1)  # [batch, head, query, offset]
+        wanted = list(distances)
+        if wanted and max(wanted) < BAND and min(wanted) >= 0:
+            band = self._band()
+            if wanted == list(range(wanted[0], wanted[-1] + 1)):
+                return band[..., wanted[0] : wanted[-1] + 1]
+            return band[..., wanted]
+        return torch.stack([self._one_offset(d) for d in wanted], dim=-1)  # [batch, head, query, offset]
 
     def at_keys(self, keys: torch.Tensor) -> torch.Tensor:
         batch, kv_heads, _, d_head = self.key.shape
