@@ -156,7 +156,7 @@ class LseView:
         reach at these offsets, then gathered along the diagonals.
         """
         if self._band_cache is None:
-            batch, heads, n_query, d_head = self.query.shape
+            batch, heads, n_query, _ = self.query.shape
             width = BAND
             keys = torch.nn.functional.pad(
                 self.key, (0, 0, width - 1, 0)
