@@ -215,7 +215,7 @@ def run_scan(
                     repeat_start=battery.repeat_start,
                 )
                 started = time.perf_counter()
-                session.run(batch.input_ids, batch.attention_mask)
+                session.run(batch.input_ids, batch.attention_mask, with_head=False)
                 if not session.layers_seen:
                     raise HeadatlasError(
                         f"{info.name} ran without calling any attention layer: nothing to scan"

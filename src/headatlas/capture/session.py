@@ -144,12 +144,17 @@ class CaptureSession:
             )
         return out.transpose(1, 2).contiguous()
 
-    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Run one forward pass (no grad) over ``input_ids [batch, seq]``; return logits or hidden states.
+    def run(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_head: bool = True
+    ) -> torch.Tensor:
+        """Run one forward pass (no grad) over ``input_ids [batch, seq]``.
 
-        ``attention_mask [batch, seq]`` is 1 for real tokens, 0 for padding.
+        ``attention_mask [batch, seq]`` is 1 for real tokens, 0 for padding. Returns the logits
+        ``[batch, seq, vocab]``; with ``with_head=False`` only the transformer body runs (scores
+        do not need the LM head, which at 49k vocab is a fifth of SmolLM2's compute and
+        the largest activation at long context) and its last hidden states are returned.
         """
-        model = self.loaded.model
+        model = self.loaded.model if with_head else self.loaded.model.base_model
         device = self.loaded.device
         input_ids = input_ids.to(device)
         attention_mask = attention_mask.to(device)
@@ -163,8 +168,8 @@ class CaptureSession:
                     out = model(input_ids=input_ids, attention_mask=attention_mask)
                 finally:
                     backend.ACTIVE_SESSION.reset(token)
-        result = out.logits if getattr(out, "logits", None) is not None else out[0]
-        return result  # type: ignore[no-any-return]
+        result = getattr(out, "logits", None)
+        return out[0] if result is None else result  # type: ignore[no-any-return]
 
     def _replay(self, attentions: tuple[torch.Tensor, ...], attention_mask: torch.Tensor) -> None:
         """Fallback path: feed eager ``output_attentions`` ([batch, head, query, key] per layer)."""
