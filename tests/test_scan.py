@@ -104,6 +104,14 @@ def test_atlas_table_and_roundtrip(llama: ha.LoadedModel, corpus_file: Path, tmp
     for key in ("batteries", "seed", "versions", "tokens", "wall_seconds"):
         assert key in loaded.meta
     assert not (tmp_path / "a" / ".partial").exists()
+    assert [ex.label for ex in loaded.examples] == ["natural", "repeat"]
+    for ex in loaded.examples:
+        n = len(ex.tokens)
+        assert ex.attention.shape == (info.n_layers, info.n_heads, n, n)
+        rows = ex.attention.astype(np.float32).sum(-1)
+        np.testing.assert_allclose(rows, np.ones_like(rows), atol=1e-2)
+    period = (len(loaded.examples[1].tokens) - 1) // 2
+    assert loaded.examples[1].tokens[1 : 1 + period] == loaded.examples[1].tokens[1 + period :]
     top = atlas.top("induction", 3)
     assert list(top["induction"]) == sorted(table["induction"], reverse=True)[:3]
 

@@ -22,7 +22,16 @@ from .detectors import VECTOR_SCORES
 from .errors import HeadatlasError
 from .loading import LoadedModel, load
 from .roles import RULES, assign_roles
-from .scanning import BatchDone, ScanResult, build_batteries, discard_partial, has_partial, run_scan
+from .scanning import (
+    BatchDone,
+    Example,
+    ScanResult,
+    build_batteries,
+    collect_examples,
+    discard_partial,
+    has_partial,
+    run_scan,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -31,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 TABLE_FILE = "atlas.parquet"
 META_FILE = "atlas.json"
+EXAMPLES_FILE = "examples.npz"
 SCORE_ORDER = (
     "previous_token",
     "self",
@@ -59,9 +69,12 @@ def _versions() -> dict[str, str]:
 class Atlas:
     """A scanned model's head table (:attr:`table`, a DataFrame) and metadata (:attr:`meta`)."""
 
-    def __init__(self, table: pd.DataFrame, meta: dict[str, Any]) -> None:
+    def __init__(
+        self, table: pd.DataFrame, meta: dict[str, Any], examples: list[Example] | None = None
+    ) -> None:
         self.table = table
         self.meta = meta
+        self.examples: list[Example] = examples or []
 
     @classmethod
     def from_scan(cls, result: ScanResult, extra_meta: dict[str, Any] | None = None) -> Atlas:
@@ -122,6 +135,15 @@ class Atlas:
         self.table.to_parquet(tmp, index=False)
         tmp_meta = out / (META_FILE + ".tmp")
         tmp_meta.write_text(json.dumps(self.meta, indent=2, default=str))
+        if self.examples:
+            arrays: dict[str, np.ndarray] = {"n": np.array([len(self.examples)])}
+            for i, ex in enumerate(self.examples):
+                arrays[f"label_{i}"] = np.array(ex.label)
+                arrays[f"tokens_{i}"] = np.array(ex.tokens, dtype=str)
+                arrays[f"attention_{i}"] = ex.attention
+            with open(out / (EXAMPLES_FILE + ".tmp"), "wb") as fh:
+                np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
+            os.replace(out / (EXAMPLES_FILE + ".tmp"), out / EXAMPLES_FILE)
         os.replace(tmp, out / TABLE_FILE)
         os.replace(tmp_meta, out / META_FILE)
         return out
@@ -145,11 +167,30 @@ class Atlas:
             meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
         except (OSError, json.JSONDecodeError) as exc:
             raise HeadatlasError(f"{meta_file} is not valid JSON: rescan with --force") from exc
-        return cls(table, meta)
+        return cls(table, meta, _load_examples(src / EXAMPLES_FILE))
 
     def __repr__(self) -> str:
         model = self.meta.get("model", {}).get("name", "?")
         return f"Atlas({model}: {len(self.table)} heads, scores={self.scores})"
+
+
+def _load_examples(path: Path) -> list[Example]:
+    """Read ``examples.npz`` (no pickle); a missing file means no examples."""
+    if not path.exists():
+        return []
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            n = int(data["n"][0])
+            return [
+                Example(
+                    str(data[f"label_{i}"]), [str(t) for t in data[f"tokens_{i}"]], data[f"attention_{i}"]
+                )
+                for i in range(n)
+            ]
+    except (OSError, ValueError, KeyError) as exc:
+        raise HeadatlasError(
+            f"{path} is not a readable examples file ({type(exc).__name__}): rescan with --force"
+        ) from exc
 
 
 def check_out_dir(out: Path, force: bool, resume: bool) -> None:
@@ -202,6 +243,7 @@ def scan(
         "wall_seconds": round(time.perf_counter() - started, 3),
     }
     atlas = Atlas.from_scan(result, extra)
+    atlas.examples = collect_examples(loaded, batteries)
     if out_dir is not None:
         atlas.save(out_dir)
         discard_partial(out_dir)

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from .capture import AttentionView, capture
+from .capture import AttentionView, attention_maps, capture
 from .datasets import ewt_sentences
 from .detectors import DETECTORS, Context
 from .errors import HeadatlasError
@@ -28,6 +29,7 @@ from .loading import LoadedModel
 from .probes import (
     BATTERIES,
     Battery,
+    ProbeSequence,
     make_batch,
     natural_battery,
     pad_id,
@@ -250,3 +252,39 @@ def discard_partial(directory: Path) -> None:
 def has_partial(directory: Path) -> bool:
     """Return whether ``directory`` holds a partial scan."""
     return (directory / PARTIAL_DIR / "progress.json").exists()
+
+
+EXAMPLE_TOKENS = 48
+"""Longest example sequence kept with an atlas (per battery), for pictures and the report."""
+EXAMPLE_PERIOD = 12
+"""Repeated-segment length of the ``repeat`` example: [BOS, x(12), x(12)]."""
+
+
+@dataclass
+class Example:
+    """One short sequence and the attention of every head on it.
+
+    ``tokens`` are the decoded token strings; ``attention`` is ``[layer, head, query, key]`` fp16.
+    """
+
+    label: str
+    tokens: list[str]
+    attention: np.ndarray
+
+
+def collect_examples(loaded: LoadedModel, batteries: list[Battery]) -> list[Example]:
+    """Return one short :class:`Example` per battery (its first sequence, cut to EXAMPLE_TOKENS tokens)."""
+    examples = []
+    for battery in batteries:
+        ids = list(battery.sequences[0].ids)
+        if battery.period is not None:
+            start = battery.repeat_start
+            segment = ids[start : start + EXAMPLE_PERIOD]
+            ids = ids[:start] + segment + segment
+        ids = ids[:EXAMPLE_TOKENS]
+        batch = make_batch([ProbeSequence(tuple(ids))], pad_id(loaded.tokenizer))
+        maps = attention_maps(loaded, batch.input_ids, batch.attention_mask)
+        attention = torch.stack([maps[layer][0] for layer in sorted(maps)])  # [layer, head, query, key]
+        tokens = [str(loaded.tokenizer.decode([i])) for i in ids]
+        examples.append(Example(battery.name, tokens, attention.to(torch.float16).numpy()))
+    return examples

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import backend_eager
 from . import backend_headatlas as backend
 from .probs import allowed_keys, attention_probs, block_rows
 from .views import AttentionView, DenseView, LseView
@@ -161,7 +162,9 @@ class CaptureSession:
         with torch.no_grad():
             if self.fallback:
                 out = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
-                self._replay(out.attentions, attention_mask)
+                for view in backend_eager.views(out.attentions, attention_mask, self.loaded.info.causal):
+                    self.layers_seen.add(view.layer)
+                    self.on_view(view)
             else:
                 token = backend.ACTIVE_SESSION.set(self)
                 try:
@@ -170,20 +173,6 @@ class CaptureSession:
                     backend.ACTIVE_SESSION.reset(token)
         result = getattr(out, "logits", None)
         return out[0] if result is None else result  # type: ignore[no-any-return]
-
-    def _replay(self, attentions: tuple[torch.Tensor, ...], attention_mask: torch.Tensor) -> None:
-        """Fallback path: feed eager ``output_attentions`` ([batch, head, query, key] per layer)."""
-        seq = attention_mask.shape[1]
-        key_ok = attention_mask.bool()[:, None, :]  # [batch, 1, key]
-        if self.loaded.info.causal:
-            tri = torch.ones(seq, seq, dtype=torch.bool, device=key_ok.device).tril()  # [query, key]
-            allowed = tri[None] & key_ok  # [batch, query, key]
-        else:
-            allowed = key_ok.expand(-1, seq, -1)
-        n_keys = allowed.sum(-1)  # [batch, query]
-        for layer, probs in enumerate(attentions):
-            self.layers_seen.add(layer)
-            self.on_view(DenseView(layer, probs.float(), 0, n_keys))
 
 
 def supports_backend(loaded: LoadedModel) -> bool:
