@@ -238,7 +238,13 @@ def load(
     gguf_file: str | None = None
     if model == DEFAULT_MODEL:
         gguf = default_model_gguf()
-        directory = _convert_default(gguf)
+        try:
+            directory = _convert_default(gguf)
+        except (OSError, ValueError, ImportError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise HeadatlasError(
+                f"could not convert the packaged default model {gguf.name}: {first[:200]}"
+            ) from exc
         source = str(gguf)
         sha = json.loads((directory / "headatlas-source.json").read_text())["sha256"]
         name = "SmolLM2-135M-Instruct"
