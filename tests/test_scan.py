@@ -153,6 +153,14 @@ def test_resume_equals_uninterrupted(llama: ha.LoadedModel, corpus_file: Path, t
     assert ("natural", 1) not in seen and ("natural", 2) not in seen and ("natural", 3) in seen
     cols = [c for c in whole.table.columns if c != "distance_profile"]
     pd.testing.assert_frame_equal(whole.table[cols], resumed.table[cols], rtol=1e-9)
+    again: list[int] = []
+    finished = ha.scan(
+        llama, out=tmp_path / "part", resume=True, on_batch=lambda d: again.append(d.batch), **kwargs
+    )
+    assert again == [], "resuming a finished atlas runs nothing"
+    pd.testing.assert_frame_equal(finished.table[cols], resumed.table[cols])
+    with pytest.raises(ha.HeadatlasError, match="other settings"):
+        ha.scan(llama, out=tmp_path / "part", resume=True, **{**kwargs, "seed": 5})
 
 
 def test_resume_refuses_other_settings(llama: ha.LoadedModel, corpus_file: Path, tmp_path: Path) -> None:

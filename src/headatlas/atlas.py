@@ -29,6 +29,7 @@ from .scanning import (
     build_batteries,
     collect_examples,
     discard_partial,
+    fingerprint,
     has_partial,
     run_scan,
 )
@@ -236,6 +237,14 @@ def scan(
     batteries = build_batteries(loaded, probes, texts, text_file, n_prompts, seq_len, seed)
     if out_dir is not None and force and not resume and has_partial(out_dir):
         discard_partial(out_dir)
+    if out_dir is not None and resume and not has_partial(out_dir) and (out_dir / TABLE_FILE).exists():
+        finished = Atlas.load(out_dir)
+        if finished.meta.get("fingerprint") != fingerprint(loaded, batteries, batch_size):
+            raise HeadatlasError(
+                f"{str(out_dir)!r} holds a finished atlas made with other settings: pass --force to rescan"
+            )
+        logger.info("%s already holds this atlas: nothing to resume", out_dir)
+        return finished
     result = run_scan(loaded, batteries, batch_size, checkpoint_dir=out_dir, resume=resume, on_batch=on_batch)
     extra = {
         "seed": seed,

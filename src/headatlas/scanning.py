@@ -106,7 +106,8 @@ def build_batteries(
     return out
 
 
-def _fingerprint(loaded: LoadedModel, batteries: list[Battery], batch_size: int) -> str:
+def fingerprint(loaded: LoadedModel, batteries: list[Battery], batch_size: int) -> str:
+    """Return a sha256 identifying a scan: model facts, batch size, battery parameters and token ids."""
     digest = hashlib.sha256()
     digest.update(json.dumps([loaded.info.to_dict(), batch_size], sort_keys=True, default=str).encode())
     for battery in batteries:
@@ -182,8 +183,8 @@ def run_scan(
     if batch_size < 1:
         raise HeadatlasError(f"--batch-size must be at least 1, got {batch_size}")
     info = loaded.info
-    fingerprint = _fingerprint(loaded, batteries, batch_size)
-    checkpoint = _Checkpoint(checkpoint_dir, fingerprint) if checkpoint_dir is not None else None
+    scan_key = fingerprint(loaded, batteries, batch_size)
+    checkpoint = _Checkpoint(checkpoint_dir, scan_key) if checkpoint_dir is not None else None
     stats = HeadStats(info.n_layers, info.n_heads)
     done: dict[str, int] = {}
     counters = {"tokens": 0.0, "seconds": 0.0}
@@ -235,7 +236,7 @@ def run_scan(
         "batch_size": batch_size,
         "tokens": int(counters["tokens"]),
         "forward_seconds": round(counters["seconds"], 3),
-        "fingerprint": fingerprint,
+        "fingerprint": scan_key,
     }
     return ScanResult(stats, loaded, meta)
 
