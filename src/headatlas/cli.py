@@ -87,9 +87,10 @@ def scan(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
     resume: Annotated[bool, typer.Option(help="continue a partial scan in --out")] = False,
     force: Annotated[bool, typer.Option(help="overwrite an existing atlas in --out")] = False,
+    figures: Annotated[bool, typer.Option(help="draw DIR/figures/ after the scan")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log progress details")] = False,
 ) -> None:
-    """Scan every head of MODEL and write an atlas to --out."""
+    """Scan every head of MODEL and write an atlas (and its figures) to --out."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     _quiet_libraries(verbose)
@@ -156,6 +157,12 @@ def scan(
         f"→ {out / 'atlas.parquet'} ({len(atlas.table)} heads)"
     )
     _print_summary(atlas)
+    if figures:
+        with console.status("drawing figures …"):
+            from .report.figures import write_figures
+
+            drawn = write_figures(atlas, out / "figures")
+        console.print(f"figures → {out / 'figures'} ({len(drawn)} files); `headatlas report {out}` for HTML")
 
 
 def _print_summary(atlas: Any) -> None:
@@ -226,6 +233,135 @@ def show(
             str(row.roles),
         )
     Console(width=max(console.width, 130)).print(out)
+
+
+@app.command("map")
+def map_(
+    model: Annotated[
+        str, typer.Argument(help="'default', a local HF model dir, a .gguf file, or a hub id")
+    ] = "default",
+    text: Annotated[str | None, typer.Option(help="the text to run")] = None,
+    text_file: Annotated[Path | None, typer.Option(help="read the text from this UTF-8 file")] = None,
+    layer: Annotated[int | None, typer.Option(help="layer (alone: every head of that layer)")] = None,
+    head: Annotated[int | None, typer.Option(help="head (needs --layer): one heatmap with tokens")] = None,
+    out: Annotated[Path, typer.Option(help="image file: .png, .svg or .pdf")] = Path("map.png"),
+    max_tokens: Annotated[int, typer.Option(help="refuse longer texts")] = 4096,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+) -> None:
+    """Draw a text's attention: one head with tokens on both axes, or a grid of every head."""
+    _quiet_libraries(False)
+    from .report.figures import FORMATS, GRID_TILE, SINGLE_TILE, attention_figure, grid_figure
+    from .report.maps import check_head, read_text, text_attention
+
+    if out.suffix.lower() not in FORMATS:
+        _fail(f"--out {str(out)!r}: give a file ending in {', '.join(FORMATS)}")
+    if max_tokens < 2:
+        _fail("--max-tokens must be at least 2")
+    body = _run(lambda: read_text(text, text_file))
+    if head is not None and layer is None:
+        _fail("--head needs --layer too")
+    with console.status(f"loading {model} …"):
+        from .loading import load
+
+        loaded = _run(lambda: load(model, device=device, dtype=dtype))
+    _run(lambda: check_head(loaded, layer, head))
+    name = loaded.info.name
+    if head is not None and layer is not None:
+        maps = _run(lambda: text_attention(loaded, body, {layer}, max_tokens, tile=SINGLE_TILE))
+        path = attention_figure(
+            maps.tokens, maps.maps[layer][head], out, f"{name} — L{layer} H{head}", maps.pool
+        )
+    else:
+        layers = None if layer is None else {layer}
+        maps = _run(lambda: text_attention(loaded, body, layers, max_tokens, tile=GRID_TILE))
+        what = "every head" if layer is None else f"layer {layer}"
+        path = grid_figure(maps.tokens, maps.maps, out, f"{name} — {what}", maps.pool)
+    pooled = f", max-pooled ×{maps.pool}" if maps.pool > 1 else ""
+    console.print(f"wrote {path} ({len(maps.tokens)} tokens{pooled})", highlight=False)
+
+
+@app.command()
+def report(
+    directory: Annotated[Path, typer.Argument(help="atlas directory written by `headatlas scan`")],
+    out: Annotated[Path | None, typer.Option(help="HTML file (default DIR/report.html)")] = None,
+    figures: Annotated[bool, typer.Option(help="also draw DIR/figures/")] = True,
+) -> None:
+    """Write a self-contained HTML report (one file, works offline) and DIR/figures/."""
+    from .atlas import Atlas
+
+    atlas = _run(lambda: Atlas.load(directory))
+    from .report.html import write_report
+
+    with console.status("writing the report …"):
+        path = _run(lambda: write_report(atlas, directory, out, figures=figures))
+    size = path.stat().st_size
+    extra = f" and {directory / 'figures'}/" if figures else ""
+    console.print(f"wrote {path} ({size / 1e6:.2f} MB){extra}", highlight=False)
+
+
+@app.command()
+def serve(
+    target: Annotated[
+        str, typer.Argument(help="an atlas directory, or a model ('default', a dir, a .gguf, a hub id)")
+    ] = "default",
+    host: Annotated[
+        str, typer.Option(help="address to bind; 127.0.0.1 keeps it on this machine")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8765,
+    model: Annotated[
+        str | None,
+        typer.Option(help="model for live attention (default: the one the atlas was scanned from)"),
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="longest text a request may send")] = 512,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Start the local web viewer: type text, see any head's attention live, compare two heads."""
+    _quiet_libraries(False)
+    from .atlas import TABLE_FILE, Atlas
+
+    if not 0 < port < 65536:
+        _fail(f"--port {port} is not a port: use 1..65535")
+    if max_tokens < 2:
+        _fail("--max-tokens must be at least 2")
+    atlas = None
+    spec: str | None = target
+    explicit = model is not None
+    if (Path(target) / TABLE_FILE).exists():
+        atlas = _run(lambda: Atlas.load(target))
+        from .serve import atlas_model
+
+        spec = model if explicit else atlas_model(atlas)
+    elif Path(target).is_dir() and not (Path(target) / "config.json").exists():
+        _fail(f"{target!r} holds neither an atlas nor a model: give an atlas dir or a model")
+    elif explicit:
+        spec = model
+    loaded = None
+    if spec is not None:
+        from .errors import HeadatlasError
+        from .loading import load
+
+        with console.status(f"loading {spec} …"):
+            try:
+                loaded = load(spec, device=device)
+            except HeadatlasError as exc:
+                if atlas is None or explicit:
+                    _fail(str(exc))
+                err_console.print(f"[yellow]warning:[/] {exc} — serving the atlas without live attention")
+    if loaded is None and spec is None:
+        err_console.print(
+            "[yellow]warning:[/] the atlas does not name a model it can reload: pass --model for live attention"
+        )
+    from .serve import create_app, run
+
+    app_ = _run(lambda: create_app(atlas, loaded, max_tokens=max_tokens))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(
+            f"[yellow]warning:[/] binding {host}: anyone who can reach this machine can use the viewer"
+        )
+    url_host = f"[{host}]" if ":" in host else host
+    console.print(f"headatlas viewer on http://{url_host}:{port}  (Ctrl-C stops it)", highlight=False)
+    run(app_, host=host, port=port)
 
 
 @data_app.command("status")

@@ -1,0 +1,154 @@
+"""Attention maps of a text: encode it as a scan would, run capture, keep the requested layers.
+
+Long texts stay bounded in memory: with ``tile`` each layer's maps are max-pooled to at most
+``tile × tile`` cells block by block as the layer streams out of capture (max, not mean, so a
+one-token stripe such as an induction diagonal stays visible).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..capture import AttentionView, DenseView, capture
+from ..errors import HeadatlasError
+from ..loading import LoadedModel
+from ..probes import ProbeSequence, make_batch, pad_id
+
+
+class TextTooLong(HeadatlasError):
+    """The text has more tokens than allowed."""
+
+
+@dataclass
+class TextAttention:
+    """A text's tokens and the attention of some layers on it.
+
+    ``maps[layer]`` is ``[head, query, key]`` float32; when ``pool > 1`` each axis was max-pooled
+    by ``pool`` (so the map is ``ceil(T / pool)`` square and ``tokens`` has T entries).
+    """
+
+    ids: list[int]
+    tokens: list[str]
+    maps: dict[int, np.ndarray] = field(default_factory=dict)
+    pool: int = 1
+
+
+def read_text(text: str | None, text_file: str | Path | None) -> str:
+    """Return the text given directly or read from ``text_file`` (UTF-8); exactly one must be given."""
+    if (text is None) == (text_file is None):
+        raise HeadatlasError("give the text with --text or --text-file (one of them)")
+    if text_file is not None:
+        path = Path(text_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise HeadatlasError(f"cannot read text file {str(path)!r}: {exc.__class__.__name__}") from exc
+    if text is None or not text.strip():
+        raise HeadatlasError("the text is empty: give some text")
+    return text
+
+
+def encode_text(loaded: LoadedModel, text: str, max_tokens: int | None = None) -> list[int]:
+    """Return the token ids a scan would use for ``text``.
+
+    Causal models get BOS (when the tokenizer has one) then the text without special tokens, as
+    in the natural battery; encoders get the tokenizer's own special tokens ([CLS] … [SEP]).
+    Raises :class:`HeadatlasError` for empty text or more than ``max_tokens`` (or the context).
+    """
+    if not text.strip():
+        raise HeadatlasError("the text is empty: give some text")
+    tok = loaded.tokenizer
+    if loaded.info.causal:
+        bos = tok.bos_token_id
+        ids = ([bos] if isinstance(bos, int) else []) + list(tok(text, add_special_tokens=False)["input_ids"])
+    else:
+        ids = list(tok(text, add_special_tokens=True)["input_ids"])
+    if not ids:
+        raise HeadatlasError("the text encodes to no tokens: give text the tokenizer can read")
+    limit = loaded.info.context_length
+    if max_tokens is not None:
+        limit = max_tokens if limit is None else min(limit, max_tokens)
+    if limit is not None and len(ids) > limit:
+        raise TextTooLong(f"the text is {len(ids)} tokens, over the limit of {limit}: shorten it")
+    return ids
+
+
+def token_strings(loaded: LoadedModel, ids: list[int]) -> list[str]:
+    """Return each token id decoded on its own (what the examples and labels show)."""
+    return [str(loaded.tokenizer.decode([i])) for i in ids]
+
+
+def max_pool(maps: np.ndarray, factor: int, axis: int) -> np.ndarray:
+    """Return ``maps`` max-pooled by ``factor`` along ``axis`` (zero-padded at the end); a new array."""
+    if factor <= 1:
+        return np.array(maps, copy=True)
+    length = maps.shape[axis]
+    out_len = math.ceil(length / factor)
+    pad = [(0, 0)] * maps.ndim
+    pad[axis] = (0, out_len * factor - length)
+    padded = np.pad(maps, pad)
+    shape = list(padded.shape)
+    shape[axis : axis + 1] = [out_len, factor]
+    return padded.reshape(shape).max(axis=axis + 1)
+
+
+def layer_maps(
+    loaded: LoadedModel, ids: list[int], layers: set[int] | None = None, tile: int | None = None
+) -> tuple[dict[int, np.ndarray], int]:
+    """Return ``({layer: [head, query, key]}, pool)`` for one sequence ``ids``.
+
+    Only ``layers`` are kept (all when ``None``). With ``tile`` and more than ``tile`` tokens both
+    axes are max-pooled by ``pool = ceil(T / tile)`` while the layer streams (memory stays
+    ``heads × T × T / pool`` per kept layer).
+    """
+    n = len(ids)
+    pool = 1 if tile is None or n <= tile else math.ceil(n / tile)
+    rows: dict[int, list[np.ndarray]] = {}
+
+    def keep(view: AttentionView) -> None:
+        if not isinstance(view, DenseView) or (layers is not None and view.layer not in layers):
+            return
+        block = view.probs[0].detach().to(torch.float32).cpu().numpy()  # [head, block, key]
+        rows.setdefault(view.layer, []).append(max_pool(block, pool, axis=2))
+
+    batch = make_batch([ProbeSequence(tuple(ids))], pad_id(loaded.tokenizer))
+    with capture(loaded, keep, mode="dense") as session:
+        session.run(batch.input_ids, batch.attention_mask, with_head=False)
+    out = {
+        layer: max_pool(np.concatenate(parts, axis=1), pool, axis=1) for layer, parts in sorted(rows.items())
+    }
+    return out, pool
+
+
+def text_attention(
+    loaded: LoadedModel,
+    text: str,
+    layers: set[int] | None = None,
+    max_tokens: int | None = None,
+    tile: int | None = None,
+) -> TextAttention:
+    """Encode ``text`` (see :func:`encode_text`) and return its :class:`TextAttention` for ``layers``."""
+    info = loaded.info
+    if layers is not None:
+        bad = sorted(layer for layer in layers if not 0 <= layer < info.n_layers)
+        if bad:
+            raise HeadatlasError(f"no layer {bad[0]} in {info.name}: layers are 0..{info.n_layers - 1}")
+    ids = encode_text(loaded, text, max_tokens)
+    maps, pool = layer_maps(loaded, ids, layers, tile)
+    return TextAttention(ids, token_strings(loaded, ids), maps, pool)
+
+
+def check_head(loaded: LoadedModel, layer: int | None, head: int | None) -> None:
+    """Raise :class:`HeadatlasError` unless ``(layer, head)`` names a head (``head`` alone is refused)."""
+    info = loaded.info
+    if head is not None and layer is None:
+        raise HeadatlasError("--head needs --layer too")
+    if layer is not None and not 0 <= layer < info.n_layers:
+        raise HeadatlasError(f"no layer {layer} in {info.name}: layers are 0..{info.n_layers - 1}")
+    if head is not None and not 0 <= head < info.n_heads:
+        raise HeadatlasError(f"no head {head} in {info.name}: heads are 0..{info.n_heads - 1}")

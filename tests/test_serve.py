@@ -1,0 +1,198 @@
+"""The viewer's JSON API through Starlette's TestClient: answers, limits and 4xx errors."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from starlette.testclient import TestClient
+from typer.testing import CliRunner
+
+import headatlas as ha
+from conftest import XSS
+from headatlas.cli import app as cli_app
+from headatlas.serve import DEFAULT_HOST, atlas_model, create_app
+from headatlas.serve.app import MAX_BODY_BYTES
+from headatlas.serve.openapi import OPENAPI
+from tiny_models import eager_attentions
+
+
+@pytest.fixture(scope="module")
+def atlas(tiny_atlas_dir: Path) -> ha.Atlas:
+    return ha.Atlas.load(tiny_atlas_dir)
+
+
+@pytest.fixture(scope="module")
+def client(atlas: ha.Atlas, tiny_loaded: ha.LoadedModel) -> TestClient:
+    return TestClient(create_app(atlas, tiny_loaded, max_tokens=64, max_chars=2000, max_heads=4))
+
+
+def _error(response, status: int) -> str:  # type: ignore[no-untyped-def]
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and "Traceback" not in body["error"]
+    return str(body["error"])
+
+
+def test_page_and_security_headers(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "script-src 'sha256-" in csp
+    assert "https://" not in page.text and "<script src" not in page.text.lower()
+
+
+def test_info_atlas_heads(client: TestClient, tiny_loaded: ha.LoadedModel) -> None:
+    info = client.get("/api/info").json()
+    assert info["live"] and info["atlas"]
+    assert info["model"]["n_layers"] == 3 and info["limits"]["max_tokens"] == 64
+    table = client.get("/api/atlas").json()
+    assert len(table["heads"]["layer"]) == 12 and "induction" in table["heads"]["scores"]
+    ranked = client.get("/api/heads", params={"score": "induction", "top": 5}).json()["heads"]
+    values = [h["scores"]["induction"] for h in ranked]
+    assert len(ranked) == 5 and values == sorted(values, reverse=True)
+    assert "bogus" in _error(client.get("/api/heads", params={"score": "bogus"}), 400)
+    assert "unknown role" in _error(client.get("/api/heads", params={"role": "bogus"}), 400)
+    assert "integer" in _error(client.get("/api/heads", params={"top": "many"}), 400)
+    assert "unknown parameter" in _error(client.get("/api/heads", params={"limit": "3"}), 400)
+    with_role = client.get("/api/heads", params={"role": "sink"}).json()["heads"]
+    assert all("sink" in h["roles"] for h in with_role)
+
+
+def test_attention_is_exact(client: TestClient, tiny_loaded: ha.LoadedModel) -> None:
+    text = "The dog ran to the park with the ball."
+    body = client.post(
+        "/api/attention", json={"text": text, "heads": [{"layer": 2, "head": 3}, {"layer": 0, "head": 1}]}
+    )
+    assert body.status_code == 200, body.text
+    data = body.json()
+    ids = torch.tensor([tiny_loaded.tokenizer(text, add_special_tokens=False)["input_ids"]])
+    ids = torch.cat([torch.tensor([[tiny_loaded.tokenizer.bos_token_id]]), ids], dim=1)
+    assert data["n_tokens"] == ids.shape[1] == len(data["tokens"]) and data["causal"]
+    reference = eager_attentions(tiny_loaded.model, ids, torch.ones_like(ids))
+    for item in data["maps"]:
+        got = np.asarray(item["attention"])
+        want = reference[item["layer"]][0, item["head"]].numpy()
+        np.testing.assert_allclose(got, want, atol=2e-3)  # fp16 cache, 4 digits
+        assert item["kv_head"] == item["head"] // 2
+    packed = client.post(
+        "/api/attention", json={"text": text, "heads": [{"layer": 2, "head": 3}], "format": "uint8"}
+    )
+    raw = np.frombuffer(base64.b64decode(packed.json()["maps"][0]["data"]), dtype=np.uint8)
+    n = data["n_tokens"]
+    np.testing.assert_allclose(raw.reshape(n, n) / 255, reference[2][0, 3].numpy(), atol=3 / 255)
+
+
+def test_xss_text_comes_back_as_plain_strings(client: TestClient) -> None:
+    data = client.post("/api/attention", json={"text": XSS, "heads": [{"layer": 0, "head": 0}]}).json()
+    assert XSS in "".join(data["tokens"])
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "needle"),
+    [
+        ([1, 2], 422, "JSON object"),
+        ({"heads": [{"layer": 0, "head": 0}]}, 422, "text"),
+        ({"text": "   ", "heads": [{"layer": 0, "head": 0}]}, 422, "text"),
+        ({"text": "hi", "heads": []}, 422, "heads"),
+        ({"text": "hi", "heads": [{"layer": 0}]}, 422, "{layer, head}"),
+        ({"text": "hi", "heads": [{"layer": 3, "head": 0}]}, 422, "out of range"),
+        ({"text": "hi", "heads": [{"layer": 0, "head": -1}]}, 422, "out of range"),
+        ({"text": "hi", "heads": [{"layer": True, "head": 0}]}, 422, "integer"),
+        ({"text": "hi", "heads": [{"layer": "0", "head": 0}]}, 422, "integer"),
+        ({"text": "hi", "heads": [{"layer": 0, "head": 0}] * 5}, 422, "at most 4"),
+        ({"text": "hi", "heads": [{"layer": 0, "head": 0}], "format": "png"}, 422, "format"),
+        ({"text": "hi", "heads": [{"layer": 0, "head": 0}], "extra": 1}, 422, "unknown field"),
+        ({"text": "word " * 100, "heads": [{"layer": 0, "head": 0}]}, 413, "over the limit of 64"),
+        ({"text": "x" * 2001, "heads": [{"layer": 0, "head": 0}]}, 413, "characters"),
+    ],
+)
+def test_bad_attention_requests(client: TestClient, payload: object, status: int, needle: str) -> None:
+    assert needle in _error(client.post("/api/attention", json=payload), status)
+
+
+def test_bad_bodies_methods_and_paths(client: TestClient) -> None:
+    assert "valid JSON" in _error(client.post("/api/attention", content=b"{not json"), 400)
+    assert "valid JSON" in _error(client.post("/api/attention", content=b"\xff\xfe"), 400)
+    big = b'{"text": "' + b"a" * (MAX_BODY_BYTES + 10) + b'"}'
+    assert "over" in _error(client.post("/api/attention", content=big), 413)
+    _error(client.get("/api/attention"), 405)
+    _error(client.get("/no/such/page"), 404)
+
+
+def test_one_model_run_at_a_time(atlas: ha.Atlas, tiny_loaded: ha.LoadedModel) -> None:
+    app = create_app(atlas, tiny_loaded, busy_timeout=0.05)
+    client = TestClient(app)
+    state = app.state.viewer
+    assert state.lock.acquire(timeout=1)
+    try:
+        assert "busy" in _error(
+            client.post("/api/attention", json={"text": "hi there", "heads": [{"layer": 0, "head": 0}]}), 429
+        )
+    finally:
+        state.lock.release()
+    ok = client.post("/api/attention", json={"text": "hi there", "heads": [{"layer": 0, "head": 0}]})
+    assert ok.status_code == 200
+
+
+def test_atlas_only_and_model_only(atlas: ha.Atlas, tiny_loaded: ha.LoadedModel) -> None:
+    only_atlas = TestClient(create_app(atlas, None))
+    assert only_atlas.get("/").status_code == 200
+    assert only_atlas.get("/api/info").json()["live"] is False
+    assert "no model" in _error(
+        only_atlas.post("/api/attention", json={"text": "hi", "heads": [{"layer": 0, "head": 0}]}), 503
+    )
+    only_model = TestClient(create_app(None, tiny_loaded))
+    assert "no atlas" in _error(only_model.get("/api/atlas"), 404)
+    assert (
+        only_model.post("/api/attention", json={"text": "hi", "heads": [{"layer": 0, "head": 0}]}).status_code
+        == 200
+    )
+    with pytest.raises(ha.HeadatlasError, match="needs an atlas"):
+        create_app(None, None)
+
+
+def test_unexpected_failure_is_a_json_500(
+    atlas: ha.Atlas, tiny_loaded: ha.LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import headatlas.serve.app as served
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(served, "layer_maps", broken)
+    client = TestClient(create_app(atlas, tiny_loaded), raise_server_exceptions=False)
+    response = client.post("/api/attention", json={"text": "hi", "heads": [{"layer": 0, "head": 0}]})
+    assert "secret" not in _error(response, 500)
+
+
+def test_openapi_documents_every_api_route(
+    client: TestClient, atlas: ha.Atlas, tiny_loaded: ha.LoadedModel
+) -> None:
+    spec = client.get("/openapi.json").json()
+    assert spec == OPENAPI and spec["openapi"].startswith("3.")
+    routes = {r.path for r in create_app(atlas, tiny_loaded).routes if r.path.startswith("/api/")}  # type: ignore[attr-defined]
+    assert routes == set(spec["paths"])
+
+
+def test_serve_binds_localhost_by_default(tiny_atlas_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import headatlas.serve as serving
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(serving, "run", lambda app, host, port: seen.update(host=host, port=port, app=app))
+    result = CliRunner().invoke(cli_app, ["serve", str(tiny_atlas_dir)])
+    assert result.exit_code == 0, result.output
+    assert seen["host"] == DEFAULT_HOST == "127.0.0.1" and seen["port"] == 8765
+    assert "pass --model" in result.output  # scanned from an in-memory model: nothing to reload
+    bad = CliRunner().invoke(cli_app, ["serve", str(tiny_atlas_dir), "--port", "0"])
+    assert bad.exit_code == 2 and "port" in bad.output
+
+
+def test_atlas_model(atlas: ha.Atlas) -> None:
+    assert atlas_model(atlas) is None  # scanned from an in-memory model
+    other = ha.Atlas(atlas.table, {"model": {"source": "/some/where/model"}})
+    assert atlas_model(other) == "/some/where/model"
