@@ -12,9 +12,10 @@ Timing (this process): one warm-up batch per kind, then ``--repeats`` full passe
 interleaved round-robin (sdpa, eager, scan, sdpa, ...) so slow drift in background load hits every
 kind alike; the median wall time (``time.perf_counter``) is reported.
 
-Memory (one fresh subprocess per kind, this script re-invoked with ``--child KIND``): the RSS right
-after the model is loaded and the battery built, then the peak RSS (``ru_maxrss``, nothing
-subtracted) of a warm-up batch plus one full pass. On Linux the high-water mark is reset after
+Memory (one fresh subprocess per kind, this script re-invoked with ``--child KIND``, all spawned
+before this process loads anything, since an exec'd child inherits its parent's ``ru_maxrss``): the
+RSS right after the model is loaded and the battery built, then the peak RSS (``ru_maxrss``,
+nothing subtracted) of a warm-up batch plus one full pass. On Linux the high-water mark is reset after
 loading (``/proc/self/clear_refs``), because loading briefly holds far more than it keeps and would
 otherwise hide the run's own peak; the load-time peak is reported separately. Every ratio is
 computed from numbers measured in this invocation.
@@ -60,16 +61,21 @@ def _maxrss_mib() -> float:
     return kib / 1024 if sys.platform != "darwin" else kib / (1024 * 1024)
 
 
-def _current_rss_mib() -> float | None:
-    """Current resident set size (``VmRSS``), MiB, or None off Linux."""
+def _proc_status_mib(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB, or None off Linux."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def _current_rss_mib() -> float | None:
+    """Current resident set size (``VmRSS``), MiB, or None off Linux."""
+    return _proc_status_mib("VmRSS")
 
 
 def _cpu_model() -> str:
@@ -170,7 +176,13 @@ def _reset_peak_rss() -> bool:
 
 
 def _child(args: argparse.Namespace) -> None:
-    """Measure one kind's memory in this fresh process and print a JSON line for the parent."""
+    """Measure one kind's memory in this fresh process and print a JSON line for the parent.
+
+    ``ru_maxrss`` of a freshly exec'd process starts at its parent's peak (Linux keeps the
+    pre-exec high-water mark), so the parent starts these children before it loads anything;
+    ``start_maxrss_mib`` records that floor.
+    """
+    start_floor = _maxrss_mib()
     _quiet()
     loaded, battery, batches = _setup(args)
     import gc
@@ -181,13 +193,17 @@ def _child(args: argparse.Namespace) -> None:
     reset = _reset_peak_rss()
     warm_up, full = _runners(loaded, battery, batches, args.batch_size)[args.child]
     warm_up()
+    after_warm_up = _current_rss_mib()
     full()
     result = {
         "kind": args.child,
+        "start_maxrss_mib": start_floor,
         "rss_after_load_mib": after_load,
         "load_peak_rss_mib": load_peak,
         "peak_reset_after_load": reset,
+        "rss_after_warm_up_mib": after_warm_up,
         "peak_rss_mib": _maxrss_mib(),
+        "vm_hwm_mib": _proc_status_mib("VmHWM"),
     }
     print(CHILD_MARKER + json.dumps(result), flush=True)
 
@@ -290,16 +306,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.child is not None:
         _child(args)
         return 0
-    _quiet()
-    import torch
-
     command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
     started_at = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     load_before = os.getloadavg()
+    print(f"command: {command}", flush=True)
+    # Memory first: the children must be spawned while this process is still small (see _child).
+    memory: dict[str, dict[str, Any]] = {}
+    if not args.no_memory:
+        for kind in args.runs:
+            memory[kind] = _measure_memory(args, kind)
+            m = memory[kind]
+            if "peak_rss_mib" in m:
+                print(
+                    f"  memory {kind}: {_fmt(m['rss_after_load_mib'], '.0f')} MiB after load "
+                    f"(load peak {m['load_peak_rss_mib']:.0f}), "
+                    f"{_fmt(m['rss_after_warm_up_mib'], '.0f')} after warm-up batch, "
+                    f"{m['peak_rss_mib']:.0f} MiB run peak",
+                    flush=True,
+                )
+
+    _quiet()
+    import torch
+
+    load_before_timing = os.getloadavg()
     loaded, battery, batches = _setup(args)
     machine = _machine(torch.get_num_threads())
     tokens = int(sum(int(b.attention_mask.sum()) for b in batches))
-    print(f"command: {command}")
     print(
         f"machine: {machine['cpu']}, {machine['cores']} cores ({machine['cores_usable']} usable), "
         f"torch {machine['torch']}, transformers {machine['transformers']}, "
@@ -324,18 +356,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  repeat {rep + 1}/{args.repeats} {kind}: {times[kind][-1]:.2f} s", flush=True)
     load_after_timing = os.getloadavg()
 
-    memory: dict[str, dict[str, Any]] = {}
-    if not args.no_memory:
-        for kind in args.runs:
-            memory[kind] = _measure_memory(args, kind)
-            m = memory[kind]
-            if "peak_rss_mib" in m:
-                print(
-                    f"  memory {kind}: {_fmt(m['rss_after_load_mib'], '.0f')} MiB after load "
-                    f"(load peak {m['load_peak_rss_mib']:.0f}) -> {m['peak_rss_mib']:.0f} MiB run peak",
-                    flush=True,
-                )
-
     rows: list[dict[str, Any]] = []
     for kind in args.runs:
         median = statistics.median(times[kind])
@@ -349,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_rss_mib": mem.get("peak_rss_mib"),
                 "rss_after_load_mib": mem.get("rss_after_load_mib"),
                 "load_peak_rss_mib": mem.get("load_peak_rss_mib"),
+                "rss_after_warm_up_mib": mem.get("rss_after_warm_up_mib"),
+                "start_maxrss_mib": mem.get("start_maxrss_mib"),
+                "vm_hwm_mib": mem.get("vm_hwm_mib"),
                 "peak_reset_after_load": mem.get("peak_reset_after_load"),
             }
         )
@@ -372,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             inc = r["peak_rss_mib"] - r["rss_after_load_mib"]
             extra = (
                 f"; RSS after load {r['rss_after_load_mib']:.0f} MiB, run peak {r['peak_rss_mib']:.0f} MiB "
-                f"(increment {inc:+.0f} MiB); load-time peak {r['load_peak_rss_mib']:.0f} MiB"
+                f"(increment {inc:+.0f} MiB; {_fmt(r['rss_after_warm_up_mib'], '.0f')} MiB after the "
+                f"warm-up batch); load-time peak {r['load_peak_rss_mib']:.0f} MiB"
             )
             if not r["peak_reset_after_load"]:
                 extra += " [peak not reset after load: the run peak includes it]"
@@ -382,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "load average (1/5/15 min): "
         f"start {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
+        f"before timing {load_before_timing[0]:.2f}/{load_before_timing[1]:.2f}/{load_before_timing[2]:.2f}, "
         f"after timing {load_after_timing[0]:.2f}/{load_after_timing[1]:.2f}/{load_after_timing[2]:.2f}, "
         f"end {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}"
     )
@@ -402,7 +427,12 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens": tokens,
                 "batches": len(batches),
             },
-            "load_average": {"start": load_before, "after_timing": load_after_timing, "end": load_after},
+            "load_average": {
+                "start": load_before,
+                "before_timing": load_before_timing,
+                "after_timing": load_after_timing,
+                "end": load_after,
+            },
             "runs": rows,
         }
         with open(args.json, "w") as fh:
