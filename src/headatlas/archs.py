@@ -21,10 +21,15 @@ class ArchSpec:
         o_proj: regular expressions matched against ``model.named_modules()`` names; the first
             group is the layer index. The matched module's input is ``[batch, query, head * d_head]``.
         causal: ``True`` for decoders, ``False`` for bidirectional encoders.
+        attn_proj: attribute names ``(q, k, v, o)`` of the separate ``nn.Linear`` projections on
+            the attention module (the parent of the matched output projection), for head pruning
+            (:mod:`headatlas.surgery`); ``None`` where projections are fused or named otherwise,
+            which pruning refuses with a clear error.
     """
 
     o_proj: tuple[str, ...]
     causal: bool = True
+    attn_proj: tuple[str, str, str, str] | None = None
 
 
 _SELF_ATTN_O = r"(?:^|\.)(\d+)\.self_attn\.o_proj$"
@@ -33,17 +38,19 @@ _BERT_DENSE = r"(?:^|\.)(\d+)\.attention\.output\.dense$"
 _OUT_PROJ = r"(?:^|\.)(\d+)\.self_attn\.out_proj$"
 _DENSE = r"(?:^|\.)(\d+)\.self_attn\.dense$"
 
+_QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": ArchSpec((_SELF_ATTN_O,)),
-    "mistral": ArchSpec((_SELF_ATTN_O,)),
-    "qwen2": ArchSpec((_SELF_ATTN_O,)),
-    "qwen3": ArchSpec((_SELF_ATTN_O,)),
-    "gemma": ArchSpec((_SELF_ATTN_O,)),
-    "gemma2": ArchSpec((_SELF_ATTN_O,)),
-    "gemma3": ArchSpec((_SELF_ATTN_O,)),
-    "gemma3_text": ArchSpec((_SELF_ATTN_O,)),
-    "phi3": ArchSpec((_SELF_ATTN_O,)),
-    "olmo2": ArchSpec((_SELF_ATTN_O,)),
+    "llama": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
+    "mistral": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
+    "qwen2": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
+    "qwen3": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
+    "gemma": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
+    "gemma2": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
+    "gemma3": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
+    "gemma3_text": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
+    "phi3": ArchSpec((_SELF_ATTN_O,)),  # fused qkv_proj: not prunable yet
+    "olmo2": ArchSpec((_SELF_ATTN_O,)),  # q_norm spans all heads: not prunable
     "gpt2": ArchSpec((_GPT2_C_PROJ,)),
     "bert": ArchSpec((_BERT_DENSE,), causal=False),
     "roberta": ArchSpec((_BERT_DENSE,), causal=False),

@@ -6,6 +6,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -362,6 +363,270 @@ def serve(
     url_host = f"[{host}]" if ":" in host else host
     console.print(f"headatlas viewer on http://{url_host}:{port}  (Ctrl-C stops it)", highlight=False)
     run(app_, host=host, port=port)
+
+
+def _progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+    )
+
+
+def _step(progress: Any, description: str) -> Callable[[int, int], None]:
+    task = progress.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return update
+
+
+def _load_model(model: str, device: str = "cpu") -> Any:
+    with console.status(f"loading {model} …"):
+        from .loading import load
+
+        return _run(lambda: load(model, device=device))
+
+
+_MODEL_ARG = typer.Argument(help="'default', a local HF model dir, a .gguf file, or a hub id")
+
+
+@app.command()
+def importance(
+    model: Annotated[str, _MODEL_ARG] = "default",
+    method: Annotated[str, typer.Option(help="gradient, ablation-zero or ablation-mean")] = "gradient",
+    data: Annotated[str, typer.Option(help="'natural' (UD EWT dev, held out) or a text file")] = "natural",
+    out: Annotated[Path, typer.Option(help="atlas directory to add the columns to (created if new)")] = Path(
+        "atlas"
+    ),
+    n_seqs: Annotated[int, typer.Option(help="held-out sequences")] = 16,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 256,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 4,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Score how much each head matters (Michel et al. 2019) and write it into the atlas."""
+    _quiet_libraries(False)
+    from .apps.atlas_io import open_atlas
+    from .apps.evaluation import heldout_data
+    from .apps.importance import METHODS, compute_importance, write_importance
+
+    if method not in METHODS:
+        _fail(f"unknown --method {method!r}: use {', '.join(METHODS)}")
+    loaded = _load_model(model, device)
+    atlas = _run(lambda: open_atlas(loaded, out))
+    heldout = _run(lambda: heldout_data(loaded, data, "dev", n_seqs, seq_len, batch_size))
+    with _progress() as progress:
+        result = _run(lambda: compute_importance(loaded, heldout, method, _step(progress, method)))
+    write_importance(atlas, result)
+    atlas.save(out)
+    column = "importance_gradient" if method == "gradient" else "importance_ablation"
+    top = atlas.table.sort_values(column, ascending=False).head(5)
+    names = ", ".join(f"L{r.layer}H{r.head}" for r in top.itertuples())
+    console.print(
+        f"{method}: {result.forwards} passes over {heldout.n_tokens:,} tokens in {result.seconds:.1f} s "
+        f"→ {out / 'atlas.parquet'} ({column}); most important: {names}",
+        highlight=False,
+    )
+
+
+@app.command()
+def redundancy(
+    model: Annotated[str, _MODEL_ARG] = "default",
+    out: Annotated[Path, typer.Option(help="atlas directory (created if new)")] = Path("atlas"),
+    n_seqs: Annotated[int, typer.Option(help="short EWT dev sequences")] = 4,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 64,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Pairwise JS distance of attention, output cosine, and near-duplicate head clusters."""
+    _quiet_libraries(False)
+    from .apps.atlas_io import open_atlas, set_column
+    from .apps.evaluation import heldout_data
+    from .apps.redundancy import COS_THRESHOLD, JS_THRESHOLD, measure, plot_redundancy
+
+    loaded = _load_model(model, device)
+    atlas = _run(lambda: open_atlas(loaded, out))
+    heldout = _run(lambda: heldout_data(loaded, "natural", "dev", n_seqs, seq_len, n_seqs))
+    with _progress() as progress:
+        result = _run(lambda: measure(loaded, heldout, _step(progress, "layers")))
+    set_column(atlas, "cluster", result.cluster)
+    atlas.meta["redundancy"] = {
+        "js_threshold": JS_THRESHOLD,
+        "cos_threshold": COS_THRESHOLD,
+        "files": ["redundancy_js.npy", "redundancy_cos.npy"],
+        "data": heldout.describe(),
+    }
+    atlas.save(out)
+    result.save(out)
+    figure = plot_redundancy(
+        result, loaded.info.n_heads, loaded.info.name, out / "figures" / "redundancy.png"
+    )
+    n_clusters = int(result.cluster.max()) + 1 if result.cluster.size else 0
+    in_clusters = int((result.cluster >= 0).sum())
+    console.print(
+        f"{n_clusters} clusters of near-duplicate heads ({in_clusters} heads) → {out}; figure {figure}",
+        highlight=False,
+    )
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"{option} {text!r}: give comma-separated numbers")
+        return []
+
+
+def _orders(loaded: Any, by: str, atlas_dir: Path | None, seeds: int, progress: Any) -> dict[str, list[Any]]:
+    """Head orders for each name in ``by``: importance (from the atlas or computed), random, a score."""
+    from .apps.atlas_io import column_matrix, open_atlas
+    from .apps.evaluation import heldout_data
+    from .apps.importance import gradient_importance
+    from .apps.prune import order_heads, random_order
+
+    info = loaded.info
+    orders: dict[str, list[Any]] = {}
+    atlas = _run(lambda: open_atlas(loaded, atlas_dir)) if atlas_dir is not None else None
+    for name in [b.strip() for b in by.split(",") if b.strip()]:
+        if name == "random":
+            orders[name] = [random_order(info.n_layers, info.n_heads, seed) for seed in range(seeds)]
+            continue
+        column = "importance_gradient" if name == "importance" else name
+        if atlas is not None and column in atlas.table.columns:
+            scores = _run(partial(column_matrix, atlas, column, info.n_layers, info.n_heads))
+        elif name == "importance":
+            data = _run(partial(heldout_data, loaded, "natural", "dev", 16, 256, 4))
+            scores = _run(partial(gradient_importance, loaded, data, _step(progress, "importance"))).scores
+        else:
+            _fail(
+                f"--by {name!r}: no such column in the atlas (give --atlas DIR holding it), or use importance/random"
+            )
+        orders[name] = [order_heads(scores)]
+    if not orders:
+        _fail("--by is empty: use importance, random or an atlas score")
+    return orders
+
+
+@app.command()
+def prune(
+    model: Annotated[str, _MODEL_ARG] = "default",
+    out: Annotated[Path | None, typer.Option(help="directory for the pruned checkpoint")] = None,
+    fraction: Annotated[float | None, typer.Option(help="fraction of heads to remove, in [0, 1)")] = None,
+    heads: Annotated[str | None, typer.Option(help="exact heads to remove: LAYER.HEAD,LAYER.HEAD")] = None,
+    by: Annotated[
+        str, typer.Option(help="importance, random or an atlas score (lowest go first)")
+    ] = "importance",
+    atlas: Annotated[Path | None, typer.Option(help="atlas with the --by column")] = None,
+    seed: Annotated[int, typer.Option(help="seed for --by random")] = 0,
+    allow_empty_layers: Annotated[bool, typer.Option(help="allow removing every head of a layer")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    n_seqs: Annotated[int, typer.Option(help="held-out EWT test sequences for perplexity")] = 16,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 256,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Physically remove heads, save the checkpoint, and report params, perplexity and speed."""
+    _quiet_libraries(False)
+    import json
+
+    from .apps.evaluation import heldout_data
+    from .apps.prune import check_fraction, parse_heads, random_order, run_prune, select
+
+    if out is None:
+        _fail("--out is required: the directory for the pruned checkpoint")
+        return
+    if (fraction is None) == (heads is None):
+        _fail("give exactly one of --fraction F or --heads L.H,...")
+    if fraction is not None:
+        _run(lambda: check_fraction(fraction))
+    loaded = _load_model(model, device)
+    info = loaded.info
+    with _progress() as progress:
+        if heads is not None:
+            chosen = _run(lambda: parse_heads(heads, info.n_layers, info.n_heads))
+        elif fraction is not None:
+            count = round(fraction * info.n_layers * info.n_heads)
+            order = (
+                random_order(info.n_layers, info.n_heads, seed)
+                if by == "random"
+                else _orders(loaded, by, atlas, 1, progress)[by][0]
+            )
+            chosen = _run(lambda: select(order, count, info.n_layers, info.n_heads, allow_empty_layers))
+        data = _run(lambda: heldout_data(loaded, "natural", "test", n_seqs, seq_len, 4))
+        report = _run(
+            lambda: run_prune(loaded, chosen, data, out, allow_empty_layers, _step(progress, "perplexity"))
+        )
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+        return
+    console.print(
+        f"removed {report.n_heads_removed}/{report.n_heads_total} heads → {out}\n"
+        f"params      {report.params_before:,} → {report.params_after:,} "
+        f"({100 * (1 - report.params_after / report.params_before):.1f}% fewer)\n"
+        f"perplexity  {report.perplexity_before:.3f} → {report.perplexity_after:.3f} "
+        f"({data.source}, {data.n_seqs} × {data.seq_len} tokens)\n"
+        f"forward     {report.seconds_before * 1e3:.0f} ms → {report.seconds_after * 1e3:.0f} ms "
+        f"(speedup {report.speedup:.2f}×)\n"
+        + (
+            "reload: headatlas.load and plain transformers"
+            if report.plain_transformers_reload
+            else "reload: headatlas.load (layers have different head counts)"
+        ),
+        highlight=False,
+    )
+
+
+@app.command("prune-curve")
+def prune_curve(
+    model: Annotated[str, _MODEL_ARG] = "default",
+    by: Annotated[
+        str, typer.Option(help="orderings: importance, random, atlas scores")
+    ] = "importance,random",
+    fractions: Annotated[str, typer.Option(help="fractions of heads removed")] = "0,0.1,0.2,0.3,0.4,0.5",
+    atlas: Annotated[Path | None, typer.Option(help="atlas holding importance/scores")] = None,
+    out: Annotated[Path, typer.Option(help="directory for prune-curve.png and prune-curve.json")] = Path(
+        "prune-curve"
+    ),
+    seeds: Annotated[int, typer.Option(help="random orders to average")] = 3,
+    allow_empty_layers: Annotated[bool, typer.Option(help="allow removing every head of a layer")] = False,
+    n_seqs: Annotated[int, typer.Option(help="held-out EWT test sequences")] = 16,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 256,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Perplexity as heads are removed, by importance against random (Michel et al. 2019, Fig. 3)."""
+    _quiet_libraries(False)
+    import json
+
+    from .apps.evaluation import heldout_data
+    from .apps.prune import check_fraction, plot_curve
+    from .apps.prune import prune_curve as run_curve
+
+    values = _floats(fractions, "--fractions")
+    for value in values:
+        _run(partial(check_fraction, value))
+    if not values or seeds < 1:
+        _fail("give at least one fraction and --seeds ≥ 1")
+    loaded = _load_model(model, device)
+    with _progress() as progress:
+        orders = _orders(loaded, by, atlas, seeds, progress)
+        data = _run(lambda: heldout_data(loaded, "natural", "test", n_seqs, seq_len, 4))
+        result = _run(
+            lambda: run_curve(loaded, orders, values, data, allow_empty_layers, _step(progress, "perplexity"))
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prune-curve.json").write_text(json.dumps(result, indent=1))
+    figure = plot_curve(result, out / "prune-curve.png")
+    curves: dict[str, Any] = result["curves"]  # type: ignore[assignment]
+    for name, curve in curves.items():
+        cells = "  ".join(
+            f"{f:.0%}: {m:.2f}" + (f"±{s:.2f}" if len(curve["runs"]) > 1 else "")
+            for f, m, s in zip(values, curve["mean"], curve["std"], strict=True)
+        )
+        console.print(f"{name:<11} {cells}", highlight=False)
+    console.print(f"→ {out / 'prune-curve.json'}, {figure}", highlight=False)
 
 
 @data_app.command("status")

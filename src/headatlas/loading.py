@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from .surgery import HeadLayout
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
@@ -208,6 +210,39 @@ def _resolve_dtype(dtype: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def _load_pruned(
+    directory: Path, config: Any, auto: Any, dtype: torch.dtype, layouts: dict[int, HeadLayout]
+) -> Any:
+    """Rebuild a checkpoint written by ``headatlas prune`` whose layers have different head counts.
+
+    The config keeps the original head counts, so the model is built from it, its projections are
+    cut to each layer's :class:`~headatlas.surgery.HeadLayout`, and the saved weights are loaded
+    strictly (tied weights excepted).
+    """
+    from safetensors.torch import load_file
+
+    from .surgery import apply_layouts
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise HeadatlasError(f"{str(directory)!r} holds a pruned config but no .safetensors weights")
+    model = auto.from_config(config, dtype=dtype)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    apply_layouts(model, layouts, head_dim)
+    state: dict[str, Any] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    result = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in result.missing_keys if k not in tied and not k.endswith("lm_head.weight")]
+    if missing or result.unexpected_keys:
+        first = (missing or result.unexpected_keys)[0]
+        raise HeadatlasError(f"pruned checkpoint {str(directory)!r} does not match its layouts (at {first})")
+    model.tie_weights()
+    return model.to(dtype)
+
+
 def load(
     model: str | PreTrainedModel = DEFAULT_MODEL,
     *,
@@ -273,8 +308,14 @@ def load(
         if gguf_file:
             kwargs["gguf_file"] = gguf_file
         config = AutoConfig.from_pretrained(str(directory), **kwargs)
+        from .surgery import layouts_from_config
+
         auto = _auto_class(config)
-        hf_model = auto.from_pretrained(str(directory), dtype=torch_dtype, **kwargs)
+        layouts = layouts_from_config(config)
+        if layouts:
+            hf_model = _load_pruned(directory, config, auto, torch_dtype, layouts)
+        else:
+            hf_model = auto.from_pretrained(str(directory), dtype=torch_dtype, **kwargs)
         tok = tokenizer or AutoTokenizer.from_pretrained(str(directory), **kwargs)
     except HeadatlasError:
         raise
