@@ -25,11 +25,17 @@ class ArchSpec:
             the attention module (the parent of the matched output projection), for head pruning
             (:mod:`headatlas.surgery`); ``None`` where projections are fused or named otherwise,
             which pruning refuses with a clear error.
+        attn_out_norm: attribute of the decoder layer holding a norm applied to the attention
+            output before it joins the residual stream (Gemma 2/3's sandwich norm), else ``None``.
+        final_norm: attribute names, on ``model.base_model``, of the norm before the LM head
+            (the first that exists is used by direct-logit scores).
     """
 
     o_proj: tuple[str, ...]
     causal: bool = True
     attn_proj: tuple[str, str, str, str] | None = None
+    attn_out_norm: str | None = None
+    final_norm: tuple[str, ...] = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
 
 
 _SELF_ATTN_O = r"(?:^|\.)(\d+)\.self_attn\.o_proj$"
@@ -46,9 +52,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
     "qwen3": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
     "gemma": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
-    "gemma2": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
-    "gemma3": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
-    "gemma3_text": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
+    "gemma2": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO, attn_out_norm="post_attention_layernorm"),
+    "gemma3": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO, attn_out_norm="post_attention_layernorm"),
+    "gemma3_text": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO, attn_out_norm="post_attention_layernorm"),
     "phi3": ArchSpec((_SELF_ATTN_O,)),  # fused qkv_proj: not prunable yet
     "olmo2": ArchSpec((_SELF_ATTN_O,)),  # q_norm spans all heads: not prunable
     "gpt2": ArchSpec((_GPT2_C_PROJ,)),

@@ -6,11 +6,13 @@ temporary file and renamed, so a crash never leaves half an atlas over a good on
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import logging
 import os
 import platform
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +23,8 @@ import pandas as pd
 
 from .detectors import VECTOR_SCORES
 from .errors import HeadatlasError
+from .functional import FUNCTIONAL_BATTERIES, FunctionalConfig
+from .functional.runner import run_functional
 from .loading import LoadedModel, load
 from .roles import RULES, assign_roles
 from .scanning import (
@@ -34,6 +38,7 @@ from .scanning import (
     has_partial,
     run_scan,
 )
+from .stats import HeadStats
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -43,6 +48,7 @@ logger = logging.getLogger(__name__)
 TABLE_FILE = "atlas.parquet"
 META_FILE = "atlas.json"
 EXAMPLES_FILE = "examples.npz"
+_TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 SCORE_ORDER = (
     "previous_token",
     "self",
@@ -72,11 +78,17 @@ class Atlas:
     """A scanned model's head table (:attr:`table`, a DataFrame) and metadata (:attr:`meta`)."""
 
     def __init__(
-        self, table: pd.DataFrame, meta: dict[str, Any], examples: list[Example] | None = None
+        self,
+        table: pd.DataFrame,
+        meta: dict[str, Any],
+        examples: list[Example] | None = None,
+        tables: dict[str, pd.DataFrame] | None = None,
     ) -> None:
         self.table = table
         self.meta = meta
         self.examples: list[Example] = examples or []
+        self.tables: dict[str, pd.DataFrame] = tables or {}
+        """Side tables saved as ``DIR/<name>.parquet`` (e.g. ``syntax_relations``)."""
 
     @classmethod
     def from_scan(cls, result: ScanResult, extra_meta: dict[str, Any] | None = None) -> Atlas:
@@ -136,6 +148,8 @@ class Atlas:
         tmp = out / (TABLE_FILE + ".tmp")
         self.table.to_parquet(tmp, index=False)
         tmp_meta = out / (META_FILE + ".tmp")
+        if self.tables:
+            self.meta["tables"] = sorted(self.tables)
         tmp_meta.write_text(json.dumps(self.meta, indent=2, default=str))
         if self.examples:
             arrays: dict[str, np.ndarray] = {"n": np.array([len(self.examples)])}
@@ -146,6 +160,11 @@ class Atlas:
             with open(out / (EXAMPLES_FILE + ".tmp"), "wb") as fh:
                 np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
             os.replace(out / (EXAMPLES_FILE + ".tmp"), out / EXAMPLES_FILE)
+        for name, frame in self.tables.items():
+            if not _TABLE_NAME.match(name):
+                raise HeadatlasError(f"side table name {name!r} is not a plain identifier")
+            frame.to_parquet(out / f"{name}.parquet.tmp", index=False)
+            os.replace(out / f"{name}.parquet.tmp", out / f"{name}.parquet")
         os.replace(tmp, out / TABLE_FILE)
         os.replace(tmp_meta, out / META_FILE)
         return out
@@ -169,7 +188,18 @@ class Atlas:
             meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
         except (OSError, json.JSONDecodeError) as exc:
             raise HeadatlasError(f"{meta_file} is not valid JSON: rescan with --force") from exc
-        return cls(table, meta, _load_examples(src / EXAMPLES_FILE))
+        tables: dict[str, pd.DataFrame] = {}
+        for name in meta.get("tables", []):
+            path = src / f"{name}.parquet"
+            if not _TABLE_NAME.match(str(name)) or not path.exists():
+                continue
+            try:
+                tables[name] = pd.read_parquet(path)
+            except Exception as exc:  # pyarrow raises several types for damaged files
+                raise HeadatlasError(
+                    f"{path} is not a readable side table ({type(exc).__name__}): rescan"
+                ) from exc
+        return cls(table, meta, _load_examples(src / EXAMPLES_FILE), tables)
 
     def __repr__(self) -> str:
         model = self.meta.get("model", {}).get("name", "?")
@@ -190,13 +220,13 @@ class Atlas:
             if rule.score not in self.table.columns:
                 continue
             holders = len(self.with_role(rule.role))
-            top = self.top(rule.score, 3)
+            top = self.top(rule.score, 3, ascending=rule.below)
             best = ", ".join(
                 f"L{int(layer)}H{int(head)} ({float(value):.2f})"
                 for layer, head, value in zip(top["layer"], top["head"], top[rule.score], strict=True)
             )
             rows.append(
-                f"<tr><td>{esc(rule.role)}</td><td>{esc(rule.score)} ≥ {rule.threshold:g}</td>"
+                f"<tr><td>{esc(rule.role)}</td><td>{esc(rule.score)} {'≤' if rule.below else '≥'} {rule.threshold:g}</td>"
                 f"<td style='text-align:right'>{holders}</td><td>{esc(best)}</td></tr>"
             )
         head = "<tr><th>role</th><th>rule</th><th>heads</th><th>top heads by the score</th></tr>"
@@ -236,6 +266,21 @@ def check_out_dir(out: Path, force: bool, resume: bool) -> None:
         )
 
 
+def _scan_fingerprint(
+    loaded: LoadedModel,
+    batteries: list[Any],
+    batch_size: int,
+    functional: list[str],
+    config: FunctionalConfig,
+) -> str:
+    """Fingerprint of a whole scan: the attention batteries' and the functional settings."""
+    base = fingerprint(loaded, batteries, batch_size)
+    if not functional:
+        return base
+    extra = json.dumps([functional, config.n_prompts, config.max_len, config.seed, config.batch_size])
+    return hashlib.sha256((base + extra).encode()).hexdigest()
+
+
 def scan(
     model: str | LoadedModel | PreTrainedModel = "default",
     probes: Sequence[str] = ("natural", "repeat"),
@@ -251,6 +296,8 @@ def scan(
     device: str = "cpu",
     dtype: str = "float32",
     on_batch: Callable[[BatchDone], None] | None = None,
+    n_functional: int | None = None,
+    max_len: int | None = None,
 ) -> Atlas:
     """Scan every head of ``model`` with the chosen probe batteries and return an :class:`Atlas`.
 
@@ -259,6 +306,12 @@ def scan(
     packs its lines into ``seq_len``-token sequences instead of UD English EWT. With ``out``,
     partial statistics are saved after every batch (``resume=True`` continues them) and the atlas
     is written there at the end. Scores and their papers: see :mod:`headatlas.detectors`.
+
+    ``probes`` may also name functional batteries (``needle``, ``ordinal``, ``copy``,
+    ``translate``, ``syntax``; :mod:`headatlas.functional`), which run after the attention
+    batteries with ``n_functional`` prompts each (``None``: each battery's default) and, for
+    ``needle``, prompts of at most ``max_len`` tokens. Each finished functional battery is saved,
+    so ``resume=True`` skips it.
     """
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
@@ -266,24 +319,47 @@ def scan(
     loaded = model if isinstance(model, LoadedModel) else load(model, device=device, dtype=dtype)
     started = time.perf_counter()
     batteries = build_batteries(loaded, probes, texts, text_file, n_prompts, seq_len, seed)
+    functional = [p for p in dict.fromkeys(probes) if p in FUNCTIONAL_BATTERIES]
+    config = FunctionalConfig(n_prompts=n_functional, max_len=max_len, seed=seed, batch_size=batch_size)
+    scan_key = _scan_fingerprint(loaded, batteries, batch_size, functional, config)
     if out_dir is not None and force and not resume and has_partial(out_dir):
         discard_partial(out_dir)
     if out_dir is not None and resume and not has_partial(out_dir) and (out_dir / TABLE_FILE).exists():
         finished = Atlas.load(out_dir)
-        if finished.meta.get("fingerprint") != fingerprint(loaded, batteries, batch_size):
+        if finished.meta.get("fingerprint") != scan_key:
             raise HeadatlasError(
                 f"{str(out_dir)!r} holds a finished atlas made with other settings: pass --force to rescan"
             )
         logger.info("%s already holds this atlas: nothing to resume", out_dir)
         return finished
-    result = run_scan(loaded, batteries, batch_size, checkpoint_dir=out_dir, resume=resume, on_batch=on_batch)
+    if batteries:
+        result = run_scan(
+            loaded, batteries, batch_size, checkpoint_dir=out_dir, resume=resume, on_batch=on_batch
+        )
+    else:
+        info = loaded.info
+        result = ScanResult(HeadStats(info.n_layers, info.n_heads), loaded, {"batteries": {}, "tokens": 0})
+    tables: dict[str, pd.DataFrame] = {}
+    if functional:
+
+        def progress(battery: str, done: int, total: int) -> None:
+            if on_batch is not None:
+                on_batch(BatchDone(battery, done, total, 0, 0))
+
+        ran = run_functional(loaded, functional, config, out_dir, resume, scan_key, progress)
+        result.stats = result.stats.merge(ran.stats)
+        result.meta["batteries"] = {**result.meta.get("batteries", {}), **ran.params}
+        tables = ran.tables
+    result.meta["fingerprint"] = scan_key
     extra = {
         "seed": seed,
         "probes": list(dict.fromkeys(probes)),
         "wall_seconds": round(time.perf_counter() - started, 3),
     }
     atlas = Atlas.from_scan(result, extra)
-    atlas.examples = collect_examples(loaded, batteries)
+    atlas.tables = tables
+    if batteries:
+        atlas.examples = collect_examples(loaded, batteries)
     if out_dir is not None:
         atlas.save(out_dir)
         discard_partial(out_dir)

@@ -21,6 +21,14 @@ class Rule:
     score: str
     threshold: float
     meaning: str
+    below: bool = False
+    """When true the role applies when ``score <= threshold`` instead."""
+
+    def holds(self, value: float) -> bool:
+        """Return whether a head with this score value earns the role (NaN never does)."""
+        if not np.isfinite(value):
+            return False
+        return bool(value <= self.threshold) if self.below else bool(value >= self.threshold)
 
 
 RULES: tuple[Rule, ...] = (
@@ -32,6 +40,38 @@ RULES: tuple[Rule, ...] = (
     Rule("subword", "subword", 0.5, "≥ half of a word piece's attention on its word's other pieces"),
     Rule("induction", "induction", 0.3, "≥ 30% on the token after the earlier occurrence ([x; x] battery)"),
     Rule("duplicate", "duplicate_token", 0.3, "≥ 30% on the earlier occurrence of the same token"),
+    Rule(
+        "retrieval",
+        "retrieval",
+        0.1,
+        "copies ≥ 10% of a recalled needle from the context while decoding (Wu et al. 2024's cut-off)",
+    ),
+    Rule(
+        "successor",
+        "successor",
+        0.5,
+        "its OV output ranks the next item of an ordinal set first in ≥ half the cases",
+    ),
+    Rule("copying", "copying", 2.0, "raises the logits of the tokens it attends to by ≥ 2 vocabulary std"),
+    Rule(
+        "copy-suppression",
+        "copying",
+        -2.0,
+        "lowers the logits of the tokens it attends to by ≥ 2 vocabulary std",
+        below=True,
+    ),
+    Rule(
+        "translation",
+        "translation",
+        0.5,
+        "attends from the i-th translated word to the i-th source word ≥ half the time",
+    ),
+    Rule(
+        "syntactic",
+        "syntactic",
+        0.1,
+        "beats the best fixed-offset baseline by ≥ 10 points of accuracy on some dependency relation",
+    ),
 )
 ROLE_NAMES = tuple(rule.role for rule in RULES)
 
@@ -48,6 +88,6 @@ def assign_roles(scores: dict[str, np.ndarray]) -> list[str]:
         if values is None:
             continue
         for i, value in enumerate(values):
-            if np.isfinite(value) and value >= rule.threshold:
+            if rule.holds(float(value)):
                 roles[i].append(rule.role)
     return [",".join(r) for r in roles]

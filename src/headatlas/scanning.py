@@ -25,6 +25,7 @@ from .capture import AttentionView, attention_maps, capture
 from .datasets import ewt_sentences
 from .detectors import DETECTORS, Context
 from .errors import HeadatlasError
+from .functional import FUNCTIONAL_BATTERIES
 from .loading import LoadedModel
 from .probes import (
     BATTERIES,
@@ -73,7 +74,11 @@ def build_batteries(
     seq_len: int,
     seed: int,
 ) -> list[Battery]:
-    """Return the batteries to run. ``texts`` replaces ``natural`` by exactly those texts."""
+    """Return the attention batteries to run. ``texts`` replaces ``natural`` by exactly those texts.
+
+    Names of functional batteries (:data:`headatlas.functional.FUNCTIONAL_BATTERIES`) are accepted
+    and skipped here: they do not stream through detectors (see :func:`headatlas.atlas.scan`).
+    """
     info = loaded.info
     if n_prompts < 1:
         raise HeadatlasError(f"--n-prompts must be at least 1, got {n_prompts}")
@@ -83,11 +88,13 @@ def build_batteries(
         raise HeadatlasError(
             f"--seq-len {seq_len} is beyond {info.name}'s context of {info.context_length} tokens: use a smaller one"
         )
-    unknown = [p for p in probes if p not in BATTERIES]
+    known = (*BATTERIES, *FUNCTIONAL_BATTERIES)
+    unknown = [p for p in probes if p not in known]
     if unknown:
-        raise HeadatlasError(f"unknown probe battery {unknown[0]!r}: choose from {', '.join(BATTERIES)}")
+        raise HeadatlasError(f"unknown probe battery {unknown[0]!r}: choose from {', '.join(known)}")
     if not probes:
-        raise HeadatlasError(f"no probe battery chosen: choose from {', '.join(BATTERIES)}")
+        raise HeadatlasError(f"no probe battery chosen: choose from {', '.join(known)}")
+    probes = [p for p in probes if p in BATTERIES]  # functional batteries run in atlas.scan
     tok = loaded.tokenizer
     out: list[Battery] = []
     for name in dict.fromkeys(probes):
@@ -242,17 +249,21 @@ def run_scan(
 
 
 def discard_partial(directory: Path) -> None:
-    """Remove ``DIR/.partial`` after the final atlas has been written."""
+    """Remove ``DIR/.partial`` (only the plain files headatlas writes there) after the final atlas is written."""
     partial = directory / PARTIAL_DIR
-    for name in ("stats.npz", "progress.json", "stats.tmp.npz", "progress.tmp.json"):
-        (partial / name).unlink(missing_ok=True)
-    if partial.exists():
+    if not partial.is_dir():
+        return
+    for file in partial.iterdir():
+        if file.is_file() and file.suffix in (".npz", ".json", ".parquet"):
+            file.unlink()
+    if not any(partial.iterdir()):
         partial.rmdir()
 
 
 def has_partial(directory: Path) -> bool:
-    """Return whether ``directory`` holds a partial scan."""
-    return (directory / PARTIAL_DIR / "progress.json").exists()
+    """Return whether ``directory`` holds a partial scan (attention statistics or a finished functional battery)."""
+    partial = directory / PARTIAL_DIR
+    return (partial / "progress.json").exists() or any(partial.glob("functional-*.json"))
 
 
 EXAMPLE_TOKENS = 48

@@ -60,6 +60,8 @@ def _forward(
     """
     session = ACTIVE_SESSION.get()
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if session is not None and session.on_values is not None:
+        session.on_values(session.layer_of(module), value)
     if session is not None and not use_eager and kwargs.get("s_aux") is None and dropout == 0.0:
         fast = session.attend_fast(module, query, key, value, attention_mask, scale)
         if fast is not None:

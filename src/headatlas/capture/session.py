@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 
 ViewCallback = Callable[[AttentionView], None]
+ValuesCallback = Callable[[int, torch.Tensor], None]
 
 
 class CaptureSession:
@@ -53,6 +54,13 @@ class CaptureSession:
         self.mode = mode
         self.layers_seen: set[int] = set()
         self._module_layer: dict[int, int] = {}
+        self.on_values: ValuesCallback | None = None
+        """Optional: receives ``(layer, value [batch, kv_head, key, d_head])`` of each attention
+        layer (after the value projection, before GQA repetition), e.g. for OV-circuit scores."""
+
+    def layer_of(self, module: torch.nn.Module) -> int:
+        """Return the layer index of attention module ``module``."""
+        return self._layer_of(module)
 
     def _layer_of(self, module: torch.nn.Module) -> int:
         layer = getattr(module, "layer_idx", None)
@@ -173,6 +181,22 @@ class CaptureSession:
                     backend.ACTIVE_SESSION.reset(token)
         result = getattr(out, "logits", None)
         return out[0] if result is None else result  # type: ignore[no-any-return]
+
+    def forward(self, **model_kwargs: Any) -> Any:
+        """Run ``model(**model_kwargs)`` (no grad) with capture on and return the model's whole output.
+
+        For callers that need more than logits, e.g. decoding with ``past_key_values`` and
+        ``use_cache=True``: each step's attention (one query row per sequence) reaches ``on_view``.
+        Not available in the eager fallback.
+        """
+        if self.fallback:
+            raise RuntimeError("CaptureSession.forward needs a model that can swap attention backends")
+        token = backend.ACTIVE_SESSION.set(self)
+        try:
+            with torch.no_grad():
+                return self.loaded.model(**model_kwargs)
+        finally:
+            backend.ACTIVE_SESSION.reset(token)
 
 
 def supports_backend(loaded: LoadedModel) -> bool:

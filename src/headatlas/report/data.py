@@ -31,6 +31,25 @@ SCORE_INFO: dict[str, tuple[str, str]] = {
     "subword": ("subword", "a word piece's attention on the other pieces of its word"),
     "induction": ("induction", "[x; x]: attention on the token after the earlier copy"),
     "duplicate_token": ("duplicate token", "[x; x]: attention on the earlier copy of the same token"),
+    "retrieval": (
+        "retrieval",
+        "needle in a haystack: share of the needle copied while decoding (Wu et al. 2024)",
+    ),
+    "retrieval_tf": (
+        "retrieval (teacher-forced)",
+        "the retrieval score on the gold answer in one forward pass",
+    ),
+    "successor": ("successor", "ordinal sets: OV output ranks the next item first (Gould et al. 2023)"),
+    "successor_logit": ("successor logit", "OV output: z(next item) − z(item itself), vocabulary std"),
+    "copying": ("copying", "z-score of the attended tokens' logits from the head's output (− = suppression)"),
+    "translation": (
+        "translation",
+        "word lists: argmax attention from the i-th target slot to the i-th source word",
+    ),
+    "syntactic": (
+        "syntactic",
+        "best margin over the fixed-offset baseline on a dependency relation (Clark et al. 2019)",
+    ),
 }
 """Short label and one-line meaning of each score (definitions: :mod:`headatlas.detectors`)."""
 
@@ -43,6 +62,12 @@ ROLE_COLORS: dict[str, str] = {
     "local": "#e6b800",
     "broad": "#8c8c8c",
     "sink": "#9ecae1",
+    "retrieval": "#1f77b4",
+    "successor": "#17becf",
+    "copying": "#8c564b",
+    "copy-suppression": "#393b79",
+    "translation": "#bcbd22",
+    "syntactic": "#637939",
 }
 """One colour per role, in drawing priority: a head with several roles shows them in this order."""
 NO_ROLE_COLOR = "#eeeeee"

@@ -194,24 +194,42 @@ def _grid_size(n_layers: int, n_heads: int) -> tuple[float, float]:
     return max(5.0, n_layers * cell + 2.2), max(2.4, n_heads * cell + 1.6)
 
 
+SIGNED_SCORES = frozenset({"copying", "successor_logit", "syntactic"})
+"""Scores that can be negative: drawn on a diverging scale centred on 0."""
+UNBOUNDED_SCORES = frozenset({"entropy"})
+"""Non-negative scores without an upper bound of 1."""
+
+
 def score_figure(atlas: Atlas, score: str, out: str | Path) -> Path:
     """Write a layer × head heatmap of ``score``; heads that earn the score's role are outlined."""
     values = grid(atlas, score)  # [layer, head]
     n_layers, n_heads = values.shape
     fig = Figure(figsize=_grid_size(n_layers, n_heads))
     ax = _heads_axes(fig, n_layers, n_heads)
-    bounded = score != "entropy"
-    vmax = 1.0 if bounded else float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
-    image = ax.imshow(values.T, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
-    rule = next((r for r in RULES if r.score == score), None)
+    finite = np.isfinite(values).any()
+    if score in SIGNED_SCORES:
+        span = float(np.nanmax(np.abs(values))) if finite else 1.0
+        cmap, vmin, vmax = "RdBu_r", -span, span
+    elif score in UNBOUNDED_SCORES:
+        cmap, vmin, vmax = "viridis", 0.0, float(np.nanmax(values)) if finite else 1.0
+    else:
+        cmap, vmin, vmax = "viridis", 0.0, 1.0
+    image = ax.imshow(values.T, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
     label, meaning = SCORE_INFO.get(score, (score, ""))
     title = f"{atlas.meta.get('model', {}).get('name', '')} — {label}: {meaning}"
-    if rule is not None:
-        for layer, head in zip(*np.nonzero(np.nan_to_num(values, nan=-1) >= rule.threshold), strict=True):
-            ax.add_patch(
-                Rectangle((layer - 0.5, head - 0.5), 1, 1, fill=False, edgecolor="#d62728", linewidth=1.4)
-            )
-        title += f"\noutlined: ≥ {rule.threshold:g} (role {rule.role})"
+    rules = [r for r in RULES if r.score == score]
+    for rule in rules:
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                if rule.holds(float(values[layer, head])):
+                    ax.add_patch(
+                        Rectangle(
+                            (layer - 0.5, head - 0.5), 1, 1, fill=False, edgecolor="#d62728", linewidth=1.4
+                        )
+                    )
+    if rules:
+        said = ", ".join(f"{'≤' if r.below else '≥'} {r.threshold:g} (role {r.role})" for r in rules)
+        title += f"\noutlined: {said}"
     ax.set_title(title, fontsize=9, parse_math=False)
     cbar = fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
     cbar.ax.tick_params(labelsize=7)

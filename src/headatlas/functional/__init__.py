@@ -1,0 +1,60 @@
+"""Functional batteries: which job a head does, each score defined by a paper.
+
+| battery     | scores                                  | paper |
+|-------------|-----------------------------------------|-------|
+| ``needle``    | ``retrieval`` (+ ``retrieval_tf``)        | Wu et al. 2024, retrieval heads |
+| ``ordinal``   | ``successor``, ``successor_logit``        | Gould et al. 2023, successor heads |
+| ``copy``      | ``copying``                               | Elhage et al. 2021; McDougall et al. 2023 |
+| ``translate`` | ``translation``                           | word-list translation heads |
+| ``syntax``    | ``syntactic`` (+ side table)              | Clark et al. 2019 |
+
+Each lives in its own module and exposes ``SPEC`` (a :class:`~.base.BatterySpec`); the registry
+below names the module, so importing this package stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import HeadatlasError
+from .base import BatterySpec, FunctionalConfig, FunctionalResult, Progress, no_progress
+
+FUNCTIONAL_BATTERIES: dict[str, str] = {
+    "needle": "headatlas.functional.needle",
+    "ordinal": "headatlas.functional.ordinal",
+    "copy": "headatlas.functional.copying",
+    "translate": "headatlas.functional.translate",
+    "syntax": "headatlas.functional.syntax",
+}
+"""Every functional battery by name → the module holding its ``SPEC``."""
+
+
+def battery_spec(name: str) -> BatterySpec:
+    """Return the :class:`BatterySpec` of functional battery ``name``; raise on an unknown name."""
+    if name not in FUNCTIONAL_BATTERIES:
+        raise HeadatlasError(
+            f"unknown functional battery {name!r}: choose from {', '.join(FUNCTIONAL_BATTERIES)}"
+        )
+    spec: BatterySpec = importlib.import_module(FUNCTIONAL_BATTERIES[name]).SPEC
+    return spec
+
+
+def score_battery(score: str) -> BatterySpec | None:
+    """Return the functional battery that writes atlas column ``score``, or ``None``."""
+    for name in FUNCTIONAL_BATTERIES:
+        spec = battery_spec(name)
+        if score in spec.scores:
+            return spec
+    return None
+
+
+__all__ = [
+    "FUNCTIONAL_BATTERIES",
+    "BatterySpec",
+    "FunctionalConfig",
+    "FunctionalResult",
+    "Progress",
+    "battery_spec",
+    "no_progress",
+    "score_battery",
+]

@@ -1,0 +1,97 @@
+"""What every functional battery shares: its spec, its configuration, its result.
+
+A *functional* battery measures what job a head does (retrieval, successor, copying, translation,
+syntax), not only where it looks. Unlike the attention batteries of :mod:`headatlas.probes`,
+which a scan streams through :mod:`headatlas.detectors`, a functional battery may decode, read
+head outputs or compare against gold data, so each one is a function
+``run(loaded, config, progress) -> FunctionalResult`` registered in
+:data:`headatlas.functional.FUNCTIONAL_BATTERIES`. Scores are still aggregated per row with
+:class:`~headatlas.stats.HeadStats` (mean, std, count per head; mergeable), so they land in the
+atlas exactly like the attention scores.
+
+Each battery may also define a *task metric* (``metric(loaded, config, progress) -> float``) that
+``headatlas verify`` re-runs with heads ablated, to confirm causally what the score claims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..stats import HeadStats
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..loading import LoadedModel
+
+Progress = Callable[[int, int], None]
+"""Callback ``(done, total)`` for long loops (the CLI draws a progress bar from it)."""
+
+
+def no_progress(_done: int, _total: int) -> None:
+    """A :data:`Progress` that does nothing."""
+
+
+@dataclass(frozen=True)
+class FunctionalConfig:
+    """Settings shared by the functional batteries (each documents how it reads them).
+
+    Attributes:
+        n_prompts: prompts (or trials, sentences) per battery; ``None`` = the battery's default.
+        max_len: longest prompt in tokens (needle haystacks); ``None`` = the battery's default,
+            capped by the model's context.
+        seed: seed for every random choice, so a rerun sees the same prompts.
+        batch_size: sequences per forward pass where the battery batches.
+    """
+
+    n_prompts: int | None = None
+    max_len: int | None = None
+    seed: int = 0
+    batch_size: int = 8
+
+
+@dataclass
+class FunctionalResult:
+    """What one functional battery produced.
+
+    Attributes:
+        battery: the battery's name.
+        stats: per-head statistics of its scores (one :meth:`HeadStats.add` per row).
+        params: the battery's parameters and facts of the run, for ``atlas.json``.
+        tables: side tables written next to the atlas as ``DIR/<name>.parquet`` (e.g. the
+            per-relation accuracies of ``syntax``).
+    """
+
+    battery: str
+    stats: HeadStats
+    params: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+RunFn = Callable[["LoadedModel", FunctionalConfig, Progress], FunctionalResult]
+MetricFn = Callable[["LoadedModel", FunctionalConfig, Progress], float]
+
+
+@dataclass(frozen=True)
+class BatterySpec:
+    """A functional battery: its name, the atlas columns it writes and its task metric.
+
+    Attributes:
+        name: the name given to ``--probes`` (``needle``, ``ordinal``, ``copy``, ...).
+        scores: atlas score columns it writes (each also gets ``_std`` and ``_n``).
+        run: computes the scores.
+        paper: the paper that defines the main score (for docs and ``atlas.json``).
+        metric: the battery's task metric for ``headatlas verify`` (``None`` if it has none).
+        metric_name: what the metric measures, e.g. ``"needle retrieval accuracy"``.
+        higher_is_better: whether a larger metric means the model does the task better.
+    """
+
+    name: str
+    scores: tuple[str, ...]
+    run: RunFn
+    paper: str
+    metric: MetricFn | None = None
+    metric_name: str = ""
+    higher_is_better: bool = True

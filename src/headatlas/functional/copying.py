@@ -1,0 +1,125 @@
+"""Battery ``copy`` → score ``copying``: does a head raise (copy) or lower (suppress) the logits of
+the tokens it attends to? Measured on real text.
+
+Copying heads write the token they attend to back into the logits (the positive OV "copying"
+eigenvalues of Elhage et al. 2021, "A Mathematical Framework for Transformer Circuits"); copy-
+suppression heads attend to a token and push its logit *down* (McDougall et al. 2023, "Copy
+Suppression: Comprehensively Understanding an Attention Head"). Both are read from the head's real
+output on real text, not from the weights alone:
+
+    copying(h, i) = Σ_{j ≥ 1} A_h[i, j] · z_h,i(x_j)
+
+where ``z_h,i(t)`` is the z-score over the vocabulary of token ``t``'s direct-logit change from the
+head's actual output at position ``i`` (:mod:`.logit_lens`), ``x_j`` the token at key ``j``, and the
+first token (the attention sink, whose logit nobody predicts) is left out. So the score is the
+attention-weighted z-score of the attended tokens: positive for copying, negative for suppression,
+near 0 for heads whose output is unrelated to what they read, in units of vocabulary standard
+deviations (a pure copying head of a real model scores several units). Rows are the real tokens at
+position ≥ 1 of the ``natural`` text (UD English EWT train, packed into sequences).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..capture import DenseView, capture, output_projections
+from ..datasets import ewt_sentences
+from ..loading import LoadedModel
+from ..probes import make_batch, natural_battery, pad_id
+from ..stats import HeadStats
+from .base import BatterySpec, FunctionalConfig, FunctionalResult, Progress, no_progress
+from .logit_lens import centered_rows, logit_lens, logit_std, project_rows
+
+DEFAULT_PROMPTS = 16
+"""Sequences of EWT text scored by default."""
+SEQ_LEN = 128
+"""Tokens per sequence."""
+
+
+def copy_scores(probs: torch.Tensor, rows: torch.Tensor, z: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Return the signed copying score per row, ``[batch, head, query]``.
+
+    Args:
+        probs: attention ``[batch, head, query, key]``.
+        rows: each key's centred unembedding row projected onto each head's output space
+            (:func:`~.logit_lens.project_rows`), ``[batch, key, head, d_head]``; zero for keys that
+            do not count (the first token, padding).
+        z: the heads' outputs ``[batch, head, query, d_head]``.
+        std: the std over the vocabulary of each output's logit change, ``[batch, head, query]``.
+
+    ``Σ_j A[i, j] (W_U[x_j] − μ)·u_i / std_i`` — McDougall et al. 2023 / Elhage et al. 2021.
+    """
+    expected = torch.einsum("bhqk,bkhd->bhqd", probs, rows)  # [batch, head, query, d_head]
+    return (expected * z).sum(-1) / std  # [batch, head, query]
+
+
+def run_copy(
+    loaded: LoadedModel, config: FunctionalConfig, progress: Progress = no_progress
+) -> FunctionalResult:
+    """Score every head's signed copying on EWT text; return a :class:`FunctionalResult` (``copying``)."""
+    info = loaded.info
+    lens = logit_lens(loaded)
+    n_prompts = config.n_prompts or DEFAULT_PROMPTS
+    seq_len = min(SEQ_LEN, info.context_length or SEQ_LEN)
+    battery = natural_battery(
+        loaded.tokenizer, ewt_sentences("train"), n_prompts, seq_len, config.seed, "UD English EWT train"
+    )
+    stats = HeadStats(info.n_layers, info.n_heads)
+    device = loaded.device
+    pad = pad_id(loaded.tokenizer)
+    stash: dict[int, list[torch.Tensor]] = {}
+    state: dict[str, torch.Tensor] = {}
+
+    def on_view(view: object) -> None:
+        if isinstance(view, DenseView):
+            stash.setdefault(view.layer, []).append(view.probs)
+
+    def make_hook(layer: int):  # type: ignore[no-untyped-def]
+        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if layer not in stash:
+                return
+            probs = torch.cat(stash.pop(layer), dim=2)  # [batch, head, query, key]
+            x = args[0]  # [batch, query, head * d_head]
+            z = x.reshape(*x.shape[:-1], info.n_heads, -1).float()  # [batch, query, head, d_head]
+            rows = project_rows(lens, layer, state["rows"])  # [batch, key, head, d_head]
+            std = logit_std(lens, layer, z).transpose(1, 2)  # [batch, head, query]
+            scores = copy_scores(probs, rows, z.transpose(1, 2), std)  # [batch, head, query]
+            stats.add("copying", layer, scores, state["valid"])
+
+        return hook
+
+    seqs = battery.sequences
+    batches = [seqs[i : i + config.batch_size] for i in range(0, len(seqs), config.batch_size)]
+    handles = [
+        m.register_forward_pre_hook(make_hook(layer)) for layer, m in output_projections(loaded).items()
+    ]
+    try:
+        with capture(loaded, on_view, mode="dense") as session:
+            for index, chunk in enumerate(batches):
+                batch = make_batch(chunk, pad)
+                positions = batch.positions.to(device)  # [batch, seq]
+                rows = centered_rows(lens, batch.input_ids.to(device))  # [batch, key, d_model]
+                state["rows"] = rows * (positions >= 1)[..., None]  # sink and padding left out
+                state["valid"] = positions >= 1  # [batch, query]
+                session.run(batch.input_ids, batch.attention_mask, with_head=False)
+                progress(index + 1, len(batches))
+    finally:
+        for handle in handles:
+            handle.remove()
+        stash.clear()
+    params = {
+        "source": "UD English EWT train",
+        "n_prompts": n_prompts,
+        "seq_len": seq_len,
+        "seed": config.seed,
+        "unit": "vocabulary standard deviations (z-score of the attended tokens' logits)",
+    }
+    return FunctionalResult("copy", stats, params)
+
+
+SPEC = BatterySpec(
+    name="copy",
+    scores=("copying",),
+    run=run_copy,
+    paper="Elhage et al. 2021 (copying); McDougall et al. 2023 (copy suppression)",
+)
