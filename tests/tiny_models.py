@@ -399,7 +399,9 @@ def eager_attentions(
     """Reference attention probabilities from transformers' own eager implementation.
 
     Switches ``model`` to ``"eager"``, runs one forward pass with ``output_attentions=True`` under
-    ``torch.no_grad()``, and restores the previous implementation (even on error).
+    ``torch.no_grad()``, and restores the previous implementation (even on error). Position ids
+    count real tokens only, so a left-padded row gets the positions it has alone (this matters for
+    absolute position embeddings: BERT, GPT-2).
 
     Args:
         model: The model; it is temporarily modified in place.
@@ -415,7 +417,13 @@ def eager_attentions(
         raise RuntimeError(f"{type(model).__name__} refused set_attn_implementation('eager')")
     try:
         with torch.no_grad():
-            out = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # [batch, seq]
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                output_attentions=True,
+            )
     finally:
         model.set_attn_implementation(previous)
     if out.attentions is None:

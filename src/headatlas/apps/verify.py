@@ -4,8 +4,8 @@ A head score is a correlation. ``headatlas verify DIR --score S --k K`` re-runs 
 the battery behind ``S`` three ways — nothing ablated, the top-``k`` heads by ``S`` ablated, and
 ``k`` random heads ablated (several seeds; mean ± std) — the comparison Wu et al. 2024 use for
 retrieval heads ("masking the top-K retrieval heads breaks needle retrieval; masking random heads
-does not"). Heads are silenced with :func:`headatlas.ablate` (zero or mean ablation of the head's
-output). Random heads are drawn uniformly from all heads of the model, the top-``k`` included.
+does not"). Heads are silenced with :func:`headatlas.ablate`: zero ablation, or mean ablation with
+each head's mean output over held-out EWT text (:func:`head_means`). Random heads are drawn uniformly from all heads of the model, the top-``k`` included.
 
 | score                        | metric                                  | better |
 |------------------------------|-----------------------------------------|--------|
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..atlas import Atlas
-from ..capture import ablate
+from ..capture import ablate, output_projections
 from ..errors import HeadatlasError
 from ..functional import FunctionalConfig, Progress, no_progress, score_battery
 from ..loading import LoadedModel
@@ -112,6 +112,47 @@ def metric_for(score: str) -> tuple[Metric, str, bool]:
     return spec.metric, spec.metric_name, spec.higher_is_better
 
 
+MEAN_SEQS = 8
+MEAN_SEQ_LEN = 128
+
+
+def head_means(loaded: LoadedModel, seed: int = 0) -> dict[tuple[int, int], torch.Tensor]:
+    """Return each head's mean output ``{(layer, head): [d_head]}`` over held-out text.
+
+    Mean ablation replaces a head's output by this mean (Wang et al. 2022). Computing it once, on
+    UD English EWT dev (8 × 128 tokens), keeps it the same for every metric — decoding steps see one
+    position at a time, where a per-forward mean would change nothing.
+    """
+    from ..datasets import ewt_sentences
+    from ..probes import natural_battery
+
+    info = loaded.info
+    seq_len = min(MEAN_SEQ_LEN, info.context_length or MEAN_SEQ_LEN)
+    battery = natural_battery(
+        loaded.tokenizer, ewt_sentences("dev"), MEAN_SEQS, seq_len, seed, "UD English EWT dev"
+    )
+    batch = make_batch(battery.sequences, pad_id(loaded.tokenizer))
+    sums: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer, module in output_projections(loaded).items():
+
+        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], layer: int = layer) -> None:
+            x = args[0]  # [batch, query, head * d_head]
+            sums[layer] = x.reshape(-1, info.n_heads, x.shape[-1] // info.n_heads).float().mean(0)
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            loaded.model(
+                input_ids=batch.input_ids.to(loaded.device),
+                attention_mask=batch.attention_mask.to(loaded.device),
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {(layer, head): sums[layer][head] for layer in sums for head in range(info.n_heads)}
+
+
 def _name(layer: int, head: int) -> str:
     return f"L{layer}H{head}"
 
@@ -141,13 +182,14 @@ def verify(
         raise HeadatlasError(f"the atlas has no {score!r} value for some of the top {k} heads: rescan")
     top_heads = [(int(layer), int(head)) for layer, head in zip(top["layer"], top["head"], strict=True)]
     started = time.perf_counter()
+    means = head_means(loaded, config.seed) if mode == "mean" else None
 
     def run(label: str, heads: list[tuple[int, int]]) -> float:
         def step(done: int, total: int) -> None:
             if progress is not None:
                 progress(label, done, total)
 
-        with ablate(loaded, heads, mode=mode):
+        with ablate(loaded, heads, mode=mode, means=means):
             value = metric(loaded, config, step)
         if not math.isfinite(value):
             raise HeadatlasError(f"the {metric_name} came out as {value} ({label}): nothing to compare")

@@ -1,7 +1,7 @@
 """Capture: run a model and stream exact per-layer attention views to a callback (see ``session``)."""
 
 from .ablate import ablate, output_projections
-from .session import CaptureSession, attention_maps, capture, supports_backend
+from .session import CaptureSession, attention_maps, capture, padded_positions, supports_backend
 from .views import AttentionView, DenseView, LseView
 
 __all__ = [
@@ -13,5 +13,6 @@ __all__ = [
     "attention_maps",
     "capture",
     "output_projections",
+    "padded_positions",
     "supports_backend",
 ]

@@ -17,6 +17,7 @@ which does hold every layer at once.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -169,14 +170,23 @@ class CaptureSession:
         attention_mask = attention_mask.to(device)
         with torch.no_grad():
             if self.fallback:
-                out = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
+                out = model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    output_attentions=True,
+                    **padded_positions(model, attention_mask),
+                )
                 for view in backend_eager.views(out.attentions, attention_mask, self.loaded.info.causal):
                     self.layers_seen.add(view.layer)
                     self.on_view(view)
             else:
                 token = backend.ACTIVE_SESSION.set(self)
                 try:
-                    out = model(input_ids=input_ids, attention_mask=attention_mask)
+                    out = model(
+                        input_ids=input_ids,
+                        attention_mask=attention_mask,
+                        **padded_positions(model, attention_mask),
+                    )
                 finally:
                     backend.ACTIVE_SESSION.reset(token)
         result = getattr(out, "logits", None)
@@ -197,6 +207,19 @@ class CaptureSession:
                 return self.loaded.model(**model_kwargs)
         finally:
             backend.ACTIVE_SESSION.reset(token)
+
+
+def padded_positions(model: torch.nn.Module, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Return ``{"position_ids": [batch, seq]}`` counting real tokens only, when the batch is padded.
+
+    Left padding shifts every real token's default position by the pad length: harmless for
+    rotary models (attention depends on offsets only) but wrong for absolute position embeddings
+    (BERT, GPT-2), whose attention then differs from the unpadded sequence's. Padding positions
+    get 0. Returns ``{}`` for an unpadded batch or a model whose forward takes no ``position_ids``.
+    """
+    if bool(attention_mask.all()) or "position_ids" not in inspect.signature(model.forward).parameters:
+        return {}
+    return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp_min(0)}
 
 
 def supports_backend(loaded: LoadedModel) -> bool:
@@ -251,5 +274,5 @@ def attention_maps(
             blocks.setdefault(view.layer, []).append(view.probs.cpu())
 
     with capture(loaded, keep, mode="dense") as session:
-        session.run(input_ids, attention_mask)
+        session.run(input_ids, attention_mask, with_head=False)  # no map needs the logits
     return {layer: torch.cat(parts, dim=2) for layer, parts in sorted(blocks.items())}

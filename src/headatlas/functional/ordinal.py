@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..capture import capture
+from ..capture import capture, padded_positions
 from ..errors import HeadatlasError
 from ..loading import LoadedModel
 from ..probes import ProbeSequence, make_batch, pad_id
@@ -281,8 +281,11 @@ def next_item_accuracy(
     with torch.no_grad():
         for index, chunk in enumerate(batches):
             batch = make_batch([p.sequence for p in chunk], pad)
+            mask = batch.attention_mask.to(device)  # [batch, seq]
             logits = loaded.model(
-                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
+                input_ids=batch.input_ids.to(device),
+                attention_mask=mask,
+                **padded_positions(loaded.model, mask),
             ).logits  # [batch, seq, vocab]
             seq = logits.shape[1]
             for b, prompt in enumerate(chunk):

