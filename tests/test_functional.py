@@ -18,8 +18,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 import headatlas as ha
 from headatlas.apps.verify import induction_loss, save_verification, verify
@@ -27,7 +26,7 @@ from headatlas.errors import HeadatlasError
 from headatlas.functional import FunctionalConfig, battery_spec, copying, ordinal
 from headatlas.functional.runner import run_functional
 from headatlas.roles import RULES, assign_roles
-from tiny_models import BUILDERS, CORPUS, make_tokenizer
+from tiny_models import BUILDERS, CORPUS, make_tokenizer, one_layer_llama_config, word_tokenizer
 
 NUMBERS = ordinal.ORDINAL_SETS["number words"]
 DAYS = ordinal.ORDINAL_SETS["days"]
@@ -35,32 +34,22 @@ FILLER = ("the", "cat", "sat", "on", "mat", "and", "dog", "ran", "to", "park", "
 HEAD_DIM = 32
 
 
-def word_tokenizer() -> PreTrainedTokenizerFast:
+def number_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer in which every number word, weekday and filler word is one token."""
-    words = ["<bos>", "<eos>", "<pad>", "<unk>", ",", ".", *NUMBERS, *DAYS, *FILLER]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
+    return word_tokenizer(["<bos>", "<eos>", "<pad>", "<unk>", ",", ".", *NUMBERS, *DAYS, *FILLER])
 
 
 def one_layer_llama(vocab: int, seed: int = 0) -> LlamaForCausalLM:
     """One layer, 2 heads of 32 dims (1 KV head), tied embeddings: the residual at a token before
     the output projection is its embedding, which makes OV circuits easy to set by hand."""
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
+    cfg = one_layer_llama_config(
+        vocab,
         intermediate_size=32,
-        num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=HEAD_DIM,
         max_position_embeddings=256,
         tie_word_embeddings=True,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).float().eval()
@@ -126,7 +115,7 @@ def test_successor_scores_hit_and_margin() -> None:
 
 
 def test_usable_sets_keep_single_token_runs() -> None:
-    sets = ordinal.usable_sets(word_tokenizer())
+    sets = ordinal.usable_sets(number_tokenizer())
     assert {s.name for s in sets} == {"number words", "days"}
     with pytest.raises(HeadatlasError, match="ordinal"):
         ordinal.usable_sets(make_tokenizer())  # the tiny BPE has no run of 4 single-token items
@@ -161,7 +150,7 @@ def test_hand_set_copy_head_is_found(ewt_is_corpus: None) -> None:
 
 
 def test_hand_set_successor_head_is_found() -> None:
-    tok = word_tokenizer()
+    tok = number_tokenizer()
     model = one_layer_llama(len(tok))
     emb = model.model.embed_tokens.weight.detach()
     pairs = [(a, b) for items in (NUMBERS, DAYS) for a, b in itertools.pairwise(items)]

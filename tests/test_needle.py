@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import headatlas as ha
 from headatlas.errors import HeadatlasError
 from headatlas.functional import FunctionalConfig, battery_spec
 from headatlas.functional import needle as nd
 from headatlas.functional.needle_prompts import Needle, Trial, build_trial, build_trials, rouge1_recall
-from tiny_models import BUILDERS, CORPUS, make_tokenizer
+from tiny_models import BUILDERS, CORPUS, make_tokenizer, one_layer_llama_config
 
 COPY_HEAD = 1
 """The query head of the hand-built model that copies the needle (it shares KV head 0 with head 0)."""
@@ -128,20 +128,11 @@ def _copying_llama(starts: list[int], value: list[int], eos: int, vocab: int) ->
     every other token. The unembedding reads output slot j as ``chain[j]`` and the last value
     token's input slot as EOS, so decoding stops after the value.
     """
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
+    cfg = one_layer_llama_config(
+        vocab,
         intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
         rope_parameters={"rope_type": "default", "rope_theta": 1e30},
-        tie_word_embeddings=False,
-        bos_token_id=0,
         eos_token_id=eos,
-        pad_token_id=2,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).float().eval()

@@ -196,3 +196,14 @@ def test_atlas_model(atlas: ha.Atlas) -> None:
     assert atlas_model(atlas) is None  # scanned from an in-memory model
     other = ha.Atlas(atlas.table, {"model": {"source": "/some/where/model"}})
     assert atlas_model(other) == "/some/where/model"
+
+
+def test_atlas_model_names_packaged_models(atlas: ha.Atlas, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An atlas scanned from a packaged model's converted cache reloads by the packaged name, so its
+    sha256 (recorded from the GGUF) matches again."""
+    monkeypatch.setenv("HEADATLAS_CACHE", str(tmp_path))
+    cached = tmp_path / "models" / "gemma3-270m-fp32"
+    meta = {"model": {"source": str(cached), "name": "gemma-3-270m"}}
+    assert atlas_model(ha.Atlas(atlas.table, meta)) == "gemma3-270m"
+    renamed = {"model": {"source": str(cached), "name": "something-else"}}
+    assert atlas_model(ha.Atlas(atlas.table, renamed)) == str(cached)

@@ -15,53 +15,32 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 import headatlas as ha
 from headatlas.errors import HeadatlasError
 from headatlas.functional import FunctionalConfig, battery_spec
 from headatlas.functional import translate as tr
 from headatlas.probes import pad_id
+from tiny_models import one_layer_llama_config, word_tokenizer
 
 K = tr.WORDS_PER_PROMPT
 OFFSET = 2 * K
 """Tokens from source word ``i`` to the position predicting target word ``i`` (word-level tokenizer)."""
 
 
-def word_tokenizer(languages: tuple[str, ...] = ("en", "fr")) -> PreTrainedTokenizerFast:
+def language_tokenizer(languages: tuple[str, ...] = ("en", "fr")) -> PreTrainedTokenizerFast:
     """A word-level tokenizer knowing the words (and names) of ``languages``; others are ``[UNK]``."""
     words = tr.load_word_pairs()
     tokens = ["<bos>", "<eos>", "<pad>", "[UNK]", ":", ","]
     tokens += [words.languages[c] for c in languages] + [w[c] for w in words.words for c in languages]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="[UNK]",
-        padding_side="left",
-    )
+    return word_tokenizer(tokens, unk_token="[UNK]")
 
 
 def translator(tok: PreTrainedTokenizerFast, sharpness: float = 2.5, gain: float = 5.0) -> LlamaForCausalLM:
     """A 1-layer Llama (4 heads, 2 KV heads) whose head 0 attends ``OFFSET`` tokens back and translates."""
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+    cfg = one_layer_llama_config(
+        len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).float().eval()
@@ -99,13 +78,13 @@ def translator(tok: PreTrainedTokenizerFast, sharpness: float = 2.5, gain: float
 @pytest.fixture(scope="module")
 def translator_loaded() -> ha.LoadedModel:
     """The hand-built translator as a LoadedModel."""
-    tok = word_tokenizer()
+    tok = language_tokenizer()
     return ha.load(translator(tok), tokenizer=tok)
 
 
 def _prompt_batch(n_prompts: int) -> tuple[list[tr.TranslationPrompt], tr.PromptBatch]:
     """English–French prompts of the word-level tokenizer, ``k`` words and ``k // 2`` mixed (padding)."""
-    tok = word_tokenizer()
+    tok = language_tokenizer()
     long, _ = tr.translation_prompts(tok, "words", n_prompts, seed=1)
     short, _ = tr.translation_prompts(tok, "words", n_prompts, seed=2, k=K // 2)
     prompts = [p for pair in zip(long, short, strict=True) for p in pair]
@@ -156,7 +135,7 @@ def test_spans_and_queries_on_word_tokens() -> None:
     assert all(b - a == 1 for a, b in p.source_spans + p.target_spans)
     for (s0, _), (t0, _) in zip(p.source_spans, p.target_spans, strict=True):
         assert t0 - 1 - s0 == OFFSET
-    tok = word_tokenizer()
+    tok = language_tokenizer()
     assert tok.convert_ids_to_tokens(p.ids[p.target_spans[0][0] - 1]) == ":"
     assert {tok.convert_ids_to_tokens(p.ids[t0 - 1]) for t0, _ in p.target_spans[1:]} == {","}
     first, _ = tr.translation_prompts(tok, "words", 2, seed=1)
@@ -166,7 +145,7 @@ def test_spans_and_queries_on_word_tokens() -> None:
 
 
 def test_slow_tokenizer_path_matches_offsets() -> None:
-    tok = word_tokenizer()
+    tok = language_tokenizer()
 
     class Slow:
         is_fast = False
@@ -225,7 +204,7 @@ def test_english_only_byte_level_tokenizer_is_refused(tiny_loaded: ha.LoadedMode
 
 
 def test_english_only_word_tokenizer_is_refused() -> None:
-    tok = word_tokenizer(("en",))
+    tok = language_tokenizer(("en",))
     with pytest.raises(HeadatlasError, match=r"unknown token\): translate needs a multilingual model") as err:
         tr.translation_prompts(tok, "english-only", 2, seed=0)
     assert "\n" not in str(err.value)
@@ -242,7 +221,7 @@ def test_encoder_and_missing_data_are_clear_errors(monkeypatch: pytest.MonkeyPat
     real = tr.load_word_pairs
     monkeypatch.setattr(tr, "load_word_pairs", lambda: real("data/nope.json"))
     with pytest.raises(HeadatlasError, match="missing"):
-        tr.translation_prompts(word_tokenizer(), "words", 2, seed=0)
+        tr.translation_prompts(language_tokenizer(), "words", 2, seed=0)
 
 
 def test_word_list_is_big_enough() -> None:

@@ -52,12 +52,14 @@ __all__ = [
     "eager_attentions",
     "left_padded_batch",
     "make_tokenizer",
+    "one_layer_llama_config",
     "sharpen_attention",
     "tiny_bert",
     "tiny_gemma3",
     "tiny_gpt2",
     "tiny_llama",
     "tiny_qwen2",
+    "word_tokenizer",
 ]
 
 #: Fixed training corpus for the tokenizer. Common words ("the", "of", "and", ...) appear often
@@ -182,6 +184,47 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         if tokenizer.convert_tokens_to_ids(token) != i:
             raise RuntimeError(f"special token {token!r} did not get id {i}")
     return tokenizer
+
+
+def word_tokenizer(words: list[str] | tuple[str, ...], unk_token: str = "<unk>") -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: each of ``words`` (in id order, duplicates dropped) is one token,
+    text is split on whitespace and punctuation, anything else is ``unk_token``.
+
+    ``<bos>``, ``<eos>``, ``<pad>`` and ``unk_token`` must be among ``words``; padding is on the left.
+    Hand-built models in tests use it so that every word they care about is exactly one token.
+    """
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk_token))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token=unk_token,
+        padding_side="left",
+    )
+
+
+def one_layer_llama_config(vocab_size: int, **overrides: object) -> LlamaConfig:
+    """A one-layer Llama config (hidden 64, 4 heads of 16, 2 KV heads) for models whose weights a
+    test sets by hand; ``overrides`` replace any field (heads, head_dim, tied embeddings, ...)."""
+    fields: dict[str, object] = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 2,
+    }
+    fields.update(overrides)
+    return LlamaConfig(**fields)
 
 
 def sharpen_attention(model: PreTrainedModel, scale: float | None = None) -> PreTrainedModel:

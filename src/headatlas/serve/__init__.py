@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 from ..atlas import Atlas
-from ..datasets import default_model_gguf
+from ..datasets import PACKAGED_MODELS, cache_dir, packaged_model_path
 from ..errors import HeadatlasError
 from .app import create_app
 
@@ -21,17 +22,22 @@ DEFAULT_PORT = 8765
 def atlas_model(atlas: Atlas) -> str | None:
     """Return what to pass to :func:`headatlas.load` for the model an atlas was scanned from.
 
-    ``"default"`` for the packaged model, the recorded path when it still exists, the recorded
-    hub id otherwise, ``None`` for an in-memory model.
+    A packaged model's name (``"default"``, ``"minilm"``, ``"gemma3-270m"``) when the atlas was
+    scanned from its package or its converted cache, the recorded path when it still exists, the
+    recorded hub id otherwise, ``None`` for an in-memory model.
     """
-    source = atlas.meta.get("model", {}).get("source")
+    model = atlas.meta.get("model", {})
+    source = model.get("source")
     if not source or source == "in-memory":
         return None
-    try:
-        if Path(source).resolve() == default_model_gguf().resolve():
-            return "default"
-    except HeadatlasError:
-        pass
+    for name, entry in PACKAGED_MODELS.items():
+        if model.get("name") != entry.display_name:
+            continue
+        places = [cache_dir() / "models" / entry.cache_name] if entry.cache_name else []
+        with contextlib.suppress(HeadatlasError):
+            places.append(packaged_model_path(name))
+        if any(Path(source).resolve() == place.resolve() for place in places):
+            return name
     return str(source)
 
 
