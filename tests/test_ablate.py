@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import headatlas as ha
-from headatlas.capture import capture, output_projections
+from headatlas.capture import capture, output_projections, padded_positions
 from tiny_models import BUILDERS, SAMPLE_TEXTS, left_padded_batch, make_tokenizer
 
 
@@ -17,7 +17,8 @@ def loaded(request: pytest.FixtureRequest) -> ha.LoadedModel:
 
 def _logits(loaded: ha.LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return loaded.model(input_ids=ids, attention_mask=mask).logits
+        # the same real-token positions capture passes for a padded batch
+        return loaded.model(input_ids=ids, attention_mask=mask, **padded_positions(loaded.model, mask)).logits
 
 
 def test_every_layer_has_an_output_projection(loaded: ha.LoadedModel) -> None:

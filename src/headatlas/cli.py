@@ -257,7 +257,7 @@ def show(
             *[_fmt(float(getattr(row, s))) for s in scores],
             str(row.roles),
         )
-    Console(width=max(console.width, 130)).print(out)
+    Console(width=max(console.width, 24 + 9 * len(scores) + 40)).print(out)
 
 
 @app.command("map")

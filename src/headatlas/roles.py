@@ -69,8 +69,10 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "syntactic",
         "syntactic",
-        0.1,
-        "beats the best fixed-offset baseline by ≥ 10 points of accuracy on some dependency relation",
+        0.2,
+        # The best of ~20 (relation, direction) pairs with ≥ 50 examples beats the baseline by
+        # ~0.15 by chance alone (2σ of a difference of two accuracies at n = 50), so 0.2.
+        "beats the best fixed-offset baseline by ≥ 20 points of accuracy on some dependency relation",
     ),
 )
 ROLE_NAMES = tuple(rule.role for rule in RULES)
