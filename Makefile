@@ -57,7 +57,7 @@ demo: setup
 	$(VENV)/bin/headatlas scan default --out atlas --force
 	$(VENV)/bin/headatlas show atlas --top 10 --by induction
 
-test: setup
+test: setup models
 	$(PY) -m pytest -q
 
 test-fast: venv

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import headatlas as ha
@@ -256,3 +257,36 @@ def test_gemma3_facts_and_scan(gemma3: ha.LoadedModel) -> None:
     sums = datasets.packaged_model_path("gemma3-270m") / "data" / "SHA256SUMS"
     assert info.sha256 == sums.read_text().split()[0]
     _assert_full_scan(gemma3)
+
+
+@pytest.mark.slow
+@requires_minilm
+def test_minilm_has_syntactic_heads(minilm: ha.LoadedModel) -> None:
+    """Clark et al. 2019's finding on a BERT-style encoder: some head beats the best fixed offset on
+    a dependency relation by a wide margin (both directions are scored for encoders)."""
+    from headatlas.functional import FunctionalConfig, battery_spec
+
+    result = battery_spec("syntax").run(minilm, FunctionalConfig(n_prompts=150), lambda d, t: None)
+    assert float(np.nanmax(result.stats.mean("syntactic"))) > 0.2
+    directions = set(result.tables["syntax_relations"]["direction"])
+    assert directions == {"dep->head", "head->dep"}
+
+
+@pytest.mark.slow
+@requires_gemma3
+def test_gemma3_translation_heads_are_found_and_needed(gemma3: ha.LoadedModel) -> None:
+    """Gemma 3 270M translates word lists; its best translation heads carry that (ablation)."""
+    from headatlas.functional import FunctionalConfig, battery_spec
+
+    spec = battery_spec("translate")
+    config = FunctionalConfig(n_prompts=4)
+    result = spec.run(gemma3, config, lambda d, t: None)
+    scores = result.stats.mean("translation")  # [layer, head]
+    assert float(np.nanmax(scores)) >= 0.5
+    assert spec.metric is not None
+    base = spec.metric(gemma3, config, lambda d, t: None)
+    flat = np.argsort(np.nan_to_num(scores, nan=-1).ravel())[::-1][:5]
+    top = [(int(i) // scores.shape[1], int(i) % scores.shape[1]) for i in flat]
+    with ha.ablate(gemma3, top):
+        ablated = spec.metric(gemma3, config, lambda d, t: None)
+    assert base > 0.3 and ablated < base / 2
