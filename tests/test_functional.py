@@ -265,3 +265,20 @@ def test_verify_mean_ablation_uses_held_out_means(tiny_loaded, monkeypatch) -> N
     config = FunctionalConfig(n_prompts=4, batch_size=4)
     result = verify(tiny_loaded, atlas, "induction", k=2, seeds=1, mode="mean", config=config)
     assert result.mode == "mean" and np.isfinite(result.top_k)
+
+
+def test_add_functional_columns_to_an_existing_atlas(tmp_path, tiny_loaded, ewt_is_corpus) -> None:  # type: ignore[no-untyped-def]
+    first = ha.scan(tiny_loaded, probes=["repeat"], n_prompts=2, seq_len=32, out=tmp_path)
+    with pytest.raises(HeadatlasError, match="already holds"):
+        ha.scan(tiny_loaded, probes=["copy"], n_functional=2, out=tmp_path)
+    merged = ha.scan(tiny_loaded, probes=["copy"], n_functional=2, out=tmp_path, add=True)
+    assert np.allclose(merged.table["induction"], first.table["induction"])  # kept
+    assert "copying" in merged.table.columns and merged.examples  # added; examples kept
+    assert set(merged.meta["batteries"]) == {"repeat", "copy"}
+    again = ha.Atlas.load(tmp_path)
+    assert np.allclose(again.table["copying"], merged.table["copying"])
+    with pytest.raises(HeadatlasError, match="--add needs"):
+        ha.scan(tiny_loaded, probes=["copy"], out=tmp_path / "new", add=True)
+    other = ha.load(BUILDERS["gpt2"](0), tokenizer=make_tokenizer())
+    with pytest.raises(HeadatlasError, match="layers"):
+        ha.scan(other, probes=["copy"], n_functional=2, out=tmp_path, add=True)

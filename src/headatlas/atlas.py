@@ -266,6 +266,52 @@ def check_out_dir(out: Path, force: bool, resume: bool) -> None:
         )
 
 
+def check_same_model(atlas: Atlas, loaded: LoadedModel, where: str) -> None:
+    """Refuse an atlas made from another model (by weights sha256, then by shape)."""
+    model = atlas.meta.get("model", {})
+    theirs, ours = model.get("sha256"), loaded.info.sha256
+    if theirs != ours and (theirs or ours):
+        raise HeadatlasError(
+            f"the atlas in {where!r} was made from another model (sha256 {str(theirs)[:12]}… ≠ "
+            f"{str(ours)[:12]}…): use a fresh --out/--atlas or the atlas's model"
+        )
+    shape = (model.get("n_layers"), model.get("n_heads"))
+    if shape != (loaded.info.n_layers, loaded.info.n_heads):
+        raise HeadatlasError(
+            f"the atlas in {where!r} has {shape[0]} layers × {shape[1]} heads, the model "
+            f"{loaded.info.n_layers} × {loaded.info.n_heads}: use the atlas's model"
+        )
+
+
+def merge_atlases(base: Atlas, new: Atlas) -> Atlas:
+    """Return ``base`` with every score column of ``new`` added or replaced (aligned on layer/head).
+
+    Side tables and examples of ``new`` are added, ``atlas.json`` records both scans' batteries and
+    probes, and roles are reassigned from all scores. Both must describe the same model.
+    """
+    if (base.meta.get("model", {}).get("n_layers"), base.meta.get("model", {}).get("n_heads")) != (
+        new.meta.get("model", {}).get("n_layers"),
+        new.meta.get("model", {}).get("n_heads"),
+    ):
+        raise HeadatlasError("cannot merge atlases of models with different layer/head counts")
+    keys = ["layer", "head"]
+    columns = [c for c in new.table.columns if c not in ("layer", "head", "kv_head", "roles")]
+    table = base.table.drop(columns=[c for c in columns if c in base.table.columns])
+    table = table.merge(new.table[keys + columns], on=keys, how="left", validate="one_to_one")
+    scores = [c[:-2] for c in table.columns if c.endswith("_n") and c[:-2] in table.columns]
+    table["roles"] = assign_roles({s: table[s].to_numpy(dtype=float) for s in scores})
+    meta = dict(base.meta)
+    meta["batteries"] = {**base.meta.get("batteries", {}), **new.meta.get("batteries", {})}
+    meta["probes"] = list(dict.fromkeys([*base.meta.get("probes", []), *new.meta.get("probes", [])]))
+    meta["added"] = [
+        *base.meta.get("added", []),
+        {k: new.meta.get(k) for k in ("probes", "wall_seconds", "fingerprint")},
+    ]
+    meta["roles"] = new.meta.get("roles", meta.get("roles"))
+    merged = Atlas(table, meta, new.examples or base.examples, {**base.tables, **new.tables})
+    return merged
+
+
 def _scan_fingerprint(
     loaded: LoadedModel,
     batteries: list[Any],
@@ -298,6 +344,7 @@ def scan(
     on_batch: Callable[[BatchDone], None] | None = None,
     n_functional: int | None = None,
     max_len: int | None = None,
+    add: bool = False,
 ) -> Atlas:
     """Scan every head of ``model`` with the chosen probe batteries and return an :class:`Atlas`.
 
@@ -312,11 +359,20 @@ def scan(
     batteries with ``n_functional`` prompts each (``None``: each battery's default) and, for
     ``needle``, prompts of at most ``max_len`` tokens. Each finished functional battery is saved,
     so ``resume=True`` skips it.
+
+    ``add=True`` adds the chosen batteries' columns to the atlas already in ``out`` (made from the
+    same model): its other columns, tables and examples stay, roles are reassigned from every score.
     """
     out_dir = Path(out) if out is not None else None
+    if add and (out_dir is None or not (out_dir / TABLE_FILE).exists()):
+        raise HeadatlasError("--add needs an existing atlas in --out: scan it first, or drop --add")
     if out_dir is not None:
-        check_out_dir(out_dir, force, resume)
+        check_out_dir(out_dir, force, resume or add)
     loaded = model if isinstance(model, LoadedModel) else load(model, device=device, dtype=dtype)
+    base = None
+    if add and out_dir is not None:
+        base = Atlas.load(out_dir)
+        check_same_model(base, loaded, str(out_dir))
     started = time.perf_counter()
     batteries = build_batteries(loaded, probes, texts, text_file, n_prompts, seq_len, seed)
     functional = [p for p in dict.fromkeys(probes) if p in FUNCTIONAL_BATTERIES]
@@ -324,7 +380,13 @@ def scan(
     scan_key = _scan_fingerprint(loaded, batteries, batch_size, functional, config)
     if out_dir is not None and force and not resume and has_partial(out_dir):
         discard_partial(out_dir)
-    if out_dir is not None and resume and not has_partial(out_dir) and (out_dir / TABLE_FILE).exists():
+    if (
+        base is None
+        and out_dir is not None
+        and resume
+        and not has_partial(out_dir)
+        and (out_dir / TABLE_FILE).exists()
+    ):
         finished = Atlas.load(out_dir)
         if finished.meta.get("fingerprint") != scan_key:
             raise HeadatlasError(
@@ -360,6 +422,8 @@ def scan(
     atlas.tables = tables
     if batteries:
         atlas.examples = collect_examples(loaded, batteries)
+    if base is not None:
+        atlas = merge_atlases(base, atlas)
     if out_dir is not None:
         atlas.save(out_dir)
         discard_partial(out_dir)

@@ -109,6 +109,10 @@ def scan(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
     resume: Annotated[bool, typer.Option(help="continue a partial scan in --out")] = False,
     force: Annotated[bool, typer.Option(help="overwrite an existing atlas in --out")] = False,
+    add: Annotated[
+        bool,
+        typer.Option(help="add these batteries' columns to the atlas in --out (same model), keep the rest"),
+    ] = False,
     figures: Annotated[bool, typer.Option(help="draw DIR/figures/ after the scan")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log progress details")] = False,
 ) -> None:
@@ -121,7 +125,7 @@ def scan(
     from .scanning import BatchDone
 
     battery_list = [p.strip() for p in probes.split(",") if p.strip()]
-    _run(lambda: check_out_dir(out, force, resume))
+    _run(lambda: check_out_dir(out, force, resume or add))
     with console.status(f"loading {model} …"):
         from .loading import load
 
@@ -169,6 +173,7 @@ def scan(
                     on_batch=on_batch,
                     n_functional=n_functional,
                     max_len=max_len,
+                    add=add,
                 )
             )
     except KeyboardInterrupt:
@@ -177,10 +182,17 @@ def scan(
         )
         raise typer.Exit(130) from None
     meta = atlas.meta
-    console.print(
-        f"scanned {meta['tokens']:,} tokens in {meta['wall_seconds']:.1f} s "
-        f"→ {out / 'atlas.parquet'} ({len(atlas.table)} heads)"
-    )
+    if add:
+        last = meta["added"][-1]
+        console.print(
+            f"added {', '.join(last['probes'])} in {last['wall_seconds']:.1f} s "
+            f"→ {out / 'atlas.parquet'} ({len(atlas.table)} heads)"
+        )
+    else:
+        console.print(
+            f"scanned {meta['tokens']:,} tokens in {meta['wall_seconds']:.1f} s "
+            f"→ {out / 'atlas.parquet'} ({len(atlas.table)} heads)"
+        )
     _print_summary(atlas)
     if figures:
         with console.status("drawing figures …"):

@@ -13,26 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..atlas import TABLE_FILE, Atlas, _versions
+from ..atlas import TABLE_FILE, Atlas, _versions, check_same_model
 from ..errors import HeadatlasError
+
+__all__ = ["check_same_model", "column_matrix", "minimal_atlas", "open_atlas", "set_column"]
 from ..loading import LoadedModel
-
-
-def check_same_model(atlas: Atlas, loaded: LoadedModel, where: str) -> None:
-    """Refuse an atlas made from another model (by weights sha256, then by shape)."""
-    model = atlas.meta.get("model", {})
-    theirs, ours = model.get("sha256"), loaded.info.sha256
-    if theirs != ours and (theirs or ours):
-        raise HeadatlasError(
-            f"the atlas in {where!r} was made from another model (sha256 {str(theirs)[:12]}… ≠ "
-            f"{str(ours)[:12]}…): use a fresh --out/--atlas or the atlas's model"
-        )
-    shape = (model.get("n_layers"), model.get("n_heads"))
-    if shape != (loaded.info.n_layers, loaded.info.n_heads):
-        raise HeadatlasError(
-            f"the atlas in {where!r} has {shape[0]} layers × {shape[1]} heads, the model "
-            f"{loaded.info.n_layers} × {loaded.info.n_heads}: use the atlas's model"
-        )
 
 
 def minimal_atlas(loaded: LoadedModel) -> Atlas:
