@@ -226,6 +226,10 @@ def run_ordinal(
         hits = torch.zeros(len(chunk), info.n_heads, seq, device=device)  # [batch, head, query]
         margins = torch.zeros_like(hits)  # [batch, head, query]
         valid = torch.zeros(len(chunk), seq, dtype=torch.bool, device=device)  # [batch, query]
+        set_rows = {  # each set's items read out once per layer: [set_item, head, d_head]
+            index: project_rows(lens, layer, centered_rows(lens, candidates[index]))
+            for index in {p.set_index for p in chunk}
+        }
         for b, prompt in enumerate(chunk):
             offset = seq - len(prompt.sequence.ids)  # left padding
             n_set = len(sets[prompt.set_index].ids)
@@ -239,9 +243,7 @@ def run_ordinal(
             pos = torch.tensor([p for p, _ in keep], device=device)  # [item]
             ranks = torch.tensor([r for _, r in keep], device=device)  # [item]
             z = values[b][:, pos]  # [head, item, d_head]
-            rows = project_rows(
-                lens, layer, centered_rows(lens, candidates[prompt.set_index])
-            )  # [set_item, head, d_head]
+            rows = set_rows[prompt.set_index]  # [set_item, head, d_head]
             raw = torch.einsum("hid,shd->his", z, rows)  # [head, item, set_item]
             std = logit_std(lens, layer, z.transpose(0, 1)).transpose(0, 1)  # [head, item]
             hit, margin = successor_scores(raw / std[..., None], ranks)  # [head, item]
