@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -45,7 +45,7 @@ from ..capture import attention_maps
 from ..datasets import Sentence, read_conllu, ud_path
 from ..errors import HeadatlasError
 from ..loading import LoadedModel
-from ..probes import pad_id
+from ..probes import ProbeSequence, make_batch, pad_id
 from ..stats import HeadStats
 from .base import BatterySpec, FunctionalConfig, FunctionalResult, Progress, no_progress
 
@@ -339,25 +339,6 @@ def choose_sentences(
     return chosen
 
 
-def pad_right(batch: Sequence[Encoded], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return right-padded ``input_ids``, ``attention_mask`` and ``word_ids``, each ``[batch, seq]``.
-
-    Right, not left, padding: transformers derives position ids from the sequence index, so left
-    padding shifts the positions of models with absolute position embeddings (BERT, GPT-2) and
-    changes their attention; with right padding every sentence sits at positions ``0..L−1`` and no
-    real token attends to padding (keys masked; decoders never look ahead).
-    """
-    seq = max(len(e.ids) for e in batch)
-    ids = torch.full((len(batch), seq), pad, dtype=torch.long)  # [batch, seq]
-    mask = torch.zeros((len(batch), seq), dtype=torch.long)  # [batch, seq]
-    words = torch.full((len(batch), seq), -1, dtype=torch.long)  # [batch, seq]
-    for row, e in enumerate(batch):
-        ids[row, : len(e.ids)] = torch.tensor(e.ids)
-        mask[row, : len(e.ids)] = 1
-        words[row, : len(e.ids)] = torch.tensor(e.word_ids)
-    return ids, mask, words
-
-
 def _read_split(split: str) -> list[Sentence]:
     try:
         return list(read_conllu(ud_path("en_ewt", split)))
@@ -443,7 +424,7 @@ def run_syntax(
 
     Reads ``config.n_prompts`` sentences (default :data:`DEFAULT_SENTENCES`, seeded by
     ``config.seed``) of UD English EWT ``split``, or of ``sentences`` when given, and runs them
-    ``config.batch_size`` at a time (right-padded, see :func:`pad_right`), holding one batch's
+    ``config.batch_size`` at a time (left-padded by :func:`~headatlas.probes.make_batch`), holding one batch's
     attention maps at a time. ``config.max_len`` caps tokens per sentence (default
     :data:`MAX_TOKENS`, and the model's context). A (relation, direction) pair counts for
     ``syntactic`` from ``min_examples`` examples on.
@@ -478,12 +459,13 @@ def run_syntax(
     for b in range(n_batches):
         part = chosen[b * size : (b + 1) * size]
         n_words = max(len(e.sentence.words) for e in part)
-        input_ids, attention_mask, word_ids = pad_right(part, pad)  # [batch, seq] each
+        batch = make_batch([ProbeSequence(e.ids, e.word_ids) for e in part], pad)
+        word_ids = cast(torch.Tensor, batch.word_ids)  # [batch, seq]; every Encoded carries word ids
         ex_batch, ex_query, ex_targets, pair = _batch_examples(part, causal, pair_index, n_words)
         slots = torch.arange(n_words)  # [word]
         word_valid = (word_ids[:, None, :] == slots[None, :, None]).any(-1)  # [batch, word]
         hits = torch.zeros(info.n_layers, info.n_heads, len(pair), dtype=torch.bool)  # [layer, head, ex]
-        maps = attention_maps(loaded, input_ids, attention_mask)
+        maps = attention_maps(loaded, batch.input_ids, batch.attention_mask)
         for layer in list(maps):
             probs = maps.pop(layer)  # [batch, head, query, key]
             pred = predict_words(word_attention(probs, word_ids, n_words), word_valid, causal)
