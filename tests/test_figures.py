@@ -146,7 +146,7 @@ def test_map_cli_one_head_and_grid(tiny_model_dir: Path, tmp_path: Path) -> None
         (["--text", "hi", "--out", "x.jpg"], ".png"),
         (["--text", "hi", "--head", "1"], "--head needs --layer"),
         (["--text", "hi", "--layer", "9", "--head", "0"], "no layer 9"),
-        (["--text", "hi", "--layer", "0", "--head", "9"], "no head 9"),
+        (["--text", "hi", "--layer", "0", "--head", "9"], "no head L0H9"),
         (["--text", "   "], "empty"),
         ([], "--text or --text-file"),
         (["--text", "a b c d e f g h", "--max-tokens", "3"], "over the limit"),

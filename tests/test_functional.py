@@ -246,8 +246,9 @@ def test_verify_induction_writes_the_comparison(tmp_path, tiny_loaded) -> None: 
     assert saved["higher_is_better"] is False
     with pytest.raises(HeadatlasError, match="no task metric"):
         verify(tiny_loaded, atlas, "previous_token", k=2)
-    with pytest.raises(HeadatlasError, match="--k"):
+    with pytest.raises(HeadatlasError, match=r"^k 0: give a number of heads") as raised:
         verify(tiny_loaded, atlas, "induction", k=0)
+    assert raised.value.render().startswith("--k 0")  # the command line names the flag
 
 
 def test_unknown_battery_lists_the_functional_ones(tiny_loaded) -> None:  # type: ignore[no-untyped-def]
@@ -277,7 +278,7 @@ def test_add_functional_columns_to_an_existing_atlas(tmp_path, tiny_loaded, ewt_
     assert set(merged.meta["batteries"]) == {"repeat", "copy"}
     again = ha.Atlas.load(tmp_path)
     assert np.allclose(again.table["copying"], merged.table["copying"])
-    with pytest.raises(HeadatlasError, match="--add needs"):
+    with pytest.raises(HeadatlasError, match="add=True needs"):
         ha.scan(tiny_loaded, probes=["copy"], out=tmp_path / "new", add=True)
     other = ha.load(BUILDERS["gpt2"](0), tokenizer=make_tokenizer())
     with pytest.raises(HeadatlasError, match="layers"):

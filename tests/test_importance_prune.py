@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from headatlas.atlas import open_atlas
 from typer.testing import CliRunner
 
 import headatlas as ha
 from conftest import requires_default_model
-from headatlas.apps.atlas_io import open_atlas
 from headatlas.apps.evaluation import EvalData, count_params, perplexity
 from headatlas.apps.importance import (
     ablation_importance,
@@ -20,10 +20,11 @@ from headatlas.apps.importance import (
     michel_normalise,
     write_importance,
 )
-from headatlas.apps.prune import check_fraction, parse_heads, prune_model, save_pruned, select
+from headatlas.apps.prune import check_fraction, prune_model, save_pruned, select
 from headatlas.apps.redundancy import measure
 from headatlas.capture import output_projections
 from headatlas.cli import app
+from headatlas.heads import parse_heads
 from headatlas.probes import ProbeSequence, make_batch
 from headatlas.surgery import plan_layouts
 from tiny_models import BUILDERS, CORPUS, SAMPLE_TEXTS, left_padded_batch, make_tokenizer
@@ -82,7 +83,7 @@ def test_ablation_importance_zeroed_head_and_columns(tiny_loaded: ha.LoadedModel
     result = ablation_importance(loaded, _data(loaded), "zero")
     assert result.scores[0, 1] == pytest.approx(0.0, abs=1e-6)
     assert result.std is not None and result.forwards == 2 * (3 * 4 + 1)
-    atlas = open_atlas(loaded, tmp_path)
+    atlas = open_atlas(loaded.info, tmp_path)
     write_importance(atlas, result)
     atlas.save(tmp_path)
     back = ha.Atlas.load(tmp_path)
@@ -167,7 +168,7 @@ def test_bad_pruning_input() -> None:
     for bad in (-0.1, 1.0, 1.5):
         with pytest.raises(ha.HeadatlasError, match=r"outside \[0, 1\)"):
             check_fraction(bad)
-    with pytest.raises(ha.HeadatlasError, match=r"no head 9\.0"):
+    with pytest.raises(ha.HeadatlasError, match="no head L9H0"):
         parse_heads("0.1,9.0", 3, 4)
     with pytest.raises(ha.HeadatlasError, match="cannot read head"):
         parse_heads("x.y", 3, 4)
@@ -248,7 +249,7 @@ def test_cli_importance_prune_and_errors(tiny_model_dir: Path, tmp_path: Path) -
     assert table["curves"]["importance"]["mean"][0] == table["curves"]["random"]["mean"][0]
     for bad, match in (
         (["--fraction", "1.0"], "outside"),
-        (["--heads", "0.9"], "no head 0.9"),
+        (["--heads", "0.9"], "no head L0H9"),
         (["--heads", "0.0,0.1,0.2,0.3"], "every head of layer 0"),
     ):
         res = runner.invoke(app, ["prune", str(tiny_model_dir), *bad, "--out", str(tmp_path / "x"), *small])

@@ -140,8 +140,9 @@ def test_resume_equals_uninterrupted(llama: ha.LoadedModel, corpus_file: Path, t
         ha.scan(llama, out=tmp_path / "part", on_batch=crash_after_two, **kwargs)
     assert (tmp_path / "part" / ".partial" / "stats.npz").exists()
     assert not (tmp_path / "part" / "atlas.parquet").exists()
-    with pytest.raises(ha.HeadatlasError, match="--resume"):
+    with pytest.raises(ha.HeadatlasError, match="resume=True") as refused:
         ha.scan(llama, out=tmp_path / "part", **kwargs)
+    assert "pass --resume" in refused.value.render()  # what the command line says
     seen: list[tuple[str, int]] = []
     resumed = ha.scan(
         llama,
@@ -198,8 +199,8 @@ def test_force_keeps_old_atlas_until_new_one_is_done(
         ({"texts": ["   "]}, "empty"),
         ({"texts": []}, "no texts"),
         ({"probes": ["bogus"]}, "unknown probe"),
-        ({"n_prompts": 0}, "n-prompts"),
-        ({"batch_size": 0}, "batch-size"),
+        ({"n_prompts": 0}, "^n_prompts must be at least 1"),
+        ({"batch_size": 0}, "^batch_size must be at least 1"),
     ],
 )
 def test_bad_input_is_a_clear_error(

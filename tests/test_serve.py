@@ -159,12 +159,12 @@ def test_atlas_only_and_model_only(atlas: ha.Atlas, tiny_loaded: ha.LoadedModel)
 def test_unexpected_failure_is_a_json_500(
     atlas: ha.Atlas, tiny_loaded: ha.LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import headatlas.serve.app as served
+    import headatlas.report.maps as maps  # the viewer imports it (and torch) only for live attention
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(served, "layer_maps", broken)
+    monkeypatch.setattr(maps, "layer_maps", broken)
     client = TestClient(create_app(atlas, tiny_loaded), raise_server_exceptions=False)
     response = client.post("/api/attention", json={"text": "hi", "heads": [{"layer": 0, "head": 0}]})
     assert "secret" not in _error(response, 500)

@@ -294,7 +294,11 @@ def test_encode_bpe_aligns_pieces_and_adds_bos(gold: list[Sentence]) -> None:
         for w, word in enumerate(s.words):
             ids = [i for i, wid in zip(enc.ids, enc.word_ids, strict=True) if wid == w]
             assert str(tok.decode(ids)).strip() == word
-    assert encode_sentence(tok, gold[0], causal=False).word_ids[0] == 0  # encoders: no BOS added
+    assert encode_sentence(tok, gold[0], causal=False).word_ids[0] == -1  # the tokenizer's own BOS
+    plain = make_tokenizer(add_bos=False)  # a BOS token the tokenizer never adds: none is added
+    assert encode_sentence(plain, gold[0], causal=False).word_ids[0] == 0
+    enc = encode_sentence(plain, gold[0], causal=True)
+    assert plain.bos_token_id not in enc.ids and enc.word_ids[0] == -1  # the first token is the sink
 
 
 def test_encode_wordpiece_excludes_cls_sep(gold: list[Sentence]) -> None:

@@ -24,7 +24,7 @@ import functools
 from collections.abc import Callable
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -146,13 +146,17 @@ SAMPLE_TEXTS: tuple[str, ...] = (
 )
 
 
-@functools.lru_cache(maxsize=1)
-def make_tokenizer() -> PreTrainedTokenizerFast:
+@functools.lru_cache(maxsize=2)
+def make_tokenizer(add_bos: bool = True) -> PreTrainedTokenizerFast:
     """Train (once per process) a small byte-level BPE tokenizer on :data:`CORPUS`.
 
     The tokenizer uses a ByteLevel pre-tokenizer and decoder, so ``word_ids()`` and
     ``return_offsets_mapping`` work. ``<bos>``/``<eos>``/``<pad>`` have ids 0/1/2 and padding is on
     the left. Training is deterministic, so ids are identical across runs.
+
+    With ``add_bos`` (the default) it starts every text with ``<bos>``, as Llama's and Gemma's
+    tokenizers do; with ``add_bos=False`` it has a BOS token but never adds it, as Qwen2's and
+    SmolLM2's do (so a sequence then starts with the text's first token).
 
     The result is cached and shared: callers must not mutate it.
 
@@ -170,6 +174,10 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     backend.train_from_iterator(list(CORPUS), trainer=trainer)
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 0)]
+        )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token="<bos>",

@@ -17,7 +17,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Atlas": "headatlas.atlas",
-    "scan": "headatlas.atlas",
+    "scan": "headatlas.scanning",
+    "ScanConfig": "headatlas.scanning",
+    "head_outputs": "headatlas.capture",
+    "SCORES": "headatlas.scores",
     "load": "headatlas.loading",
     "LoadedModel": "headatlas.loading",
     "ModelInfo": "headatlas.loading",
@@ -32,25 +35,30 @@ _EXPORTS = {
 __all__ = [
     "DETECTORS",
     "RULES",
+    "SCORES",
     "Atlas",
     "HeadStats",
     "HeadatlasError",
     "LoadedModel",
     "ModelInfo",
+    "ScanConfig",
     "__version__",
     "ablate",
     "attention_maps",
+    "head_outputs",
     "load",
     "scan",
 ]
 
 if TYPE_CHECKING:
-    from .atlas import Atlas, scan
-    from .capture import ablate, attention_maps
+    from .atlas import Atlas
+    from .capture import ablate, attention_maps, head_outputs
     from .detectors import DETECTORS
     from .errors import HeadatlasError
     from .loading import LoadedModel, ModelInfo, load
     from .roles import RULES
+    from .scanning import ScanConfig, scan
+    from .scores import SCORES
     from .stats import HeadStats
 
 

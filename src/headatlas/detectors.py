@@ -20,9 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .capture.views import AttentionView
-
-LOCAL_WINDOW = 4
-MAX_OFFSET = 64
+from .scores import LOCAL_WINDOW, MAX_OFFSET, VECTOR_SCORES
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,8 @@ def positional(view: AttentionView, ctx: Context) -> dict[str, Score]:
 
     - ``previous_token``: mean_i A[i, i-1] (TransformerLens previous-token pattern, "mul").
     - ``self``: mean_i A[i, i] (diagonal pattern).
-    - ``first_token``: mean_i A[i, first real token] — the attention sink of Xiao et al. 2023
+    - ``first_token``: mean_i A[i, first real token] (the first token the model sees, BOS only
+      where the tokenizer adds one) — the attention sink of Xiao et al. 2023
       ("Efficient Streaming Language Models with Attention Sinks"), vertical pattern.
     - ``local``: mean_i Σ_{i-w<j≤i} A[i, j], w = ``ctx.window`` (block pattern); rows with fewer
       than w earlier tokens are left out.
@@ -170,7 +169,8 @@ DETECTORS: dict[str, Detector] = {
     "distance": distance,
     "repeat": repeat,
 }
-"""Every detector by name. Each returns the scores listed in :data:`DETECTOR_SCORES`."""
+"""Every detector by name. Each returns the scores listed in :data:`DETECTOR_SCORES`, each of which
+has its :class:`~headatlas.scores.ScoreSpec` (tested)."""
 
 DETECTOR_SCORES: dict[str, tuple[str, ...]] = {
     "positional": ("previous_token", "self", "first_token", "local"),
@@ -180,5 +180,18 @@ DETECTOR_SCORES: dict[str, tuple[str, ...]] = {
     "repeat": ("induction", "duplicate_token"),
 }
 
-VECTOR_SCORES = frozenset({"distance_profile"})
-"""Scores with a vector per head (stored as list columns), not one number."""
+__all__ = [
+    "DETECTORS",
+    "DETECTOR_SCORES",
+    "LOCAL_WINDOW",
+    "MAX_OFFSET",
+    "VECTOR_SCORES",
+    "Context",
+    "Detector",
+    "Score",
+    "distance",
+    "entropy",
+    "positional",
+    "repeat",
+    "subword",
+]

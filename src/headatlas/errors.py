@@ -1,5 +1,65 @@
-"""Errors shown to users."""
+"""Errors shown to users, and the validators every stage shares.
+
+A :class:`HeadatlasError` message may name parameters with :func:`param` markers. Raised from the
+library, ``str(error)`` shows the Python name (``seq_len``); the command line shows the flag the
+user typed (``--seq-len``) with :meth:`HeadatlasError.render`. So one message serves both, and
+the library never talks about flags a Python user does not have.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection
+from typing import Any
+
+_MARK = "\x00"
+_PARAM = re.compile(r"\x00([A-Za-z_][A-Za-z0-9_]*)(?:\|([^\x00]*))?\x00")
+
+
+def param(name: str, python: str | None = None) -> str:
+    """Return a marker for parameter ``name`` to put in a :class:`HeadatlasError` message.
+
+    ``str(error)`` shows ``python`` (default: the name itself, e.g. ``force=True`` for a switch);
+    the command line shows the flag.
+    """
+    return f"{_MARK}{name}{'|' + python if python else ''}{_MARK}"
+
+
+def flag(name: str) -> str:
+    """Return the command-line flag of Python parameter ``name``: ``seq_len`` → ``--seq-len``."""
+    return "--" + name.replace("_", "-")
 
 
 class HeadatlasError(Exception):
-    """A user-facing error whose one-line message says what to do."""
+    """A user-facing error whose one-line message says what to do.
+
+    Parameters named with :func:`param` read as Python names in ``str(error)`` and as flags in
+    :meth:`render` (the command line's view).
+    """
+
+    def __init__(self, message: str) -> None:
+        self.template = message
+        super().__init__(_PARAM.sub(lambda m: m.group(2) or m.group(1), message))
+
+    @property
+    def params(self) -> list[str]:
+        """The parameters the message names, in order."""
+        return [m.group(1) for m in _PARAM.finditer(self.template)]
+
+    def render(self, name_of: Callable[[str], str] = flag) -> str:
+        """Return the message with every named parameter written as ``name_of(name)``."""
+        return _PARAM.sub(lambda m: name_of(m.group(1)), self.template)
+
+
+def check_at_least(name: str, value: int | float, low: int | float) -> None:
+    """Raise :class:`HeadatlasError` naming parameter ``name`` unless ``value >= low``."""
+    if isinstance(value, bool) or not value >= low:
+        raise HeadatlasError(f"{param(name)} must be at least {low}, got {value}")
+
+
+def check_choice(name: str, value: Any, choices: Collection[Any]) -> None:
+    """Raise :class:`HeadatlasError` naming parameter ``name`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise HeadatlasError(
+            f"unknown {param(name)} {value!r}: use one of {', '.join(str(c) for c in choices)}"
+        )

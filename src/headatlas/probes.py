@@ -1,11 +1,13 @@
 """Probe batteries: the token sequences a scan runs, and which detectors read them.
 
 - ``natural``: English text (UD English EWT sentences by default, or the user's text file) packed
-  into sequences of ``seq_len`` tokens, BOS first when the tokenizer has one. Word ids come from
-  the fast tokenizer's pre-tokenisation, for the subword score.
-- ``repeat``: uniformly random tokens ``x`` of length ``P = (seq_len - 1) // 2`` repeated twice
-  after a BOS, ``[BOS, x, x]`` — TransformerLens' induction battery (its ``evals.induction_loss``
-  draws tokens in [100, 20000); we draw in [min(100, V/10), min(20000, V)) minus special ids).
+  into sequences of ``seq_len`` tokens, framed as the tokenizer frames a text
+  (:mod:`headatlas.sequences`: BOS only where the tokenizer adds one, ``[CLS] … [SEP]`` for BERT).
+  Word ids come from the fast tokenizer's pre-tokenisation, for the subword score.
+- ``repeat``: uniformly random tokens ``x`` repeated twice inside the same frame,
+  ``[frame start, x, x, frame end]`` with ``|x| = P`` filling ``seq_len`` — TransformerLens'
+  induction battery (its ``evals.induction_loss`` draws tokens in [100, 20000); we draw in
+  [min(100, V/10), min(20000, V)) minus special ids).
 - ``texts``: exactly the given texts, one sequence each, as the tokenizer encodes them.
 
 Everything is seeded: the same seed gives the same sequences, so a resumed scan sees exactly
@@ -22,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import HeadatlasError
+from .errors import HeadatlasError, param
+from .sequences import encode_words, sequence_frame
 
 BATTERIES = ("natural", "repeat")
 BATTERY_DETECTORS: dict[str, tuple[str, ...]] = {
@@ -99,30 +102,17 @@ def make_batch(sequences: list[ProbeSequence], pad: int) -> Batch:
     return Batch(ids, mask, positions, words)
 
 
-def _bos(tokenizer: Any) -> list[int]:
-    bos = tokenizer.bos_token_id
-    return [bos] if isinstance(bos, int) else []
-
-
-def _encode_words(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[int], list[int] | None]:
-    enc = tokenizer(text, add_special_tokens=add_special_tokens)
-    ids = list(enc["input_ids"])
-    try:
-        words = enc.word_ids()
-    except (ValueError, AttributeError):  # slow tokenizers have no word ids
-        return ids, None
-    return ids, [-1 if w is None else int(w) for w in words]
-
-
 def text_battery(tokenizer: Any, texts: Iterable[str], max_len: int | None) -> Battery:
-    """Battery ``texts``: each text is one sequence, encoded as the tokenizer does by default."""
+    """Battery ``texts``: each text is one sequence, framed as the tokenizer frames a text."""
+    frame = sequence_frame(tokenizer)
     sequences = []
     for i, text in enumerate(texts):
         if not text or not text.strip():
             raise HeadatlasError(f"text {i} is empty: give non-empty text")
-        ids, words = _encode_words(tokenizer, text, add_special_tokens=True)
-        if not ids:
+        body, body_words = encode_words(tokenizer, text)
+        if not body:
             raise HeadatlasError(f"text {i} encodes to no tokens: give text the tokenizer can read")
+        ids, words = frame.wrap(body, body_words)
         if max_len is not None and len(ids) > max_len:
             raise HeadatlasError(
                 f"text {i} is {len(ids)} tokens, beyond the model's context of {max_len}: shorten it"
@@ -130,7 +120,8 @@ def text_battery(tokenizer: Any, texts: Iterable[str], max_len: int | None) -> B
         sequences.append(ProbeSequence(tuple(ids), None if words is None else tuple(words)))
     if not sequences:
         raise HeadatlasError("no texts given: pass at least one non-empty text")
-    return Battery("texts", sequences, BATTERY_DETECTORS["texts"], {"n_texts": len(sequences)})
+    params = {"n_texts": len(sequences), **frame.describe()}
+    return Battery("texts", sequences, BATTERY_DETECTORS["texts"], params)
 
 
 def natural_battery(
@@ -138,18 +129,24 @@ def natural_battery(
 ) -> Battery:
     """Battery ``natural``: ``n_prompts`` sequences of exactly ``seq_len`` tokens packed from ``corpus``.
 
-    Passages are drawn in a seeded random order; each sequence starts with BOS (if the tokenizer
-    has one) and is filled with whole passages, the last one cut at ``seq_len``.
+    Passages are drawn in a seeded random order and joined by spaces; each sequence is framed as
+    the tokenizer frames a text (:func:`~headatlas.sequences.sequence_frame`) and filled with
+    whole passages, the last one cut to fit.
     """
     corpus = [t for t in corpus if t.strip()]
     if not corpus:
         raise HeadatlasError(f"no text in {source}: give a non-empty text file")
+    frame = sequence_frame(tokenizer)
+    room = frame.room(seq_len)
+    if room < 1:
+        raise HeadatlasError(
+            f"{param('seq_len')} {seq_len} leaves no room for text inside the tokenizer's frame"
+        )
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(corpus))
-    bos = _bos(tokenizer)
     sequences: list[ProbeSequence] = []
-    ids: list[int] = list(bos)
-    words: list[int] = [-1] * len(bos)
+    ids: list[int] = []
+    words: list[int] = []
     next_word = 0
     cursor = 0
     passes = 0
@@ -160,25 +157,31 @@ def natural_battery(
                 raise HeadatlasError(f"{source} holds too little text for one {seq_len}-token sequence")
         text = corpus[order[cursor]]
         cursor += 1
-        piece, piece_words = _encode_words(tokenizer, (" " if len(ids) > len(bos) else "") + text, False)
+        piece, piece_words = encode_words(tokenizer, (" " if ids else "") + text)
         ids.extend(piece)
         base = next_word
         pw = piece_words or [-1] * len(piece)
         words.extend(-1 if w < 0 else base + w for w in pw)
         next_word = base + 1 + max(pw, default=-1)
-        while len(ids) >= seq_len and len(sequences) < n_prompts:
-            sequences.append(ProbeSequence(tuple(ids[:seq_len]), tuple(words[:seq_len])))
-            ids, words = list(bos), [-1] * len(bos)
-    params = {"n_prompts": n_prompts, "seq_len": seq_len, "seed": seed, "source": source}
+        while len(ids) >= room and len(sequences) < n_prompts:
+            framed, framed_words = frame.wrap(ids[:room], words[:room])
+            sequences.append(ProbeSequence(tuple(framed), tuple(framed_words or ())))
+            ids, words = [], []
+    params = {"n_prompts": n_prompts, "seq_len": seq_len, "seed": seed, "source": source, **frame.describe()}
     return Battery("natural", sequences, BATTERY_DETECTORS["natural"], params)
 
 
 def repeat_battery(tokenizer: Any, vocab_size: int, n_prompts: int, seq_len: int, seed: int) -> Battery:
-    """Battery ``repeat``: ``[BOS, x, x]`` with ``x`` uniformly random tokens, ``|x| = (seq_len - 1) // 2``."""
-    bos = _bos(tokenizer)
-    period = (seq_len - len(bos)) // 2
+    """Battery ``repeat``: ``x`` uniformly random tokens twice, ``[frame start, x, x, frame end]``.
+
+    ``|x| = P`` is as long as ``seq_len`` allows inside the tokenizer's frame.
+    """
+    frame = sequence_frame(tokenizer)
+    period = frame.room(seq_len) // 2
     if period < 2:
-        raise HeadatlasError(f"--seq-len {seq_len} is too short for the repeat battery: use at least 8")
+        raise HeadatlasError(
+            f"{param('seq_len')} {seq_len} is too short for the repeat battery: use at least 8"
+        )
     low, high = min(100, vocab_size // 10), min(20000, vocab_size)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     pool = np.array([t for t in range(low, high) if t not in special])
@@ -186,16 +189,22 @@ def repeat_battery(tokenizer: Any, vocab_size: int, n_prompts: int, seq_len: int
     sequences = []
     for _ in range(n_prompts):
         x = rng.choice(pool, size=period).tolist()
-        sequences.append(ProbeSequence(tuple(bos + x + x), None))
+        sequences.append(ProbeSequence(tuple(frame.wrap(x + x)[0]), None))
     params = {
         "n_prompts": n_prompts,
         "seq_len": seq_len,
         "period": period,
         "seed": seed,
         "token_range": [low, high],
+        **frame.describe(),
     }
     return Battery(
-        "repeat", sequences, BATTERY_DETECTORS["repeat"], params, period=period, repeat_start=len(bos)
+        "repeat",
+        sequences,
+        BATTERY_DETECTORS["repeat"],
+        params,
+        period=period,
+        repeat_start=len(frame.prefix),
     )
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .scores import LOCAL_WINDOW
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -35,7 +37,7 @@ RULES: tuple[Rule, ...] = (
     Rule("previous-token", "previous_token", 0.5, "≥ half of the attention on the previous token"),
     Rule("self", "self", 0.5, "≥ half of the attention on the token itself"),
     Rule("sink", "first_token", 0.6, "≥ 60% of the attention on the first token (attention sink)"),
-    Rule("local", "local", 0.8, "≥ 80% of the attention within the last 4 tokens"),
+    Rule("local", "local", 0.8, f"≥ 80% of the attention within the last {LOCAL_WINDOW} tokens"),
     Rule("broad", "entropy_norm", 0.75, "entropy ≥ 75% of the uniform distribution's"),
     Rule("subword", "subword", 0.5, "≥ half of a word piece's attention on its word's other pieces"),
     Rule("induction", "induction", 0.3, "≥ 30% on the token after the earlier occurrence ([x; x] battery)"),
@@ -75,7 +77,7 @@ RULES: tuple[Rule, ...] = (
         "beats the best fixed-offset baseline by ≥ 20 points of accuracy on some dependency relation",
     ),
 )
-ROLE_NAMES = tuple(rule.role for rule in RULES)
+"""Every role. Each rule's score has a :class:`~headatlas.scores.ScoreSpec` (tested)."""
 
 
 def assign_roles(scores: dict[str, np.ndarray]) -> list[str]:

@@ -1,9 +1,12 @@
-"""Scan: run probe batteries through capture and aggregate detector scores into :class:`HeadStats`.
+"""Scan: run probe batteries through capture, aggregate detector scores, and make an atlas.
 
-Aggregation is ``partial_fit``-style: each batch adds its rows to the running statistics, and
-when a checkpoint dir is given the statistics and the number of finished batches are saved
-after every batch (atomically), so Ctrl-C or a crash loses at most the batch in flight and
-``resume=True`` continues exactly where it stopped.
+:func:`scan` is the whole job: build the batteries a :class:`ScanConfig` names, stream them through
+capture into :class:`~headatlas.stats.HeadStats`, run the functional batteries, and return an
+:class:`~headatlas.atlas.Atlas`. Aggregation is ``partial_fit``-style: each batch adds its rows to
+the running statistics, and with an output dir the statistics and the number of finished batches
+are saved after every batch (atomically), so Ctrl-C or a crash loses at most the batch in flight
+and ``resume=True`` continues exactly where it stopped. Every :class:`ScanConfig` field is part of
+the resume fingerprint, so no setting can silently differ between the two halves of a scan.
 """
 
 from __future__ import annotations
@@ -11,22 +14,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from .atlas import TABLE_FILE, Atlas, Example, check_out_dir, check_same_model, merge_atlases
 from .capture import AttentionView, attention_maps, capture
 from .datasets import ewt_sentences
 from .detectors import DETECTORS, Context
-from .errors import HeadatlasError
-from .functional import FUNCTIONAL_BATTERIES
-from .loading import LoadedModel
+from .errors import HeadatlasError, check_at_least, param
+from .functional import FUNCTIONAL_BATTERIES, FunctionalConfig
+from .functional.runner import run_functional
+from .loading import LoadedModel, load
 from .probes import (
     BATTERIES,
     Battery,
@@ -38,11 +42,70 @@ from .probes import (
     repeat_battery,
     text_battery,
 )
+from .sequences import sequence_frame, token_strings
 from .stats import HeadStats
+from .storage import PARTIAL_DIR, PROGRESS_FILE, STATS_FILE, discard_partial, has_partial, write_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
-PARTIAL_DIR = ".partial"
+_FORCE = param("force", "force=True")
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """What a scan computes. Every field is part of the resume fingerprint (:func:`fingerprint`).
+
+    Attributes:
+        probes: batteries: ``natural``, ``repeat`` (attention) and the functional ones
+            (``needle``, ``ordinal``, ``copy``, ``translate``, ``syntax``).
+        texts: exactly these texts, one sequence each, in place of the natural battery's corpus.
+        text_file: a UTF-8 file whose lines replace UD English EWT in the natural battery.
+        n_prompts: sequences per attention battery.
+        seq_len: tokens per attention-battery sequence.
+        batch_size: sequences per forward pass.
+        seed: seed of every random choice (text order, random tokens, functional prompts).
+        n_functional: prompts / trials / sentences per functional battery (``None``: each one's default).
+        max_len: longest needle prompt in tokens (``None``: the battery's default).
+    """
+
+    probes: tuple[str, ...] = ("natural", "repeat")
+    texts: tuple[str, ...] | None = None
+    text_file: str | None = None
+    n_prompts: int = 64
+    seq_len: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    n_functional: int | None = None
+    max_len: int | None = None
+
+    def __post_init__(self) -> None:
+        check_at_least("n_prompts", self.n_prompts, 1)
+        check_at_least("seq_len", self.seq_len, 8)
+        check_at_least("batch_size", self.batch_size, 1)
+        if self.n_functional is not None:
+            check_at_least("n_functional", self.n_functional, 1)
+        if self.max_len is not None:
+            check_at_least("max_len", self.max_len, 8)
+        known = (*BATTERIES, *FUNCTIONAL_BATTERIES)
+        if not self.probes:
+            raise HeadatlasError(
+                f"no probe battery chosen in {param('probes')}: choose from {', '.join(known)}"
+            )
+        unknown = [p for p in self.probes if p not in known]
+        if unknown:
+            raise HeadatlasError(f"unknown probe battery {unknown[0]!r}: choose from {', '.join(known)}")
+
+    @property
+    def functional(self) -> list[str]:
+        """The functional batteries asked for, in order, without repeats."""
+        return [p for p in dict.fromkeys(self.probes) if p in FUNCTIONAL_BATTERIES]
+
+    def functional_config(self) -> FunctionalConfig:
+        """The settings the functional batteries read."""
+        return FunctionalConfig(self.n_functional, self.max_len, self.seed, self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -77,24 +140,16 @@ def build_batteries(
     """Return the attention batteries to run. ``texts`` replaces ``natural`` by exactly those texts.
 
     Names of functional batteries (:data:`headatlas.functional.FUNCTIONAL_BATTERIES`) are accepted
-    and skipped here: they do not stream through detectors (see :func:`headatlas.atlas.scan`).
+    and skipped here: they do not stream through detectors (see :func:`scan`).
     """
     info = loaded.info
-    if n_prompts < 1:
-        raise HeadatlasError(f"--n-prompts must be at least 1, got {n_prompts}")
-    if seq_len < 8:
-        raise HeadatlasError(f"--seq-len must be at least 8, got {seq_len}")
+    ScanConfig(tuple(probes), n_prompts=n_prompts, seq_len=seq_len)  # the same checks as a scan's
     if info.context_length is not None and seq_len > info.context_length:
         raise HeadatlasError(
-            f"--seq-len {seq_len} is beyond {info.name}'s context of {info.context_length} tokens: use a smaller one"
+            f"{param('seq_len')} {seq_len} is beyond {info.name}'s context of {info.context_length} tokens: "
+            "use a smaller one"
         )
-    known = (*BATTERIES, *FUNCTIONAL_BATTERIES)
-    unknown = [p for p in probes if p not in known]
-    if unknown:
-        raise HeadatlasError(f"unknown probe battery {unknown[0]!r}: choose from {', '.join(known)}")
-    if not probes:
-        raise HeadatlasError(f"no probe battery chosen: choose from {', '.join(known)}")
-    probes = [p for p in probes if p in BATTERIES]  # functional batteries run in atlas.scan
+    probes = [p for p in probes if p in BATTERIES]  # functional batteries run after, in scan()
     tok = loaded.tokenizer
     out: list[Battery] = []
     for name in dict.fromkeys(probes):
@@ -113,16 +168,27 @@ def build_batteries(
     return out
 
 
-def fingerprint(loaded: LoadedModel, batteries: list[Battery], batch_size: int) -> str:
-    """Return a sha256 identifying a scan: model facts, batch size, battery parameters and token ids."""
+def battery_fingerprint(loaded: LoadedModel, batteries: list[Battery], batch_size: int) -> str:
+    """Return a sha256 of what the attention batteries compute on: model facts (and parameter
+    dtype), batch size, each battery's parameters and token ids."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([loaded.info.to_dict(), batch_size], sort_keys=True, default=str).encode())
+    dtype = str(next(loaded.model.parameters()).dtype)
+    digest.update(
+        json.dumps([loaded.info.to_dict(), dtype, batch_size], sort_keys=True, default=str).encode()
+    )
     for battery in batteries:
         digest.update(battery.name.encode())
         digest.update(json.dumps(battery.params, sort_keys=True, default=str).encode())
         for s in battery.sequences:
             digest.update(np.asarray(s.ids, dtype=np.int64).tobytes())
     return digest.hexdigest()
+
+
+def fingerprint(loaded: LoadedModel, config: ScanConfig, batteries: list[Battery]) -> str:
+    """Return the sha256 identifying a scan: :func:`battery_fingerprint` plus every :class:`ScanConfig` field."""
+    settings = json.dumps(asdict(config), sort_keys=True, default=str)
+    base = battery_fingerprint(loaded, batteries, config.batch_size)
+    return hashlib.sha256((base + settings).encode()).hexdigest()
 
 
 class _Checkpoint:
@@ -133,33 +199,28 @@ class _Checkpoint:
         self.fingerprint = fingerprint
 
     def load(self) -> tuple[HeadStats, dict[str, int], dict[str, float]] | None:
-        progress_file = self.dir / "progress.json"
+        progress_file = self.dir / PROGRESS_FILE
         if not progress_file.exists():
             return None
         try:
             progress = json.loads(progress_file.read_text())
-            with np.load(self.dir / "stats.npz", allow_pickle=False) as data:
-                stats = HeadStats.from_state({k: data[k] for k in data.files})
-        except (OSError, ValueError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:
             raise HeadatlasError(
-                f"partial scan in {self.dir} is unreadable ({exc}): rerun with --force"
+                f"partial scan in {self.dir} is unreadable ({exc}): rerun with {_FORCE}"
             ) from exc
         if progress.get("fingerprint") != self.fingerprint:
             raise HeadatlasError(
                 f"the partial scan in {self.dir.parent} used another model or other settings: "
-                "rerun with the same settings, or with --force to start over"
+                f"rerun with the same settings, or with {_FORCE} to start over"
             )
+        stats = HeadStats.load(self.dir / STATS_FILE)
         return stats, dict(progress["done"]), dict(progress.get("counters", {}))
 
     def save(self, stats: HeadStats, done: dict[str, int], counters: dict[str, float]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / "stats.tmp.npz"
-        np.savez(tmp, **stats.state())  # type: ignore[arg-type]
-        os.replace(tmp, self.dir / "stats.npz")
-        progress = {"fingerprint": self.fingerprint, "done": done, "counters": counters}
-        tmp_json = self.dir / "progress.tmp.json"
-        tmp_json.write_text(json.dumps(progress))
-        os.replace(tmp_json, self.dir / "progress.json")
+        stats.save(self.dir / STATS_FILE)
+        write_json(
+            self.dir / PROGRESS_FILE, {"fingerprint": self.fingerprint, "done": done, "counters": counters}
+        )
 
 
 def _accumulator(stats: HeadStats, detectors: tuple[str, ...], context: Callable[[], Context]) -> Any:
@@ -180,17 +241,18 @@ def run_scan(
     resume: bool = False,
     on_batch: Callable[[BatchDone], None] | None = None,
     mode: str = "auto",
+    scan_key: str | None = None,
 ) -> ScanResult:
     """Run ``batteries`` through capture and return the aggregated :class:`ScanResult`.
 
     With ``checkpoint_dir``, statistics are saved after every batch under ``DIR/.partial`` and,
-    with ``resume=True``, a previous partial run with the same fingerprint is continued.
-    ``mode`` picks the capture path (``"auto"``: fast log-sum-exp path where it applies).
+    with ``resume=True``, a previous partial run with the same fingerprint (``scan_key``, default
+    :func:`battery_fingerprint`) is continued. ``mode`` picks the capture path (``"auto"``: fast
+    log-sum-exp path where it applies).
     """
-    if batch_size < 1:
-        raise HeadatlasError(f"--batch-size must be at least 1, got {batch_size}")
+    check_at_least("batch_size", batch_size, 1)
     info = loaded.info
-    scan_key = fingerprint(loaded, batteries, batch_size)
+    scan_key = scan_key or battery_fingerprint(loaded, batteries, batch_size)
     checkpoint = _Checkpoint(checkpoint_dir, scan_key) if checkpoint_dir is not None else None
     stats = HeadStats(info.n_layers, info.n_heads)
     done: dict[str, int] = {}
@@ -248,40 +310,10 @@ def run_scan(
     return ScanResult(stats, loaded, meta)
 
 
-def discard_partial(directory: Path) -> None:
-    """Remove ``DIR/.partial`` (only the plain files headatlas writes there) after the final atlas is written."""
-    partial = directory / PARTIAL_DIR
-    if not partial.is_dir():
-        return
-    for file in partial.iterdir():
-        if file.is_file() and file.suffix in (".npz", ".json", ".parquet"):
-            file.unlink()
-    if not any(partial.iterdir()):
-        partial.rmdir()
-
-
-def has_partial(directory: Path) -> bool:
-    """Return whether ``directory`` holds a partial scan (attention statistics or a finished functional battery)."""
-    partial = directory / PARTIAL_DIR
-    return (partial / "progress.json").exists() or any(partial.glob("functional-*.json"))
-
-
 EXAMPLE_TOKENS = 48
 """Longest example sequence kept with an atlas (per battery), for pictures and the report."""
 EXAMPLE_PERIOD = 12
-"""Repeated-segment length of the ``repeat`` example: [BOS, x(12), x(12)]."""
-
-
-@dataclass
-class Example:
-    """One short sequence and the attention of every head on it.
-
-    ``tokens`` are the decoded token strings; ``attention`` is ``[layer, head, query, key]`` fp16.
-    """
-
-    label: str
-    tokens: list[str]
-    attention: np.ndarray
+"""Repeated-segment length of the ``repeat`` example: [frame start, x(12), x(12)]."""
 
 
 def collect_examples(loaded: LoadedModel, batteries: list[Battery]) -> list[Example]:
@@ -297,6 +329,136 @@ def collect_examples(loaded: LoadedModel, batteries: list[Battery]) -> list[Exam
         batch = make_batch([ProbeSequence(tuple(ids))], pad_id(loaded.tokenizer))
         maps = attention_maps(loaded, batch.input_ids, batch.attention_mask)
         attention = torch.stack([maps[layer][0] for layer in sorted(maps)])  # [layer, head, query, key]
-        tokens = [str(loaded.tokenizer.decode([i])) for i in ids]
+        tokens = token_strings(loaded.tokenizer, ids)
         examples.append(Example(battery.name, tokens, attention.to(torch.float16).numpy()))
     return examples
+
+
+def scan(
+    model: str | LoadedModel | PreTrainedModel = "default",
+    probes: Sequence[str] = ("natural", "repeat"),
+    texts: Sequence[str] | None = None,
+    text_file: str | Path | None = None,
+    n_prompts: int = 64,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    seed: int = 0,
+    out: str | Path | None = None,
+    resume: bool = False,
+    force: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+    on_batch: Callable[[BatchDone], None] | None = None,
+    n_functional: int | None = None,
+    max_len: int | None = None,
+    add: bool = False,
+    config: ScanConfig | None = None,
+) -> Atlas:
+    """Scan every head of ``model`` with the chosen probe batteries and return an :class:`Atlas`.
+
+    ``model`` is anything :func:`headatlas.load` takes, or a :class:`LoadedModel`. The settings
+    (``probes`` … ``max_len``) make a :class:`ScanConfig`; pass ``config`` instead to give them as
+    one object (the settings arguments are then ignored). ``texts`` scans exactly those texts (one
+    sequence each) in place of the natural battery; ``text_file`` packs its lines into
+    ``seq_len``-token sequences instead of UD English EWT. Scores and their papers:
+    :mod:`headatlas.scores`.
+
+    ``probes`` may also name functional batteries (``needle``, ``ordinal``, ``copy``,
+    ``translate``, ``syntax``; :mod:`headatlas.functional`), which run after the attention
+    batteries with ``n_functional`` prompts each (``None``: each battery's default) and, for
+    ``needle``, prompts of at most ``max_len`` tokens.
+
+    With ``out``, partial statistics are saved after every batch and after every functional
+    battery (``resume=True`` continues them) and the atlas is written there at the end.
+    ``add=True`` adds the chosen batteries' columns to the atlas already in ``out`` (made from the
+    same model): its other columns, tables and examples stay, roles are reassigned from every score.
+    """
+    if config is None:
+        config = ScanConfig(
+            tuple(probes),
+            None if texts is None else tuple(texts),
+            None if text_file is None else str(text_file),
+            n_prompts,
+            seq_len,
+            batch_size,
+            seed,
+            n_functional,
+            max_len,
+        )
+    out_dir = Path(out) if out is not None else None
+    if add and (out_dir is None or not (out_dir / TABLE_FILE).exists()):
+        raise HeadatlasError(
+            f"{param('add', 'add=True')} needs an existing atlas in {param('out')}: scan it first, "
+            f"or drop {param('add', 'add=True')}"
+        )
+    if out_dir is not None:
+        check_out_dir(out_dir, force, resume or add)
+    loaded = model if isinstance(model, LoadedModel) else load(model, device=device, dtype=dtype)
+    base = None
+    if add and out_dir is not None:
+        base = Atlas.load(out_dir)
+        check_same_model(base, loaded.info, str(out_dir))
+    return _scan(loaded, config, out_dir, resume, force, base, on_batch)
+
+
+def _scan(
+    loaded: LoadedModel,
+    config: ScanConfig,
+    out_dir: Path | None,
+    resume: bool,
+    force: bool,
+    base: Atlas | None,
+    on_batch: Callable[[BatchDone], None] | None,
+) -> Atlas:
+    started = time.perf_counter()
+    batteries = build_batteries(
+        loaded, config.probes, config.texts, config.text_file, config.n_prompts, config.seq_len, config.seed
+    )
+    scan_key = fingerprint(loaded, config, batteries)
+    if out_dir is not None and force and not resume and has_partial(out_dir):
+        discard_partial(out_dir)
+    if base is None and out_dir is not None and resume and not has_partial(out_dir):
+        finished = Atlas.load(out_dir) if (out_dir / TABLE_FILE).exists() else None
+        if finished is not None:
+            if finished.meta.get("fingerprint") != scan_key:
+                raise HeadatlasError(
+                    f"{str(out_dir)!r} holds a finished atlas made with other settings: pass {_FORCE} to rescan"
+                )
+            logger.info("%s already holds this atlas: nothing to resume", out_dir)
+            return finished
+    if batteries:
+        result = run_scan(loaded, batteries, config.batch_size, out_dir, resume, on_batch, scan_key=scan_key)
+    else:
+        info = loaded.info
+        result = ScanResult(HeadStats(info.n_layers, info.n_heads), loaded, {"batteries": {}, "tokens": 0})
+    tables = {}
+    if config.functional:
+
+        def progress(battery: str, done: int, total: int) -> None:
+            if on_batch is not None:
+                on_batch(BatchDone(battery, done, total, 0, 0))
+
+        ran = run_functional(
+            loaded, config.functional, config.functional_config(), out_dir, resume, scan_key, progress
+        )
+        result.stats = result.stats.merge(ran.stats)
+        result.meta["batteries"] = {**result.meta.get("batteries", {}), **ran.params}
+        tables = ran.tables
+    meta = {
+        **result.meta,
+        "fingerprint": scan_key,
+        **sequence_frame(loaded.tokenizer).describe(),
+        "seed": config.seed,
+        "probes": list(dict.fromkeys(config.probes)),
+        "wall_seconds": round(time.perf_counter() - started, 3),
+    }
+    atlas = Atlas.from_stats(result.stats, loaded.info, meta)
+    atlas.tables = tables
+    if batteries:
+        atlas.examples = collect_examples(loaded, batteries)
+    if base is not None:
+        atlas = merge_atlases(base, atlas)
+    if out_dir is not None:
+        atlas.save(out_dir)
+        discard_partial(out_dir)
+    return atlas

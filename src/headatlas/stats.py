@@ -10,11 +10,13 @@ scan resumes, and several processes' results merge.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import HeadatlasError
+from .errors import HeadatlasError, param
+from .storage import atomic_path
 
 
 class HeadStats:
@@ -101,5 +103,24 @@ class HeadStats:
                     out.total_sq[name] = np.asarray(arrays[f"{name}/total_sq"], dtype=np.float64)
                     out.count[name] = np.asarray(arrays[f"{name}/count"], dtype=np.float64)
         except (KeyError, ValueError, TypeError) as exc:
-            raise HeadatlasError(f"corrupt partial statistics ({exc}): rerun with --force") from exc
+            raise HeadatlasError(
+                f"corrupt partial statistics ({exc}): rerun with {param('force', 'force=True')}"
+            ) from exc
         return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`state` to ``path`` (``.npz``) atomically and return the path."""
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez(tmp, **self.state())  # type: ignore[arg-type]
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> HeadStats:
+        """Read statistics written by :meth:`save` (no pickle); raise :class:`HeadatlasError` if unreadable."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return cls.from_state({k: data[k] for k in data.files})
+        except (OSError, ValueError, KeyError) as exc:
+            raise HeadatlasError(
+                f"partial statistics {path} are unreadable ({exc}): rerun with {param('force', 'force=True')}"
+            ) from exc

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..capture import output_projections
+from ..capture import head_outputs
 from ..datasets import ewt_sentences
 from ..errors import HeadatlasError
 from ..loading import LoadedModel
@@ -162,29 +162,17 @@ def head_gates(loaded: LoadedModel) -> Iterator[torch.Tensor]:
     """Yield gates ``[layer, head]`` (ones, ``requires_grad``) multiplying each head's output.
 
     The gate ξ_h of Michel et al. 2019 ("Are Sixteen Heads Really Better than One?"), put on the
-    input of the attention output projection (transformers v5 has no ``head_mask``), so it works
-    with every attention backend. Hooks are removed on exit.
+    one head-output hook (:func:`headatlas.capture.head_outputs`; transformers v5 has no
+    ``head_mask``), so it works with every attention backend. Hooks are removed on exit.
     """
     info = loaded.info
     gates = torch.ones(info.n_layers, info.n_heads, device=loaded.device, requires_grad=True)  # [layer, head]
-    handles = []
 
-    def make_hook(layer: int) -> Callable[..., tuple[object, ...]]:
-        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[object, ...]:
-            x = args[0]  # [batch, query, head * d_head]
-            split = x.reshape(*x.shape[:-1], info.n_heads, -1)  # [batch, query, head, d_head]
-            gated = split * gates[layer].to(x.dtype)[:, None]  # [batch, query, head, d_head]
-            return (gated.reshape(x.shape), *args[1:])
+    def gate(layer: int, z: torch.Tensor, _context: object) -> torch.Tensor:
+        return z * gates[layer].to(z.dtype)[:, None]  # [batch, query, head, d_head]
 
-        return hook
-
-    try:
-        for layer, module in output_projections(loaded).items():
-            handles.append(module.register_forward_pre_hook(make_hook(layer)))
+    with head_outputs(loaded, gate):
         yield gates
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..capture import ablate
-from ..errors import HeadatlasError
+from ..atlas import Atlas
+from ..capture import ablate, check_mode
+from ..errors import check_choice
 from ..loading import LoadedModel
-from .atlas_io import set_column
 from .evaluation import EvalData, Progress, batch_loss, check_lm, head_gates
 
 logger = logging.getLogger(__name__)
@@ -99,8 +99,7 @@ def ablation_importance(
 ) -> Importance:
     """Δloss when each head alone is silenced (``mode`` ``"zero"`` or ``"mean"``): mean, std over batches."""
     check_lm(loaded)
-    if mode not in ("zero", "mean"):
-        raise HeadatlasError(f"unknown ablation mode {mode!r}: use 'zero' or 'mean'")
+    check_mode(mode)
     started = time.perf_counter()
     info = loaded.info
     heads = [(layer, head) for layer in range(info.n_layers) for head in range(info.n_heads)]
@@ -135,26 +134,21 @@ def compute_importance(
     """Dispatch on ``method`` (one of :data:`METHODS`)."""
     if method == "gradient":
         return gradient_importance(loaded, data, progress)
-    if method in ("ablation-zero", "ablation-mean"):
-        return ablation_importance(loaded, data, method.split("-", 1)[1], progress)
-    raise HeadatlasError(f"unknown importance method {method!r}: use {', '.join(METHODS)}")
+    check_choice("method", method, METHODS)
+    return ablation_importance(loaded, data, method.split("-", 1)[1], progress)
 
 
-def write_importance(atlas: object, result: Importance) -> None:
-    """Add the result's columns to ``atlas`` (an :class:`~headatlas.Atlas`) and its metadata."""
-    from ..atlas import Atlas
-
-    if not isinstance(atlas, Atlas):
-        raise TypeError("write_importance needs an Atlas")
+def write_importance(atlas: Atlas, result: Importance) -> None:
+    """Add the result's columns to ``atlas`` and its metadata."""
     if result.method == "gradient":
-        set_column(atlas, "importance_gradient", result.scores)
+        atlas.set_matrix("importance_gradient", result.scores)
         if result.raw is not None:
-            set_column(atlas, "importance_gradient_raw", result.raw)
-        set_column(atlas, "importance_gradient_n", np.full(result.scores.shape, result.n))
+            atlas.set_matrix("importance_gradient_raw", result.raw)
+        atlas.set_matrix("importance_gradient_n", np.full(result.scores.shape, result.n))
         atlas.meta.setdefault("importance", {})["gradient"] = result.meta()
     else:
-        set_column(atlas, "importance_ablation", result.scores)
+        atlas.set_matrix("importance_ablation", result.scores)
         if result.std is not None:
-            set_column(atlas, "importance_ablation_std", result.std)
-        set_column(atlas, "importance_ablation_n", np.full(result.scores.shape, result.n))
+            atlas.set_matrix("importance_ablation_std", result.std)
+        atlas.set_matrix("importance_ablation_n", np.full(result.scores.shape, result.n))
         atlas.meta.setdefault("importance", {})["ablation"] = result.meta()

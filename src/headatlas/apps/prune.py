@@ -13,49 +13,30 @@ which gives exactly the logits of physical removal (tested), at no copying cost.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..atlas import Atlas, open_atlas
 from ..capture import ablate
-from ..errors import HeadatlasError
+from ..errors import HeadatlasError, param
+from ..heads import Head, head_name
 from ..loading import LoadedModel
+from ..storage import write_json
 from ..surgery import apply_layouts, attention_modules, plan_layouts, record_layouts
 from .evaluation import EvalData, Progress, count_params, forward_seconds, perplexity
 
 logger = logging.getLogger(__name__)
 
-Head = tuple[int, int]
 
-
-def parse_heads(spec: str, n_layers: int, n_heads: int) -> list[Head]:
-    """Parse ``"L.H,L.H"`` (``L3H1`` also accepted) into ``(layer, head)`` pairs, checking ranges."""
-    heads: list[Head] = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        text = part.upper().lstrip("L").replace("H", ".")
-        try:
-            layer, head = (int(x) for x in text.split("."))
-        except ValueError:
-            raise HeadatlasError(
-                f"cannot read head {part!r}: write heads as LAYER.HEAD, e.g. 3.1,17.4"
-            ) from None
-        if not (0 <= layer < n_layers and 0 <= head < n_heads):
-            raise HeadatlasError(f"no head {part}: the model has {n_layers} layers × {n_heads} heads")
-        heads.append((layer, head))
-    if not heads:
-        raise HeadatlasError("--heads is empty: give heads as LAYER.HEAD,LAYER.HEAD")
-    return list(dict.fromkeys(heads))
-
-
-def check_fraction(fraction: float) -> None:
+def check_fraction(fraction: float, name: str = "fraction") -> None:
     """Refuse a fraction outside [0, 1)."""
     if not 0.0 <= fraction < 1.0:
-        raise HeadatlasError(f"--fraction {fraction} is outside [0, 1): give e.g. 0.2 to remove 20% of heads")
+        raise HeadatlasError(
+            f"{param(name)} {fraction} is outside [0, 1): give e.g. 0.2 to remove 20% of heads"
+        )
 
 
 def order_heads(scores: np.ndarray) -> list[Head]:
@@ -81,7 +62,7 @@ def select(
     if count > limit:
         raise HeadatlasError(
             f"cannot remove {count} heads: at most {limit} can go while keeping one head per layer "
-            "(lower --fraction or pass --allow-empty-layers)"
+            f"(lower {param('fraction')} or pass {param('allow_empty_layers', 'allow_empty_layers=True')})"
         )
     left = dict.fromkeys(range(n_layers), n_heads)
     chosen: list[Head] = []
@@ -155,7 +136,7 @@ def run_prune(
     t_after = forward_seconds(pruned, data.batches[0])
     save_pruned(pruned, out)
     report = PruneReport(
-        heads_removed=[f"{layer}.{head}" for layer, head in heads],
+        heads_removed=[head_name(layer, head) for layer, head in heads],
         n_heads_removed=len(heads),
         n_heads_total=loaded.info.n_layers * loaded.info.n_heads,
         params_before=count_params(loaded.model),
@@ -169,7 +150,7 @@ def run_prune(
         out=str(out),
         eval=data.describe(),
     )
-    (out / "headatlas-prune.json").write_text(json.dumps(report.to_dict(), indent=1))
+    write_json(out / "headatlas-prune.json", report.to_dict())
     return report
 
 
@@ -234,16 +215,16 @@ def prune_curve(
 
 def plot_curve(result: dict[str, object], path: Path) -> Path:
     """Draw perplexity against the fraction of heads removed (mean, min–max band over runs) to ``path``."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..report.figures import save_figure
 
     fractions = np.asarray(result["fractions"], dtype=float)
     curves = result["curves"]
     if not isinstance(curves, dict):
         raise TypeError("result has no curves")
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
     for name, curve in curves.items():
         mean = np.asarray(curve["mean"])
         runs = np.asarray(curve["runs"])  # [run, fraction]
@@ -258,7 +239,45 @@ def plot_curve(result: dict[str, object], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
+
+
+def head_orders(
+    loaded: LoadedModel,
+    by: str,
+    atlas_dir: str | Path | None,
+    seeds: int = 1,
+    progress: Progress | None = None,
+) -> dict[str, list[list[Head]]]:
+    """Return the head orders (ascending, least important first) for each name in ``by``.
+
+    ``by`` is comma-separated: ``random`` (``seeds`` seeded orders), ``importance`` (the atlas's
+    ``importance_gradient`` column when ``atlas_dir`` holds one, else Michel et al.'s gradient
+    importance computed on 16 × 256 tokens of EWT dev), or any numeric score column of the atlas.
+    """
+    from .evaluation import heldout_data
+    from .importance import gradient_importance
+
+    info = loaded.info
+    names = [b.strip() for b in by.split(",") if b.strip()]
+    if not names:
+        raise HeadatlasError(f"{param('by')} is empty: use importance, random or an atlas score")
+    atlas: Atlas | None = open_atlas(loaded.info, atlas_dir) if atlas_dir is not None else None
+    orders: dict[str, list[list[Head]]] = {}
+    for name in names:
+        if name == "random":
+            orders[name] = [random_order(info.n_layers, info.n_heads, seed) for seed in range(seeds)]
+            continue
+        column = "importance_gradient" if name == "importance" else name
+        if atlas is not None and column in atlas.table.columns:
+            scores = atlas.matrix(column)
+        elif name == "importance":
+            data = heldout_data(loaded, "natural", "dev", 16, 256, 4)
+            scores = gradient_importance(loaded, data, progress).scores
+        else:
+            raise HeadatlasError(
+                f"{param('by')} {name!r}: no such column in the atlas (give {param('atlas')} DIR holding it), "
+                "or use importance/random"
+            )
+        orders[name] = [order_heads(scores)]
+    return orders

@@ -22,14 +22,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
 
 import numpy as np
 import torch
 
-from ..capture import attention_maps, output_projections
+from ..atlas import Atlas
+from ..capture import attention_maps, head_outputs, output_projections, output_weight
 from ..errors import HeadatlasError
 from ..loading import LoadedModel
+from ..storage import atomic_path
 from .evaluation import EvalData, Progress
 
 logger = logging.getLogger(__name__)
@@ -50,10 +51,10 @@ class Redundancy:
 
     def save(self, directory: Path) -> list[Path]:
         """Write the two matrices as ``.npy`` side files; return their paths."""
-        directory.mkdir(parents=True, exist_ok=True)
         paths = [directory / JS_FILE, directory / COS_FILE]
-        np.save(paths[0], self.js.astype(np.float32), allow_pickle=False)
-        np.save(paths[1], self.cosine.astype(np.float32), allow_pickle=False)
+        for path, matrix in zip(paths, (self.js, self.cosine), strict=True):
+            with atomic_path(path, suffix=".npy") as tmp:
+                np.save(tmp, matrix.astype(np.float32), allow_pickle=False)
         return paths
 
 
@@ -99,35 +100,21 @@ def clusters(js: np.ndarray, cosine: np.ndarray, n_layers: int, n_heads: int) ->
 def _head_contributions(loaded: LoadedModel, data: EvalData) -> torch.Tensor:
     """Per head, its residual-stream contribution over the data's real tokens, ``[head, token * hidden]``."""
     info = loaded.info
-    projections = output_projections(loaded)
-    parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in projections}
-    current: dict[str, torch.Tensor] = {}
+    weights = {
+        layer: output_weight(m).float().reshape(-1, info.n_heads, info.head_dim)  # [hidden, head, d_head]
+        for layer, m in output_projections(loaded).items()
+    }
+    parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in weights}
 
-    def make_hook(layer: int, module: torch.nn.Module) -> Any:
-        def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0][current["mask"]]  # [token, head * d_head]
-            z = x.reshape(x.shape[0], info.n_heads, info.head_dim)  # [token, head, d_head]
-            weight = cast(
-                torch.Tensor, module.weight
-            )  # nn.Linear [hidden, head * d_head]; GPT-2 Conv1D [head * d_head, hidden]
-            w = weight.T if type(module).__name__ == "Conv1D" else weight
-            w_heads = w.reshape(w.shape[0], info.n_heads, info.head_dim)  # [hidden, head, d_head]
-            contrib = torch.einsum("thd,nhd->htn", z.float(), w_heads.float())  # [head, token, hidden]
-            parts[layer].append(contrib.reshape(info.n_heads, -1))
+    def contribution(layer: int, z: torch.Tensor, mask: torch.Tensor) -> None:
+        real = z[mask].float()  # [token, head, d_head]
+        contrib = torch.einsum("thd,nhd->htn", real, weights[layer])  # [head, token, hidden]
+        parts[layer].append(contrib.reshape(info.n_heads, -1))
 
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(layer, m)) for layer, m in projections.items()]
-    try:
-        with torch.no_grad():
-            for batch in data.batches:
-                current["mask"] = batch.attention_mask.bool().to(loaded.device)  # [batch, seq]
-                loaded.model(
-                    input_ids=batch.input_ids.to(loaded.device), attention_mask=current["mask"].long()
-                )
-    finally:
-        for handle in handles:
-            handle.remove()
+    with head_outputs(loaded, contribution) as tap, torch.no_grad():
+        for batch in data.batches:
+            tap.context = batch.attention_mask.bool().to(loaded.device)  # [batch, seq]
+            loaded.model(input_ids=batch.input_ids.to(loaded.device), attention_mask=tap.context.long())
     return torch.cat(
         [torch.cat(parts[layer], dim=1) for layer in sorted(parts)], dim=0
     )  # [head, token * hidden]
@@ -177,13 +164,13 @@ def measure(loaded: LoadedModel, data: EvalData, progress: Progress | None = Non
 
 def plot_redundancy(result: Redundancy, n_heads: int, title: str, path: Path) -> Path:
     """Side-by-side heatmaps of the JS distance and output cosine matrices, layer ticks marked."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..report.figures import save_figure
 
     total = result.js.shape[0]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), dpi=110)
+    fig = Figure(figsize=(12, 5.6))
+    axes = fig.subplots(1, 2)
     panels = (
         (result.js, "Jensen–Shannon distance of attention", "viridis_r", 0.0, 1.0),
         (result.cosine, "cosine similarity of head outputs", "RdBu_r", -1.0, 1.0),
@@ -200,7 +187,17 @@ def plot_redundancy(result: Redundancy, n_heads: int, title: str, path: Path) ->
         fig.colorbar(image, ax=ax, shrink=0.8)
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
+
+
+def write_redundancy(atlas: Atlas, result: Redundancy, data: EvalData, directory: Path) -> list[Path]:
+    """Add the ``cluster`` column and the redundancy metadata to ``atlas``; write the matrices
+    (``.npy``) into ``directory``. Returns the matrix paths."""
+    atlas.set_matrix("cluster", result.cluster)
+    atlas.meta["redundancy"] = {
+        "js_threshold": JS_THRESHOLD,
+        "cos_threshold": COS_THRESHOLD,
+        "files": [JS_FILE, COS_FILE],
+        "data": data.describe(),
+    }
+    return result.save(directory)

@@ -17,9 +17,7 @@ each head's mean output over held-out EWT text (:func:`head_means`). Random head
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -29,11 +27,14 @@ import numpy as np
 import torch
 
 from ..atlas import Atlas
-from ..capture import ablate, output_projections
-from ..errors import HeadatlasError
-from ..functional import FunctionalConfig, Progress, no_progress, score_battery
+from ..capture import ablate, check_mode, head_outputs
+from ..errors import HeadatlasError, check_at_least, param
+from ..functional import FUNCTIONAL_BATTERIES, FunctionalConfig, Progress, battery_spec, no_progress
+from ..heads import head_name
 from ..loading import LoadedModel
 from ..probes import make_batch, pad_id, repeat_battery
+from ..scores import SCORES
+from ..storage import write_json
 
 INDUCTION_PROMPTS = 16
 INDUCTION_SEQ_LEN = 129
@@ -100,10 +101,16 @@ Metric = Callable[[LoadedModel, FunctionalConfig, Progress], float]
 
 
 def metric_for(score: str) -> tuple[Metric, str, bool]:
-    """Return ``(metric, what it measures, higher_is_better)`` for an atlas score; raise if it has none."""
-    if score in ("induction", "duplicate_token"):
+    """Return ``(metric, what it measures, higher_is_better)`` for an atlas score; raise if it has none.
+
+    The metric belongs to the battery that writes the score (:attr:`ScoreSpec.battery
+    <headatlas.scores.ScoreSpec.battery>`): the repeat battery's is :func:`induction_loss`, a
+    functional battery's its :attr:`~headatlas.functional.BatterySpec.metric`.
+    """
+    battery = SCORES[score].battery if score in SCORES else None
+    if battery == "repeat":
         return induction_loss, "loss on the repeated half", False
-    spec = score_battery(score)
+    spec = battery_spec(battery) if battery in FUNCTIONAL_BATTERIES else None
     if spec is None or spec.metric is None:
         raise HeadatlasError(
             f"no task metric for score {score!r}: verify takes retrieval, retrieval_tf, induction, "
@@ -133,28 +140,23 @@ def head_means(loaded: LoadedModel, seed: int = 0) -> dict[tuple[int, int], torc
     )
     batch = make_batch(battery.sequences, pad_id(loaded.tokenizer))
     sums: dict[int, torch.Tensor] = {}
-    handles = []
-    for layer, module in output_projections(loaded).items():
 
-        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], layer: int = layer) -> None:
-            x = args[0]  # [batch, query, head * d_head]
-            sums[layer] = x.reshape(-1, info.n_heads, x.shape[-1] // info.n_heads).float().mean(0)
+    def keep_mean(layer: int, z: torch.Tensor, _context: object) -> None:
+        sums[layer] = z.float().mean(dim=(0, 1))  # [head, d_head]
 
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            loaded.model(
-                input_ids=batch.input_ids.to(loaded.device),
-                attention_mask=batch.attention_mask.to(loaded.device),
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
+    with head_outputs(loaded, keep_mean), torch.no_grad():
+        loaded.model(
+            input_ids=batch.input_ids.to(loaded.device),
+            attention_mask=batch.attention_mask.to(loaded.device),
+        )
     return {(layer, head): sums[layer][head] for layer in sums for head in range(info.n_heads)}
 
 
-def _name(layer: int, head: int) -> str:
-    return f"L{layer}H{head}"
+def check_verifiable(atlas: Atlas, score: str) -> None:
+    """Raise :class:`HeadatlasError` unless the score has a task metric and ``atlas`` holds it."""
+    metric_for(score)
+    if score not in atlas.scores:
+        raise HeadatlasError(f"no score {score!r} in this atlas: scan with the battery that writes it first")
 
 
 def verify(
@@ -170,13 +172,14 @@ def verify(
     """Return the task metric with nothing, the top-``k`` heads by ``score`` and ``k`` random heads
     (``seeds`` draws) ablated — Wu et al. 2024's causal check, for any score with a task metric."""
     config = config or FunctionalConfig()
+    check_mode(mode)
+    check_verifiable(atlas, score)
     metric, metric_name, higher = metric_for(score)
     info = loaded.info
     n_total = info.n_layers * info.n_heads
     if not 1 <= k < n_total:
-        raise HeadatlasError(f"--k {k}: give a number of heads from 1 to {n_total - 1}")
-    if seeds < 1:
-        raise HeadatlasError(f"--seeds {seeds}: give at least 1")
+        raise HeadatlasError(f"{param('k')} {k}: give a number of heads from 1 to {n_total - 1}")
+    check_at_least("seeds", seeds, 1)
     top = atlas.top(score, k)
     if top[score].isna().any():
         raise HeadatlasError(f"the atlas has no {score!r} value for some of the top {k} heads: rescan")
@@ -216,8 +219,8 @@ def verify(
         random_std=float(np.std(values)),
         random_seeds=list(range(seeds)),
         random_values=values,
-        top_heads=[_name(*h) for h in top_heads],
-        random_heads=[[_name(*h) for h in heads] for heads in random_heads],
+        top_heads=[head_name(*h) for h in top_heads],
+        random_heads=[[head_name(*h) for h in heads] for heads in random_heads],
         mode=mode,
         seconds=round(time.perf_counter() - started, 2),
     )
@@ -225,8 +228,4 @@ def verify(
 
 def save_verification(result: Verification, directory: str | Path) -> Path:
     """Write ``DIR/verify-<score>.json`` atomically and return its path."""
-    path = Path(directory) / f"verify-{result.score}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_json(Path(directory) / f"verify-{result.score}.json", result.to_dict(), indent=2)

@@ -39,15 +39,6 @@ def battery_spec(name: str) -> BatterySpec:
     return spec
 
 
-def score_battery(score: str) -> BatterySpec | None:
-    """Return the functional battery that writes atlas column ``score``, or ``None``."""
-    for name in FUNCTIONAL_BATTERIES:
-        spec = battery_spec(name)
-        if score in spec.scores:
-            return spec
-    return None
-
-
 __all__ = [
     "FUNCTIONAL_BATTERIES",
     "BatterySpec",
@@ -56,5 +47,4 @@ __all__ = [
     "Progress",
     "battery_spec",
     "no_progress",
-    "score_battery",
 ]

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..scores import SCORES, battery_scores
 from ..stats import HeadStats
 
 if TYPE_CHECKING:
@@ -76,22 +77,31 @@ MetricFn = Callable[["LoadedModel", FunctionalConfig, Progress], float]
 
 @dataclass(frozen=True)
 class BatterySpec:
-    """A functional battery: its name, the atlas columns it writes and its task metric.
+    """A functional battery: its name, how it runs and its task metric.
+
+    The atlas columns it writes and the paper behind them are facts of its scores, read from
+    :data:`headatlas.scores.SCORES` (:attr:`scores`, :attr:`paper`).
 
     Attributes:
         name: the name given to ``--probes`` (``needle``, ``ordinal``, ``copy``, ...).
-        scores: atlas score columns it writes (each also gets ``_std`` and ``_n``).
         run: computes the scores.
-        paper: the paper that defines the main score (for docs and ``atlas.json``).
         metric: the battery's task metric for ``headatlas verify`` (``None`` if it has none).
         metric_name: what the metric measures, e.g. ``"needle retrieval accuracy"``.
         higher_is_better: whether a larger metric means the model does the task better.
     """
 
     name: str
-    scores: tuple[str, ...]
     run: RunFn
-    paper: str
     metric: MetricFn | None = None
     metric_name: str = ""
     higher_is_better: bool = True
+
+    @property
+    def scores(self) -> tuple[str, ...]:
+        """Atlas score columns it writes (each also gets ``_std`` and ``_n``), from the score specs."""
+        return battery_scores(self.name)
+
+    @property
+    def paper(self) -> str:
+        """The paper that defines the battery's main score."""
+        return SCORES[self.scores[0]].paper

@@ -20,9 +20,11 @@ position ≥ 1 of the ``natural`` text (UD English EWT train, packed into sequen
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from ..capture import DenseView, capture, output_projections
+from ..capture import DenseView, capture, head_outputs
 from ..datasets import ewt_sentences
 from ..loading import LoadedModel
 from ..probes import make_batch, natural_battery, pad_id
@@ -53,6 +55,16 @@ def copy_scores(probs: torch.Tensor, rows: torch.Tensor, z: torch.Tensor, std: t
     return (expected * z).sum(-1) / std  # [batch, head, query]
 
 
+@dataclass
+class _CopyBatch:
+    """Per-batch context of the copying callback: keys' read-out rows, valid query rows, and each
+    layer's attention blocks as capture streams them (consumed by the head-output callback)."""
+
+    rows: torch.Tensor  # [batch, key, d_model]
+    valid: torch.Tensor  # [batch, query]
+    probs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+
 def run_copy(
     loaded: LoadedModel, config: FunctionalConfig, progress: Progress = no_progress
 ) -> FunctionalResult:
@@ -67,46 +79,36 @@ def run_copy(
     stats = HeadStats(info.n_layers, info.n_heads)
     device = loaded.device
     pad = pad_id(loaded.tokenizer)
-    stash: dict[int, list[torch.Tensor]] = {}
-    state: dict[str, torch.Tensor] = {}
 
-    def on_view(view: object) -> None:
-        if isinstance(view, DenseView):
-            stash.setdefault(view.layer, []).append(view.probs)
-
-    def make_hook(layer: int):  # type: ignore[no-untyped-def]
-        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            if layer not in stash:
-                return
-            probs = torch.cat(stash.pop(layer), dim=2)  # [batch, head, query, key]
-            x = args[0]  # [batch, query, head * d_head]
-            z = x.reshape(*x.shape[:-1], info.n_heads, -1).float()  # [batch, query, head, d_head]
-            rows = project_rows(lens, layer, state["rows"])  # [batch, key, head, d_head]
-            std = logit_std(lens, layer, z).transpose(1, 2)  # [batch, head, query]
-            scores = copy_scores(probs, rows, z.transpose(1, 2), std)  # [batch, head, query]
-            stats.add("copying", layer, scores, state["valid"])
-
-        return hook
+    def score(layer: int, z: torch.Tensor, batch: _CopyBatch) -> None:
+        if layer not in batch.probs:  # no attention seen for this layer (eager fallback)
+            return
+        probs = torch.cat(batch.probs.pop(layer), dim=2)  # [batch, head, query, key]
+        zf = z.float()  # [batch, query, head, d_head]
+        rows = project_rows(lens, layer, batch.rows)  # [batch, key, head, d_head]
+        std = logit_std(lens, layer, zf).transpose(1, 2)  # [batch, head, query]
+        scores = copy_scores(probs, rows, zf.transpose(1, 2), std)  # [batch, head, query]
+        stats.add("copying", layer, scores, batch.valid)
 
     seqs = battery.sequences
     batches = [seqs[i : i + config.batch_size] for i in range(0, len(seqs), config.batch_size)]
-    handles = [
-        m.register_forward_pre_hook(make_hook(layer)) for layer, m in output_projections(loaded).items()
-    ]
-    try:
+    with head_outputs(loaded, score) as tap:
+
+        def on_view(view: object) -> None:
+            if isinstance(view, DenseView):
+                tap.context.probs.setdefault(view.layer, []).append(view.probs)
+
         with capture(loaded, on_view, mode="dense") as session:
             for index, chunk in enumerate(batches):
                 batch = make_batch(chunk, pad)
                 positions = batch.positions.to(device)  # [batch, seq]
                 rows = centered_rows(lens, batch.input_ids.to(device))  # [batch, key, d_model]
-                state["rows"] = rows * (positions >= 1)[..., None]  # sink and padding left out
-                state["valid"] = positions >= 1  # [batch, query]
+                tap.context = _CopyBatch(
+                    rows=rows * (positions >= 1)[..., None],  # the first token and padding left out
+                    valid=positions >= 1,  # [batch, query]
+                )
                 session.run(batch.input_ids, batch.attention_mask, with_head=False)
                 progress(index + 1, len(batches))
-    finally:
-        for handle in handles:
-            handle.remove()
-        stash.clear()
     params = {
         "source": "UD English EWT train",
         "n_prompts": n_prompts,
@@ -119,7 +121,5 @@ def run_copy(
 
 SPEC = BatterySpec(
     name="copy",
-    scores=("copying",),
     run=run_copy,
-    paper="Elhage et al. 2021 (copying); McDougall et al. 2023 (copy suppression)",
 )

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..archs import arch_spec
-from ..capture import output_projections
+from ..capture import output_projections, output_weight
 from ..errors import HeadatlasError
 from ..loading import LoadedModel
 
@@ -102,9 +102,7 @@ def logit_lens(loaded: LoadedModel) -> LogitLens:
         readout: dict[int, torch.Tensor] = {}
         gram: dict[int, torch.Tensor] = {}
         for layer, proj in output_projections(loaded).items():
-            weight = torch.as_tensor(proj.weight).detach().float()  # [d_model, head * d_head]
-            if type(proj).__name__ == "Conv1D":  # GPT-2: weight is [in, out]
-                weight = weight.t()
+            weight = output_weight(proj).float()  # [d_model, head * d_head]
             if weight.shape != (d_model, info.n_heads * info.head_dim):
                 raise HeadatlasError(
                     f"layer {layer}'s output projection is {tuple(weight.shape)}, not "

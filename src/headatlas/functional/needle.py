@@ -69,6 +69,7 @@ from .needle_prompts import (
     Trial,
     build_trials,
     contains_value,
+    prompt_start,
     rouge1_recall,
 )
 
@@ -357,6 +358,7 @@ def run_needle(
         "max_new_tokens": MAX_NEW_TOKENS,
         "recall_threshold": RECALL_THRESHOLD,
         "seed": config.seed,
+        "sequence_start": prompt_start(loaded.tokenizer),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
     return FunctionalResult("needle", stats, params, {"needle_trials": pd.DataFrame(rows)})
@@ -383,9 +385,7 @@ SPEC_PAPER = "Wu et al. 2024, Retrieval Head Mechanistically Explains Long-Conte
 
 SPEC = BatterySpec(
     name="needle",
-    scores=("retrieval", "retrieval_tf"),
     run=run_needle,
-    paper=SPEC_PAPER,
     metric=needle_accuracy,
     metric_name="needle retrieval accuracy",
     higher_is_better=True,

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import HeadatlasError
+from ..sequences import chat_frame, sequence_frame
 
 DEFAULT_LENGTHS: tuple[int, ...] = (256, 512, 1024)
 """Prompt lengths in tokens (capped by ``max_len`` and the model's context)."""
@@ -147,31 +148,14 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
-_SENTINEL = "\u2063HEADATLAS_CONTENT\u2063"
-
-
-def prompt_frame(tokenizer: Any) -> tuple[str, str, bool]:
-    """Return ``(before, after, chat)``: the text around the user message, and whether it is a chat.
-
-    With a chat template, ``before``/``after`` are the rendered template around one user message
-    (generation prompt added); otherwise both are ``""`` (the prompt then starts with the BOS
-    token, if any, and the question ends with a plain ``Answer:``).
-    """
-    if getattr(tokenizer, "chat_template", None):
-        try:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True
-            )
-        except Exception:  # a template that cannot render one user turn: use the plain format
-            text = None
-        if isinstance(text, str) and text.count(_SENTINEL) == 1:
-            before, after = text.split(_SENTINEL)
-            return before, after, True
-    return "", "", False
-
-
 INTRO = "Read the text, then answer the question after it.\n\nText:"
 """What the user message starts with; every haystack sentence and the needle follow with a space."""
+
+
+def prompt_start(tokenizer: Any) -> str:
+    """Return how the needle prompts of ``tokenizer`` start, for the atlas metadata."""
+    frame = chat_frame(tokenizer)
+    return frame.start if frame is not None else sequence_frame(tokenizer).start
 
 
 def question_text(needle: Needle, chat: bool) -> str:
@@ -196,14 +180,18 @@ def build_trial(
 
     Haystack sentences are drawn from ``corpus`` in a random order (``rng``), skipping those that
     would overflow ``length``, until fewer than 4 tokens are left; the needle goes at the sentence
-    boundary nearest ``depth`` of the haystack's tokens. Raises :class:`HeadatlasError` when the
+    boundary nearest ``depth`` of the haystack's tokens. The prompt starts as the rendered chat
+    template starts, or, without a template, as the tokenizer starts a text
+    (:mod:`headatlas.sequences`); it has no end token, since the model continues it. Raises :class:`HeadatlasError` when the
     fixed parts (template, needle, question) alone do not fit.
     """
-    before, after, chat = prompt_frame(tokenizer)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    head = [bos] if not chat and isinstance(bos, int) else _encode(tokenizer, before)
+    frame = chat_frame(tokenizer)
+    chat = frame is not None
+    head = _encode(tokenizer, frame.before) if frame else list(sequence_frame(tokenizer).prefix)
     head += _encode(tokenizer, INTRO)
-    tail = _encode(tokenizer, question_text(needle, chat)) + _encode(tokenizer, after)
+    tail = _encode(tokenizer, question_text(needle, chat)) + (
+        _encode(tokenizer, frame.after) if frame else []
+    )
     # the needle sentence is tokenised in three pieces so the value's span is exact
     pieces = [_encode(tokenizer, " " + needle.lead), _encode(tokenizer, needle.value)]
     pieces.append(_encode(tokenizer, needle.tail))

@@ -32,6 +32,7 @@ from ..capture import capture, padded_positions
 from ..errors import HeadatlasError
 from ..loading import LoadedModel
 from ..probes import ProbeSequence, make_batch, pad_id
+from ..sequences import sequence_frame
 from ..stats import HeadStats
 from .base import BatterySpec, FunctionalConfig, FunctionalResult, Progress, no_progress
 from .logit_lens import centered_rows, logit_lens, logit_std, project_rows
@@ -147,10 +148,11 @@ def usable_sets(tokenizer: Any) -> list[OrdinalSet]:
 
 
 def ordinal_prompts(tokenizer: Any, sets: list[OrdinalSet], n_prompts: int, seed: int) -> list[OrdinalPrompt]:
-    """Return ``n_prompts`` seeded prompts ``[BOS] item_k , item_k+1 , …`` cycling over ``sets``."""
+    """Return ``n_prompts`` seeded prompts ``item_k , item_k+1 , …`` cycling over ``sets``, started
+    as the tokenizer starts a text (:mod:`headatlas.sequences`; the model continues them, so no end)."""
     rng = np.random.default_rng(seed)
     comma = tokenizer.encode(",", add_special_tokens=False)[0]
-    bos = [tokenizer.bos_token_id] if isinstance(tokenizer.bos_token_id, int) else []
+    start_ids = list(sequence_frame(tokenizer).prefix)
     prompts = []
     for n in range(n_prompts):
         index = n % len(sets)
@@ -158,7 +160,7 @@ def ordinal_prompts(tokenizer: Any, sets: list[OrdinalSet], n_prompts: int, seed
         length = int(rng.integers(RUN_LENGTH[0], RUN_LENGTH[1] + 1))
         length = min(length, len(chosen.ids))
         start = int(rng.integers(0, len(chosen.ids) - length + 1))
-        ids = list(bos)
+        ids = list(start_ids)
         positions, ranks = [], []
         for rank in range(start, start + length):
             if rank > start:
@@ -306,9 +308,7 @@ def next_item_accuracy(
 
 SPEC = BatterySpec(
     name="ordinal",
-    scores=("successor", "successor_logit"),
     run=run_ordinal,
-    paper="Gould et al. 2023, Successor Heads",
     metric=next_item_accuracy,
     metric_name="next-item accuracy",
     higher_is_better=True,

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from ..errors import HeadatlasError
+from ..errors import HeadatlasError, param
 from ..stats import HeadStats
+from ..storage import FUNCTIONAL_PREFIX, PARTIAL_DIR, SIDE_TABLE_NAME, atomic_path, write_json
 from . import battery_spec
 from .base import FunctionalConfig, FunctionalResult
 
@@ -31,9 +28,6 @@ if TYPE_CHECKING:
     from ..loading import LoadedModel
 
 logger = logging.getLogger(__name__)
-
-PARTIAL_DIR = ".partial"
-_TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 BatteryProgress = Callable[[str, int, int], None]
 """Callback ``(battery, done, total)``."""
@@ -50,22 +44,22 @@ class FunctionalRun:
 
 def _paths(directory: Path, name: str) -> tuple[Path, Path]:
     partial = directory / PARTIAL_DIR
-    return partial / f"functional-{name}.npz", partial / f"functional-{name}.json"
+    return partial / f"{FUNCTIONAL_PREFIX}{name}.npz", partial / f"{FUNCTIONAL_PREFIX}{name}.json"
+
+
+def _table_path(directory: Path, name: str, table: str) -> Path:
+    return directory / PARTIAL_DIR / f"{FUNCTIONAL_PREFIX}{name}--{table}.parquet"
 
 
 def _save(directory: Path, result: FunctionalResult, fingerprint: str) -> None:
     stats_file, meta_file = _paths(directory, result.battery)
-    stats_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = stats_file.with_suffix(".tmp.npz")
-    np.savez(tmp, **result.stats.state())  # type: ignore[arg-type]
-    os.replace(tmp, stats_file)
+    result.stats.save(stats_file)
     for table, frame in result.tables.items():
-        target = stats_file.parent / f"functional-{result.battery}--{table}.parquet"
-        frame.to_parquet(target.with_suffix(".tmp"), index=False)
-        os.replace(target.with_suffix(".tmp"), target)
-    meta = {"fingerprint": fingerprint, "params": result.params, "tables": sorted(result.tables)}
-    meta_file.with_suffix(".tmp").write_text(json.dumps(meta, default=str))
-    os.replace(meta_file.with_suffix(".tmp"), meta_file)
+        with atomic_path(_table_path(directory, result.battery, table)) as tmp:
+            frame.to_parquet(tmp, index=False)
+    write_json(
+        meta_file, {"fingerprint": fingerprint, "params": result.params, "tables": sorted(result.tables)}
+    )
 
 
 def _load(directory: Path, name: str, fingerprint: str) -> FunctionalResult | None:
@@ -74,25 +68,25 @@ def _load(directory: Path, name: str, fingerprint: str) -> FunctionalResult | No
     stats_file, meta_file = _paths(directory, name)
     if not meta_file.exists():
         return None
+    force = param("force", "force=True")
     try:
         meta = json.loads(meta_file.read_text())
         if meta.get("fingerprint") != fingerprint:
             raise HeadatlasError(
                 f"the partial {name!r} battery in {directory} used other settings: rerun with the "
-                "same settings, or with --force to start over"
+                f"same settings, or with {force} to start over"
             )
-        with np.load(stats_file, allow_pickle=False) as data:
-            stats = HeadStats.from_state({k: data[k] for k in data.files})
+        stats = HeadStats.load(stats_file)
         tables = {}
         for table in meta.get("tables", []):
-            if not _TABLE_NAME.match(str(table)):
+            if not SIDE_TABLE_NAME.match(str(table)):
                 raise ValueError(f"bad table name {table!r}")
-            tables[table] = pd.read_parquet(stats_file.parent / f"functional-{name}--{table}.parquet")
+            tables[table] = pd.read_parquet(_table_path(directory, name, table))
     except HeadatlasError:
         raise
     except Exception as exc:  # damaged files: numpy, json and pyarrow raise several types
         raise HeadatlasError(
-            f"the partial {name!r} battery in {directory} is unreadable ({type(exc).__name__}): rerun with --force"
+            f"the partial {name!r} battery in {directory} is unreadable ({type(exc).__name__}): rerun with {force}"
         ) from exc
     return FunctionalResult(name, stats, dict(meta.get("params", {})), tables)
 
@@ -128,7 +122,7 @@ def run_functional(
         else:
             logger.info("resuming: the %s battery is already done", name)
         for table in result.tables:
-            if not _TABLE_NAME.match(table):
+            if not SIDE_TABLE_NAME.match(table):
                 raise HeadatlasError(f"battery {name!r} produced a table with a bad name {table!r}")
         out.stats = out.stats.merge(result.stats)
         out.params[name] = {**result.params, "paper": spec.paper, "scores": list(spec.scores)}

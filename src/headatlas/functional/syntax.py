@@ -46,6 +46,7 @@ from ..datasets import Sentence, read_conllu, ud_path
 from ..errors import HeadatlasError
 from ..loading import LoadedModel
 from ..probes import ProbeSequence, make_batch, pad_id
+from ..sequences import sequence_frame
 from ..stats import HeadStats
 from .base import BatterySpec, FunctionalConfig, FunctionalResult, Progress, no_progress
 
@@ -81,7 +82,7 @@ class Encoded:
 
 
 @dataclass(frozen=True)
-class Example:
+class RelationExample:
     """One scored query: word ``query`` (0-based) is correct when its argmax is in ``targets``."""
 
     query: int
@@ -241,7 +242,9 @@ def best_pairs(margin: torch.Tensor, n: torch.Tensor, min_examples: int) -> torc
     return torch.where(eligible.any(), best, -1)  # [layer, head]
 
 
-def sentence_examples(sentence: Sentence, causal: bool, valid: Sequence[bool] | None = None) -> list[Example]:
+def sentence_examples(
+    sentence: Sentence, causal: bool, valid: Sequence[bool] | None = None
+) -> list[RelationExample]:
     """Return the scored examples of one gold tree (see the module docstring for the directions).
 
     ``valid[w]`` False drops word ``w`` as a query and as a target (a word with no tokens).
@@ -249,7 +252,7 @@ def sentence_examples(sentence: Sentence, causal: bool, valid: Sequence[bool] | 
     """
     n = len(sentence.words)
     ok = list(valid) if valid is not None else [True] * n
-    out: list[Example] = []
+    out: list[RelationExample] = []
     dependents: dict[tuple[int, str], list[int]] = {}
     for dep, (head1, deprel) in enumerate(zip(sentence.heads, sentence.deprels, strict=True)):
         relation = base_relation(deprel)
@@ -259,21 +262,23 @@ def sentence_examples(sentence: Sentence, causal: bool, valid: Sequence[bool] | 
         if not (ok[dep] and ok[head]) or head == dep:
             continue
         if not causal or head < dep:
-            out.append(Example(dep, (head,), relation, DEP_TO_HEAD))
+            out.append(RelationExample(dep, (head,), relation, DEP_TO_HEAD))
         if not causal or dep < head:
             dependents.setdefault((head, relation), []).append(dep)
     for (head, relation), deps in sorted(dependents.items()):
-        out.append(Example(head, tuple(deps), relation, HEAD_TO_DEP))
+        out.append(RelationExample(head, tuple(deps), relation, HEAD_TO_DEP))
     return out
 
 
 def encode_sentence(tokenizer: Any, sentence: Sentence, causal: bool) -> Encoded:
-    """Tokenise the words (joined by spaces) with the model's special tokens and align pieces to words.
+    """Tokenise the words (joined by spaces), framed as the tokenizer frames a text, and align
+    pieces to words.
 
     Each token belongs to the word of the first word character in its offset span (a span of only
-    spaces goes to the next word); special tokens belong to none. Decoders get BOS first when the
-    tokenizer does not add it; without any BOS the first token is a sink and belongs to no word.
-    Raises :class:`HeadatlasError` when the tokenizer cannot give offsets.
+    spaces goes to the next word); frame tokens (BOS, [CLS], [SEP]) belong to none
+    (:mod:`headatlas.sequences`). When a causal model's first token is a word piece (the tokenizer
+    adds no BOS), that token is the sink and belongs to no word either. Raises
+    :class:`HeadatlasError` when the tokenizer cannot give offsets.
     """
     char_word: list[int] = []
     for w, text_of_word in enumerate(sentence.words):
@@ -282,25 +287,17 @@ def encode_sentence(tokenizer: Any, sentence: Sentence, causal: bool) -> Encoded
         char_word.extend([w] * len(text_of_word))
     text = " ".join(sentence.words)
     try:
-        enc = tokenizer(
-            text, add_special_tokens=True, return_offsets_mapping=True, return_special_tokens_mask=True
-        )
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except (NotImplementedError, ValueError, TypeError) as exc:
         raise _slow_tokenizer_error(tokenizer) from exc
-    ids = [int(i) for i in enc["input_ids"]]
-    special = list(enc["special_tokens_mask"])
-    words: list[int] = []
-    for (start, end), is_special in zip(enc["offset_mapping"], special, strict=True):
-        owner = -1
-        if not is_special and end > start:
-            owner = next((c for c in char_word[start:] if c >= 0), -1)
-        words.append(owner)
-    if causal and ids and words[0] >= 0:
-        bos = tokenizer.bos_token_id
-        if isinstance(bos, int):
-            ids, words = [bos, *ids], [-1, *words]
-        else:
-            words[0] = -1
+    body_words: list[int] = []
+    for start, end in enc["offset_mapping"]:
+        owner = next((c for c in char_word[start:] if c >= 0), -1) if end > start else -1
+        body_words.append(owner)
+    ids, words = sequence_frame(tokenizer).wrap([int(i) for i in enc["input_ids"]], body_words)
+    words = list(words or [])
+    if causal and words and words[0] >= 0:
+        words[0] = -1
     return Encoded(sentence, tuple(ids), tuple(words))
 
 
@@ -503,8 +500,6 @@ def run_syntax(
 
 SPEC = BatterySpec(
     name="syntax",
-    scores=("syntactic",),
     run=run_syntax,
-    paper="Clark et al. 2019, What Does BERT Look At?",
     metric=None,
 )

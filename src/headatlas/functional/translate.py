@@ -7,9 +7,9 @@ Prompts are word-list translations built from our own list of common words
     French: maison, eau, chien, livre, arbre, lait
 
 ``k`` = :data:`WORDS_PER_PROMPT` distinct words per prompt, chosen with a seeded generator, and
-``config.n_prompts`` (default :data:`DEFAULT_PROMPTS`) prompts per language pair. Causal models
-get BOS (where the tokenizer has one) and then the text without special tokens, as in every
-battery of :mod:`headatlas.probes`.
+``config.n_prompts`` (default :data:`DEFAULT_PROMPTS`) prompts per language pair. Each prompt
+starts as the tokenizer starts a text (:mod:`headatlas.sequences`: BOS only where the tokenizer
+adds one), as in every battery of :mod:`headatlas.probes`.
 
 For every target word ``i`` the *query* is the position that predicts its first token: the last
 token before the word starts (``":"`` before the first word, the ``","`` separator before the
@@ -46,6 +46,7 @@ from ..capture import attention_maps, padded_positions
 from ..errors import HeadatlasError
 from ..loading import LoadedModel
 from ..probes import Batch, ProbeSequence, make_batch, pad_id
+from ..sequences import sequence_frame
 from ..stats import HeadStats
 from .base import BatterySpec, FunctionalConfig, FunctionalResult, Progress, no_progress
 
@@ -81,7 +82,7 @@ class WordList:
 
 @dataclass(frozen=True)
 class TranslationPrompt:
-    """One prompt: token ids (BOS first where the tokenizer has one) and token spans of its words.
+    """One prompt: token ids (started as the tokenizer starts a text) and token spans of its words.
 
     Spans are ``(start, end)`` token positions, end exclusive; word ``i`` of the target list
     translates word ``i`` of the source list, and is predicted at position ``target_spans[i][0] - 1``.
@@ -188,8 +189,8 @@ def build_prompt(
     source_words, target_words = [s for s, _ in pairs], [t for _, t in pairs]
     pieces = _segments(names, source_words, target_words)
     ids, spans = encode_segments(tokenizer, pieces)
-    bos = tokenizer.bos_token_id
-    shift = 1 if isinstance(bos, int) else 0
+    start = sequence_frame(tokenizer).prefix
+    shift = len(start)
     keys = [(0, i) for i in range(len(pairs))] + [(1, i) for i in range(len(pairs))]
     if any(k not in spans for k in keys):
         return None
@@ -202,7 +203,7 @@ def build_prompt(
     return TranslationPrompt(
         target=target,
         text="".join(p for p, _ in pieces),
-        ids=tuple(([bos] if shift else []) + ids),
+        ids=(*start, *ids),
         source_spans=tuple(moved[: len(pairs)]),
         target_spans=tuple(moved[len(pairs) :]),
     )
@@ -440,9 +441,7 @@ def translation_accuracy(
 
 SPEC = BatterySpec(
     name="translate",
-    scores=("translation",),
     run=run_translate,
-    paper="Olsson et al. 2022, In-context Learning and Induction Heads (translation); argmax readout of Clark et al. 2019",
     metric=translation_accuracy,
     metric_name="translation accuracy",
     higher_is_better=True,

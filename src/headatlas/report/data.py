@@ -16,42 +16,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..atlas import SCORE_ORDER, Atlas
+from ..atlas import Atlas
 from ..roles import RULES
+from ..scores import ordered, score_spec
 
 logger = logging.getLogger(__name__)
-
-SCORE_INFO: dict[str, tuple[str, str]] = {
-    "previous_token": ("previous token", "mean A[i, i−1]: attention on the token just before"),
-    "self": ("self", "mean A[i, i]: attention on the token itself"),
-    "first_token": ("first token (sink)", "mean A[i, first]: attention parked on the first token"),
-    "local": ("local", "mean Σ A[i, i−3..i]: attention within the last 4 tokens"),
-    "entropy": ("entropy (nats)", "mean −Σ A log A over each query row"),
-    "entropy_norm": ("entropy / uniform", "entropy divided by log(#keys): 1 = spread evenly"),
-    "subword": ("subword", "a word piece's attention on the other pieces of its word"),
-    "induction": ("induction", "[x; x]: attention on the token after the earlier copy"),
-    "duplicate_token": ("duplicate token", "[x; x]: attention on the earlier copy of the same token"),
-    "retrieval": (
-        "retrieval",
-        "needle in a haystack: share of the needle copied while decoding (Wu et al. 2024)",
-    ),
-    "retrieval_tf": (
-        "retrieval (teacher-forced)",
-        "the retrieval score on the gold answer in one forward pass",
-    ),
-    "successor": ("successor", "ordinal sets: OV output ranks the next item first (Gould et al. 2023)"),
-    "successor_logit": ("successor logit", "OV output: z(next item) − z(item itself), vocabulary std"),
-    "copying": ("copying", "z-score of the attended tokens' logits from the head's output (− = suppression)"),
-    "translation": (
-        "translation",
-        "word lists: argmax attention from the i-th target slot to the i-th source word",
-    ),
-    "syntactic": (
-        "syntactic",
-        "best margin over the fixed-offset baseline on a dependency relation (Clark et al. 2019)",
-    ),
-}
-"""Short label and one-line meaning of each score (definitions: :mod:`headatlas.detectors`)."""
 
 ROLE_COLORS: dict[str, str] = {
     "induction": "#7b2d8e",
@@ -103,20 +72,8 @@ def head_roles(roles: str | None) -> list[str]:
 
 
 def scalar_scores(atlas: Atlas) -> list[str]:
-    """Return the atlas's scalar scores, in the usual order."""
-    names = atlas.scores
-    return [n for n in SCORE_ORDER if n in names] + [n for n in names if n not in SCORE_ORDER]
-
-
-def grid(atlas: Atlas, column: str) -> np.ndarray:
-    """Return ``column`` as a ``[layer, head]`` float array (NaN where a head is missing)."""
-    model = atlas.meta.get("model", {})
-    table = atlas.table
-    n_layers = int(model.get("n_layers") or table["layer"].max() + 1)
-    n_heads = int(model.get("n_heads") or table["head"].max() + 1)
-    out = np.full((n_layers, n_heads), np.nan)
-    out[table["layer"].to_numpy(), table["head"].to_numpy()] = table[column].to_numpy(dtype=float)
-    return out
+    """Return the atlas's scalar scores, in the usual order (:data:`headatlas.scores.SCORE_ORDER`)."""
+    return ordered(atlas.scores)
 
 
 def _finite(values: Sequence[float] | np.ndarray, digits: int = 4) -> list[float | None]:
@@ -181,17 +138,19 @@ def _examples(atlas: Atlas, max_bytes: int) -> list[dict[str, Any]]:
 
 
 def score_entries(atlas: Atlas) -> list[dict[str, Any]]:
-    """Return ``[{name, label, description, threshold, role}]`` for each scalar score."""
+    """Return ``[{name, label, description, signed, bounded, threshold, role}]`` for each scalar score."""
     by_score = {r.score: r for r in RULES}
     entries = []
     for name in scalar_scores(atlas):
-        label, description = SCORE_INFO.get(name, (name, name))
+        spec = score_spec(name)
         rule = by_score.get(name)
         entries.append(
             {
                 "name": name,
-                "label": label,
-                "description": description,
+                "label": spec.label,
+                "description": spec.meaning,
+                "signed": spec.signed,
+                "bounded": spec.bounded,
                 "threshold": None if rule is None else rule.threshold,
                 "role": None if rule is None else rule.role,
             }
@@ -240,8 +199,7 @@ def heads_payload(atlas: Atlas) -> dict[str, Any]:
 def atlas_payload(atlas: Atlas, max_example_bytes: int = DEFAULT_MAX_EXAMPLE_BYTES) -> dict[str, Any]:
     """Return everything the report shows, JSON-ready (no NaN: missing values are ``None``)."""
     model = dict(atlas.meta.get("model", {}))
-    model.setdefault("n_layers", int(atlas.table["layer"].max()) + 1)
-    model.setdefault("n_heads", int(atlas.table["head"].max()) + 1)
+    model["n_layers"], model["n_heads"] = atlas.shape
     meta = atlas.meta
     return {
         "model": model,

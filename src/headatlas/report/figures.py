@@ -24,13 +24,13 @@ from matplotlib.patches import Patch, Rectangle
 
 from ..atlas import Atlas
 from ..errors import HeadatlasError
+from ..heads import head_name
 from ..roles import RULES
+from ..scores import score_spec
 from .data import (
     NO_ROLE_COLOR,
     ROLE_COLORS,
-    SCORE_INFO,
     display_token,
-    grid,
     head_roles,
     is_causal_map,
     scalar_scores,
@@ -50,7 +50,6 @@ GRID_TILE = 64
 """Thumbnails of the all-heads grid are at most this many cells a side (longer texts are max-pooled)."""
 SINGLE_TILE = 1024
 """A single-head map is max-pooled beyond this many tokens."""
-"""Offsets shown in the distance-profile heatmap (the table keeps 64)."""
 
 _NORM = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
 
@@ -60,7 +59,12 @@ def _attention_cmap(bad: str = "#f3f3f3") -> Colormap:
     return colormaps["Blues"].with_extremes(bad=bad)
 
 
-def _save(fig: Figure, out: str | Path, dpi: int = 110) -> Path:
+def save_figure(fig: Figure, out: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``out`` (PNG, SVG or PDF by the suffix) and return the path.
+
+    Figures are built with :class:`matplotlib.figure.Figure` and its Agg canvas, never pyplot, so
+    no global backend is switched.
+    """
     path = Path(out)
     if path.suffix.lower() not in FORMATS:
         raise HeadatlasError(f"cannot write {str(path)!r}: give a file ending in {', '.join(FORMATS)}")
@@ -129,7 +133,7 @@ def attention_figure(
     note = f"{len(tokens)} tokens" + (f", max-pooled ×{pool}" if pool > 1 else "")
     note += f", every {math.ceil(n / MAX_LABELS)}th token labelled" if n > MAX_LABELS else ""
     ax.set_title(f"{title}\n{note}" if title else note, fontsize=10, pad=12, parse_math=False)
-    return _save(fig, out, dpi=130 if n <= 96 else 160)
+    return save_figure(fig, out, dpi=130 if n <= 96 else 160)
 
 
 def grid_figure(
@@ -175,7 +179,7 @@ def grid_figure(
     cbar.set_label("attention (square-root scale)", fontsize=8)
     cbar.ax.tick_params(labelsize=7)
     dpi = int(np.clip(math.ceil(m / tile_in) + 10, 80, 160))
-    return _save(fig, out, dpi=dpi)
+    return save_figure(fig, out, dpi=dpi)
 
 
 def _heads_axes(fig: Figure, n_layers: int, n_heads: int) -> Axes:
@@ -194,29 +198,23 @@ def _grid_size(n_layers: int, n_heads: int) -> tuple[float, float]:
     return max(5.0, n_layers * cell + 2.2), max(2.4, n_heads * cell + 1.6)
 
 
-SIGNED_SCORES = frozenset({"copying", "successor_logit", "syntactic"})
-"""Scores that can be negative: drawn on a diverging scale centred on 0."""
-UNBOUNDED_SCORES = frozenset({"entropy"})
-"""Non-negative scores without an upper bound of 1."""
-
-
 def score_figure(atlas: Atlas, score: str, out: str | Path) -> Path:
     """Write a layer × head heatmap of ``score``; heads that earn the score's role are outlined."""
-    values = grid(atlas, score)  # [layer, head]
+    values = atlas.matrix(score)  # [layer, head]
     n_layers, n_heads = values.shape
     fig = Figure(figsize=_grid_size(n_layers, n_heads))
     ax = _heads_axes(fig, n_layers, n_heads)
     finite = np.isfinite(values).any()
-    if score in SIGNED_SCORES:
+    spec = score_spec(score)
+    if spec.signed:
         span = float(np.nanmax(np.abs(values))) if finite else 1.0
         cmap, vmin, vmax = "RdBu_r", -span, span
-    elif score in UNBOUNDED_SCORES:
+    elif not spec.bounded:
         cmap, vmin, vmax = "viridis", 0.0, float(np.nanmax(values)) if finite else 1.0
     else:
         cmap, vmin, vmax = "viridis", 0.0, 1.0
     image = ax.imshow(values.T, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-    label, meaning = SCORE_INFO.get(score, (score, ""))
-    title = f"{atlas.meta.get('model', {}).get('name', '')} — {label}: {meaning}"
+    title = f"{atlas.meta.get('model', {}).get('name', '')} — {spec.label}: {spec.meaning}"
     rules = [r for r in RULES if r.score == score]
     for rule in rules:
         for layer in range(n_layers):
@@ -233,7 +231,7 @@ def score_figure(atlas: Atlas, score: str, out: str | Path) -> Path:
     ax.set_title(title, fontsize=9, parse_math=False)
     cbar = fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
     cbar.ax.tick_params(labelsize=7)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def role_figure(atlas: Atlas, out: str | Path) -> Path:
@@ -267,13 +265,13 @@ def role_figure(atlas: Atlas, out: str | Path) -> Path:
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     name = atlas.meta.get("model", {}).get("name", "")
     ax.set_title(f"{name} — roles (thresholds in headatlas.roles)", fontsize=9, parse_math=False)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def grid_roles(atlas: Atlas) -> list[list[list[str]]]:
     """Return ``roles[layer][head]`` as lists in drawing order."""
-    cells = grid(atlas, "layer")
-    out: list[list[list[str]]] = [[[] for _ in range(cells.shape[1])] for _ in range(cells.shape[0])]
+    n_layers, n_heads = atlas.shape
+    out: list[list[list[str]]] = [[[] for _ in range(n_heads)] for _ in range(n_layers)]
     table = atlas.table
     for layer, head, roles in zip(
         table["layer"].tolist(), table["head"].tolist(), table["roles"].tolist(), strict=True
@@ -310,7 +308,7 @@ def profile_figure(atlas: Atlas, out: str | Path) -> Path:
     for score, color in (("previous_token", "#d62728"), ("self", "#ff7f0e"), ("local", "#e6b800")):
         if score in table and table[score].notna().any():
             best = int(np.nanargmax(table[score].to_numpy(dtype=float)))
-            name = f"L{layers[best]}H{heads[best]} (top {score})"
+            name = f"{head_name(layers[best], heads[best])} (top {score})"
             right.plot(offsets, profiles[best], color=color, marker=".", label=name)
     right.set_xlim(-0.5, min(16, profiles.shape[1] - 1) + 0.5)
     right.set_ylim(0, 1)
@@ -319,7 +317,7 @@ def profile_figure(atlas: Atlas, out: str | Path) -> Path:
     right.set_title("profiles of a few heads (offsets 0..16)", fontsize=9)
     right.legend(fontsize=8, frameon=False)
     right.tick_params(labelsize=7)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def example_figure(atlas: Atlas, layer: int, head: int, out: str | Path, title: str = "") -> Path:
@@ -335,8 +333,8 @@ def example_figure(atlas: Atlas, layer: int, head: int, out: str | Path, title: 
         images.append(_draw_map(fig, ax, ex.tokens, ex.attention[layer, head].astype(np.float32)))
         ax.set_title(f"{ex.label} example", fontsize=9, pad=8)
     fig.colorbar(images[-1], ax=list(axes), fraction=0.02, pad=0.01).ax.tick_params(labelsize=7)
-    fig.suptitle(title or f"L{layer} H{head}", fontsize=11)
-    return _save(fig, out)
+    fig.suptitle(title or head_name(layer, head), fontsize=11)
+    return save_figure(fig, out)
 
 
 def write_figures(atlas: Atlas, directory: str | Path) -> list[Path]:
@@ -363,9 +361,11 @@ def write_figures(atlas: Atlas, directory: str | Path) -> list[Path]:
                 strict=True,
             )
             for rank, (layer, head, value, roles) in enumerate(rows, start=1):
-                label = SCORE_INFO.get(score, (score, ""))[0]
-                title = f"L{layer} H{head} — #{rank} by {label} ({value:.3f}); roles: {roles or 'none'}"
-                path = out / "examples" / f"{score}-{rank}-L{layer}H{head}.png"
+                label = score_spec(score).label
+                title = (
+                    f"{head_name(layer, head)} — #{rank} by {label} ({value:.3f}); roles: {roles or 'none'}"
+                )
+                path = out / "examples" / f"{score}-{rank}-{head_name(layer, head)}.png"
                 written.append(example_figure(atlas, layer, head, path, title))
     logger.info("wrote %d figures to %s", len(written), out)
     return written

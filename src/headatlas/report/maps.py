@@ -15,9 +15,12 @@ import numpy as np
 import torch
 
 from ..capture import AttentionView, DenseView, capture
-from ..errors import HeadatlasError
+from ..errors import HeadatlasError, param
+from ..heads import check_heads, check_layer
 from ..loading import LoadedModel
 from ..probes import ProbeSequence, make_batch, pad_id
+from ..sequences import encode_words, sequence_frame
+from ..sequences import token_strings as decoded_tokens
 
 
 class TextTooLong(HeadatlasError):
@@ -54,22 +57,17 @@ def read_text(text: str | None, text_file: str | Path | None) -> str:
 
 
 def encode_text(loaded: LoadedModel, text: str, max_tokens: int | None = None) -> list[int]:
-    """Return the token ids a scan would use for ``text``.
+    """Return the token ids a scan would use for ``text``: framed as the tokenizer frames a text
+    (:mod:`headatlas.sequences`; BOS only where the tokenizer adds one, [CLS] … [SEP] for BERT).
 
-    Causal models get BOS (when the tokenizer has one) then the text without special tokens, as
-    in the natural battery; encoders get the tokenizer's own special tokens ([CLS] … [SEP]).
     Raises :class:`HeadatlasError` for empty text or more than ``max_tokens`` (or the context).
     """
     if not text.strip():
         raise HeadatlasError("the text is empty: give some text")
-    tok = loaded.tokenizer
-    if loaded.info.causal:
-        bos = tok.bos_token_id
-        ids = ([bos] if isinstance(bos, int) else []) + list(tok(text, add_special_tokens=False)["input_ids"])
-    else:
-        ids = list(tok(text, add_special_tokens=True)["input_ids"])
-    if not ids:
+    body, _words = encode_words(loaded.tokenizer, text)
+    if not body:
         raise HeadatlasError("the text encodes to no tokens: give text the tokenizer can read")
+    ids, _ = sequence_frame(loaded.tokenizer).wrap(body)
     limit = loaded.info.context_length
     if max_tokens is not None:
         limit = max_tokens if limit is None else min(limit, max_tokens)
@@ -80,7 +78,7 @@ def encode_text(loaded: LoadedModel, text: str, max_tokens: int | None = None) -
 
 def token_strings(loaded: LoadedModel, ids: list[int]) -> list[str]:
     """Return each token id decoded on its own (what the examples and labels show)."""
-    return [str(loaded.tokenizer.decode([i])) for i in ids]
+    return decoded_tokens(loaded.tokenizer, ids)
 
 
 def max_pool(maps: np.ndarray, factor: int, axis: int) -> np.ndarray:
@@ -133,11 +131,8 @@ def text_attention(
     tile: int | None = None,
 ) -> TextAttention:
     """Encode ``text`` (see :func:`encode_text`) and return its :class:`TextAttention` for ``layers``."""
-    info = loaded.info
-    if layers is not None:
-        bad = sorted(layer for layer in layers if not 0 <= layer < info.n_layers)
-        if bad:
-            raise HeadatlasError(f"no layer {bad[0]} in {info.name}: layers are 0..{info.n_layers - 1}")
+    for layer in sorted(layers or ()):
+        check_layer(layer, loaded.info.n_layers)
     ids = encode_text(loaded, text, max_tokens)
     maps, pool = layer_maps(loaded, ids, layers, tile)
     return TextAttention(ids, token_strings(loaded, ids), maps, pool)
@@ -147,8 +142,8 @@ def check_head(loaded: LoadedModel, layer: int | None, head: int | None) -> None
     """Raise :class:`HeadatlasError` unless ``(layer, head)`` names a head (``head`` alone is refused)."""
     info = loaded.info
     if head is not None and layer is None:
-        raise HeadatlasError("--head needs --layer too")
-    if layer is not None and not 0 <= layer < info.n_layers:
-        raise HeadatlasError(f"no layer {layer} in {info.name}: layers are 0..{info.n_layers - 1}")
-    if head is not None and not 0 <= head < info.n_heads:
-        raise HeadatlasError(f"no head {head} in {info.name}: heads are 0..{info.n_heads - 1}")
+        raise HeadatlasError(f"{param('head')} needs {param('layer')} too")
+    if layer is not None:
+        check_layer(layer, info.n_layers)
+    if layer is not None and head is not None:
+        check_heads([(layer, head)], info.n_layers, info.n_heads)

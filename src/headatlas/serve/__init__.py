@@ -6,12 +6,12 @@ import contextlib
 import logging
 from pathlib import Path
 
-from ..atlas import Atlas
+from ..atlas import TABLE_FILE, Atlas
 from ..datasets import PACKAGED_MODELS, cache_dir, packaged_model_path
 from ..errors import HeadatlasError
 from .app import create_app
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "atlas_model", "create_app", "run"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "atlas_model", "create_app", "resolve_target", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,21 @@ def atlas_model(atlas: Atlas) -> str | None:
         if any(Path(source).resolve() == place.resolve() for place in places):
             return name
     return str(source)
+
+
+def resolve_target(target: str, model: str | None = None) -> tuple[Atlas | None, str | None]:
+    """Return ``(atlas, model to load)`` for ``headatlas serve TARGET [--model M]``.
+
+    ``target`` is an atlas dir (its model is :func:`atlas_model`, unless ``model`` names another)
+    or a model spec. Raises :class:`HeadatlasError` for a directory that holds neither.
+    """
+    path = Path(target)
+    if (path / TABLE_FILE).exists():
+        atlas = Atlas.load(target)
+        return atlas, model if model is not None else atlas_model(atlas)
+    if path.is_dir() and not (path / "config.json").exists():
+        raise HeadatlasError(f"{target!r} holds neither an atlas nor a model: give an atlas dir or a model")
+    return None, model if model is not None else target
 
 
 def run(app: object, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:

@@ -36,11 +36,12 @@ from starlette.routing import Route
 from .. import __version__
 from ..atlas import Atlas
 from ..errors import HeadatlasError
+from ..heads import check_heads
 from ..loading import LoadedModel
 from ..report.data import NO_ROLE_COLOR, heads_payload, quantize, role_entries, score_entries
 from ..report.html import asset, content_security_policy, fill, page_script
-from ..report.maps import TextTooLong, encode_text, layer_maps, token_strings
 from ..roles import RULES
+from ..sequences import token_strings
 from .openapi import OPENAPI
 
 logger = logging.getLogger(__name__)
@@ -75,12 +76,7 @@ class ViewerState:
         if self.loaded is not None:
             return self.loaded.info.n_layers, self.loaded.info.n_heads
         if self.atlas is not None:
-            model = self.atlas.meta.get("model", {})
-            table = self.atlas.table
-            return (
-                int(model.get("n_layers") or table["layer"].max() + 1),
-                int(model.get("n_heads") or table["head"].max() + 1),
-            )
+            return self.atlas.shape
         return None
 
 
@@ -105,14 +101,6 @@ async def _read_json(request: Request) -> Any:
         return json.loads(bytes(body).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ApiError(400, "the body is not valid JSON") from None
-
-
-def _int(value: Any, name: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(422, f"{name} must be an integer")
-    if not low <= value < high:
-        raise ApiError(422, f"{name} {value} is out of range: 0..{high - 1}")
-    return value
 
 
 def _parse_attention(state: ViewerState, payload: Any) -> tuple[str, list[tuple[int, int]], str]:
@@ -141,7 +129,10 @@ def _parse_attention(state: ViewerState, payload: Any) -> tuple[str, list[tuple[
     for item in heads:
         if not isinstance(item, dict) or set(item) != {"layer", "head"}:
             raise ApiError(422, "each head must be an object {layer, head}")
-        out.append((_int(item["layer"], "layer", 0, shape[0]), _int(item["head"], "head", 0, shape[1])))
+        try:
+            out.extend(check_heads([(item["layer"], item["head"])], *shape))
+        except HeadatlasError as exc:
+            raise ApiError(422, str(exc)) from None
     return text, out, fmt
 
 
@@ -151,6 +142,8 @@ def _compute(
     loaded = state.loaded
     if loaded is None:
         raise ApiError(503, "no model loaded: start `headatlas serve` with a model to see live attention")
+    from ..report.maps import TextTooLong, encode_text, layer_maps  # torch: only with a live model
+
     if not state.lock.acquire(timeout=state.busy_timeout):
         raise ApiError(429, "the model is busy with another request: try again")
     try:
@@ -283,7 +276,7 @@ def create_app(
         return JSONResponse(
             {
                 "model": info_.name,
-                "tokens": token_strings(loaded, ids),
+                "tokens": token_strings(loaded.tokenizer, ids),
                 "n_tokens": len(ids),
                 "causal": info_.causal,
                 "format": fmt,

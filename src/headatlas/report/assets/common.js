@@ -49,11 +49,29 @@ const HA = (() => {
     }
     return (v) => lut[Math.max(0, Math.min(255, Math.round(v * 255)))];
   }
+  const RDBU = ["#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#f7f7f7", "#fddbc7", "#f4a582", "#d6604d", "#b2182b"];
   const blues = ramp(BLUES);
   const viridis = ramp(VIRIDIS);
+  const rdbu = ramp(RDBU);
   const css = (c) => "rgb(" + c[0] + "," + c[1] + "," + c[2] + ")";
   // attention colour: square-root scale, so weak but real patterns stay visible next to a sink
   const attnColor = (a) => blues(Math.sqrt(Math.max(0, Math.min(1, a))));
+
+  // score colour, from the score's spec: signed scores on a diverging scale centred on 0,
+  // unbounded ones from 0 to their largest value, the rest from 0 to 1
+  function scoreScale(payload, what) {
+    const spec = payload.scores.find((s) => s.name === what) || {};
+    const vals = (payload.heads.scores[what] || []).filter((v) => v !== null);
+    if (spec.signed) {
+      const span = Math.max(1e-9, ...vals.map((v) => Math.abs(v)));
+      const unit = (v) => 0.5 + v / (2 * span);
+      const magnitude = (v) => Math.min(1, Math.abs(v) / span);
+      return { signed: true, low: -span, high: span, unit, magnitude, color: (v) => css(rdbu(unit(v))) };
+    }
+    const high = spec.bounded === false ? Math.max(1e-9, ...vals) : 1;
+    const unit = (v) => Math.max(0, Math.min(1, v / high));
+    return { signed: false, low: 0, high, unit, magnitude: unit, color: (v) => css(viridis(unit(v))) };
+  }
 
   // ---- maps ------------------------------------------------------------------------------
   function bytesOf(b64) {
@@ -343,12 +361,7 @@ const HA = (() => {
     const roleColor = new Map(payload.roles.map((r) => [r.role, r.color]));
 
     function colorBy(what, legend) {
-      let max = 1;
-      if (what !== "role") {
-        const vals = payload.heads.scores[what].filter((v) => v !== null);
-        max = Math.max(1e-9, ...vals);
-        if (what !== "entropy") max = 1;
-      }
+      const scale = what === "role" ? null : scoreScale(payload, what);
       cells.forEach((c, key) => {
         const k = index.get(key);
         if (k === undefined) {
@@ -366,10 +379,10 @@ const HA = (() => {
           }
         } else {
           const v = payload.heads.scores[what][k];
-          c.style.background = v === null ? "#ffffff" : css(viridis(v / max));
+          c.style.background = v === null || !scale ? "#ffffff" : scale.color(v);
         }
       });
-      if (legend) drawLegend(legend, payload, what, max);
+      if (legend) drawLegend(legend, payload, what, scale);
     }
     function select(l, h, cls) {
       const name = cls || "sel";
@@ -386,7 +399,7 @@ const HA = (() => {
     return { colorBy, select, dim, cells };
   }
 
-  function drawLegend(node, payload, what, max) {
+  function drawLegend(node, payload, what, scale) {
     clear(node);
     if (what === "role") {
       payload.roles.forEach((r) => {
@@ -406,8 +419,9 @@ const HA = (() => {
       return;
     }
     const bar = el("span", "bar");
-    bar.style.background = "linear-gradient(90deg, " + VIRIDIS.join(", ") + ")";
-    node.append(el("span", "muted", "0"), bar, el("span", "muted", fmt(max, max > 2 ? 1 : 2)));
+    bar.style.background = "linear-gradient(90deg, " + (scale.signed ? RDBU : VIRIDIS).join(", ") + ")";
+    const digits = (x) => (Math.abs(x) > 2 ? 1 : 2);
+    node.append(el("span", "muted", fmt(scale.low, digits(scale.low))), bar, el("span", "muted", fmt(scale.high, digits(scale.high))));
   }
 
   function scoreLabel(payload, name) {
@@ -460,6 +474,7 @@ const HA = (() => {
     roleTag,
     scoreLabel,
     scoreOptions,
+    scoreScale,
     showTip,
     hideTip,
   };

@@ -59,7 +59,7 @@
       tr.title = s.description + (s.threshold !== null ? " (role " + s.role + " at ≥ " + s.threshold + ")" : "");
       const barCell = el("td", "barcell");
       const bar = el("div", "bar");
-      bar.style.width = Math.round(100 * Math.max(0, Math.min(1, s.name === "entropy" ? (v || 0) / 6 : v || 0))) + "%";
+      bar.style.width = Math.round(100 * (v === null ? 0 : HA.scoreScale(data, s.name).magnitude(v))) + "%";
       barCell.appendChild(bar);
       tr.append(el("td", null, s.label), barCell, el("td", "v", fmt(v) + (sd !== null ? " ± " + fmt(sd, 2) : "")));
       tb.appendChild(tr);
@@ -141,6 +141,7 @@
     ...data.scores.map((s) => ({ key: s.name, label: s.label, score: true })),
     { key: "roles", label: "roles", left: true },
   ];
+  const scales = Object.fromEntries(data.scores.map((s) => [s.name, HA.scoreScale(data, s.name)]));
   function cellValue(k, key) {
     if (key === "layer" || key === "head" || key === "kv_head") return heads[key].length ? heads[key][k] : null;
     if (key === "roles") return (heads.roles[k] || []).join(", ");
@@ -172,7 +173,7 @@
     cols.forEach((c) => {
       const v = cellValue(k, c.key);
       const td = el("td", c.left ? "l" : null, c.score ? fmt(v) : v === null ? "" : String(v));
-      if (c.score && v !== null && c.key !== "entropy") td.style.background = "rgba(52,84,209," + (0.32 * Math.max(0, Math.min(1, v))).toFixed(3) + ")";
+      if (c.score && v !== null) td.style.background = "rgba(52,84,209," + (0.32 * scales[c.key].magnitude(v)).toFixed(3) + ")";
       tr.appendChild(td);
     });
     tr.addEventListener("click", () => selectHead(heads.layer[k], heads.head[k], true));

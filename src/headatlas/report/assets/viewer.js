@@ -47,7 +47,7 @@
     const slot = state.slots[s];
     const head = el("div", "card-head");
     head.appendChild(el("span", "badge", s === 0 ? "A" : "B"));
-    const title = el("h2", null, "L" + slot.layer + " H" + slot.head);
+    const title = el("h2", null, "L" + slot.layer + "H" + slot.head);
     title.id = s === 0 ? "slot-a-title" : "slot-b-title";
     head.appendChild(title);
     const model = state.info.model || {};

@@ -1,0 +1,29 @@
+"""The ``headatlas`` command line: one module per command family, sharing :mod:`.common`.
+
+- :mod:`.atlas`: ``scan``, ``show``, ``map``
+- :mod:`.view`: ``report``, ``serve``
+- :mod:`.apps`: ``importance``, ``redundancy``, ``prune``, ``prune-curve``, ``verify``
+- :mod:`.data`: ``data status``, ``data install``
+
+Commands only parse, call the library and print; the work lives in the library. Torch and
+transformers are imported lazily, so ``headatlas --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from . import apps, atlas, data, view
+from .common import app, err_console
+
+__all__ = ["app", "main"]
+_COMMANDS = (apps, atlas, data, view)  # imported for their @app.command registrations
+
+
+def main() -> None:
+    """Entry point of the ``headatlas`` script."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)

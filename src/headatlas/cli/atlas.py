@@ -1,0 +1,271 @@
+"""``headatlas scan``, ``show`` and ``map``: make an atlas, read it, and draw a text's attention."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..heads import head_name
+from .common import (
+    BatchSizeOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelArg,
+    SeqLenOpt,
+    app,
+    console,
+    describe_model,
+    err_console,
+    example,
+    fail,
+    load_model,
+    quiet_libraries,
+    run,
+)
+
+
+@app.command(
+    epilog=example(
+        "headatlas scan default --out atlas",
+        "headatlas scan default --out atlas --add --probes needle,copy --n-functional 12",
+    )
+)
+def scan(
+    model: ModelArg = "default",
+    probes: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated batteries: natural, repeat (attention), needle, ordinal, copy, "
+            "translate, syntax (functional)"
+        ),
+    ] = "natural,repeat",
+    out: Annotated[Path, typer.Option(help="directory for atlas.parquet + atlas.json")] = Path("atlas"),
+    n_prompts: Annotated[int, typer.Option(help="sequences per attention battery")] = 64,
+    n_functional: Annotated[
+        int | None,
+        typer.Option(
+            help="prompts / trials / sentences per functional battery (default: each battery's own)"
+        ),
+    ] = None,
+    max_len: Annotated[
+        int | None, typer.Option(help="longest needle-in-a-haystack prompt in tokens (default 1024)")
+    ] = None,
+    seq_len: SeqLenOpt = 256,
+    batch_size: BatchSizeOpt = 8,
+    seed: Annotated[int, typer.Option(help="seed for text order and random tokens")] = 0,
+    text_file: Annotated[
+        Path | None, typer.Option(help="your own text (one passage per line) instead of EWT")
+    ] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    resume: Annotated[bool, typer.Option(help="continue a partial scan in --out")] = False,
+    force: Annotated[bool, typer.Option(help="overwrite an existing atlas in --out")] = False,
+    add: Annotated[
+        bool,
+        typer.Option(help="add these batteries' columns to the atlas in --out (same model), keep the rest"),
+    ] = False,
+    figures: Annotated[bool, typer.Option(help="draw DIR/figures/ after the scan")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log progress details")] = False,
+) -> None:
+    """Scan every head of MODEL and write an atlas (and its figures) to --out."""
+    quiet_libraries(verbose)
+    from ..atlas import check_out_dir
+    from ..scanning import ScanConfig
+    from ..scanning import scan as run_scan
+
+    config = run(
+        lambda: ScanConfig(
+            tuple(p.strip() for p in probes.split(",") if p.strip()),
+            None,
+            None if text_file is None else str(text_file),
+            n_prompts,
+            seq_len,
+            batch_size,
+            seed,
+            n_functional,
+            max_len,
+        )
+    )
+    run(lambda: check_out_dir(out, force, resume or add))
+    loaded = load_model(model, device, dtype)
+    describe_model(loaded)
+    progress, on_batch = _scan_progress()
+    try:
+        with progress:
+            atlas = run(
+                lambda: run_scan(
+                    loaded, out=out, resume=resume, force=force, on_batch=on_batch, add=add, config=config
+                )
+            )
+    except KeyboardInterrupt:
+        err_console.print(
+            f"interrupted: partial statistics are saved in {out}/.partial — rerun with --resume"
+        )
+        raise typer.Exit(130) from None
+    meta = atlas.meta
+    if add:
+        last = meta["added"][-1]
+        done = f"added {', '.join(last['probes'])} in {last['wall_seconds']:.1f} s"
+    else:
+        done = f"scanned {meta['tokens']:,} tokens in {meta['wall_seconds']:.1f} s"
+    console.print(f"{done} → {out / 'atlas.parquet'} ({len(atlas.table)} heads)")
+    _print_summary(atlas)
+    if figures:
+        with console.status("drawing figures …"):
+            from ..report.figures import write_figures
+
+            drawn = write_figures(atlas, out / "figures")
+        console.print(f"figures → {out / 'figures'} ({len(drawn)} files); `headatlas report {out}` for HTML")
+
+
+def _scan_progress() -> tuple[Any, Any]:
+    """A progress display with tokens/s, and the ``on_batch`` callback that drives it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ..scanning import BatchDone
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} tok/s"),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
+    tasks: dict[str, Any] = {}
+    clock = {"start": time.perf_counter(), "tokens": 0}
+
+    def on_batch(done: BatchDone) -> None:
+        if done.battery not in tasks:
+            tasks[done.battery] = progress.add_task(done.battery, total=done.n_batches, rate="-")
+        clock["tokens"] += done.tokens
+        rate = clock["tokens"] / max(time.perf_counter() - clock["start"], 1e-9)
+        shown = f"{rate:,.0f}" if done.tokens else "-"
+        progress.update(tasks[done.battery], completed=done.batch, total=done.n_batches, rate=shown)
+
+    return progress, on_batch
+
+
+def _print_summary(atlas: Any) -> None:
+    from ..roles import RULES
+
+    counts = []
+    for rule in RULES:
+        heads = atlas.with_role(rule.role)
+        if len(heads):
+            names = ", ".join(head_name(r.layer, r.head) for r in heads.head(4).itertuples())
+            more = f" +{len(heads) - 4}" if len(heads) > 4 else ""
+            counts.append(f"  {rule.role:<15} {len(heads):>4}  {names}{more}")
+    console.print("roles:" if counts else "no head passed a role threshold")
+    for line in counts:
+        console.print(line, highlight=False)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+@app.command(
+    epilog=example("headatlas show atlas --top 10 --by induction", "headatlas show atlas --role sink")
+)
+def show(
+    directory: Annotated[Path, typer.Argument(help="atlas directory written by `headatlas scan`")],
+    top: Annotated[int, typer.Option(help="number of heads to show")] = 20,
+    by: Annotated[str | None, typer.Option(help="sort by this score, highest first")] = None,
+    role: Annotated[str | None, typer.Option(help="only heads holding this role")] = None,
+) -> None:
+    """Print the atlas as a readable table."""
+    from ..atlas import Atlas
+    from ..scores import SCORES
+
+    if top < 1:
+        fail("--top must be at least 1")
+    atlas = run(lambda: Atlas.load(directory))
+    table = atlas.table
+    if role is not None:
+        table = run(lambda: atlas.with_role(role))
+    if by is not None:
+        if by not in atlas.scores:
+            fail(f"no score {by!r} in this atlas: choose from {', '.join(atlas.scores)}")
+        table = table.sort_values(by, ascending=False, na_position="last")
+    if by is None and role is None:
+        table = table.sort_values(["layer", "head"])
+    table = table.head(top)
+    shown = [(name, spec.short) for name, spec in SCORES.items() if spec.short and name in table.columns]
+    model = atlas.meta.get("model", {})
+    out = Table(
+        title=f"{model.get('name', '?')} — {len(atlas.table)} heads"
+        + (f", role {role}" if role else "")
+        + (f", by {by}" if by else ""),
+        title_justify="left",
+    )
+    for col, label in (("layer", "layer"), ("head", "head"), ("kv", "kv"), *shown, ("roles", "roles")):
+        out.add_column(
+            label,
+            justify="left" if col == "roles" else "right",
+            style="bold" if col == by else None,
+            no_wrap=col != "roles",
+        )
+    for row in table.itertuples(index=False):
+        out.add_row(
+            str(row.layer),
+            str(row.head),
+            str(row.kv_head),
+            *[_fmt(float(getattr(row, name))) for name, _ in shown],
+            str(row.roles),
+        )
+    Console(width=max(console.width, 24 + 9 * len(shown) + 40)).print(out)
+
+
+@app.command(
+    "map",
+    epilog=example(
+        'headatlas map default --text "The cat sat. The cat sat." --layer 18 --head 6 --out map.png',
+        "headatlas map default --text-file story.txt --out grid.png",
+    ),
+)
+def map_(
+    model: ModelArg = "default",
+    text: Annotated[str | None, typer.Option(help="the text to run")] = None,
+    text_file: Annotated[Path | None, typer.Option(help="read the text from this UTF-8 file")] = None,
+    layer: Annotated[int | None, typer.Option(help="layer (alone: every head of that layer)")] = None,
+    head: Annotated[int | None, typer.Option(help="head (needs --layer): one heatmap with tokens")] = None,
+    out: Annotated[Path, typer.Option(help="image file: .png, .svg or .pdf")] = Path("map.png"),
+    max_tokens: Annotated[int, typer.Option(help="refuse longer texts")] = 4096,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Draw a text's attention: one head with tokens on both axes, or a grid of every head."""
+    quiet_libraries(False)
+    from ..report.figures import FORMATS, GRID_TILE, SINGLE_TILE, attention_figure, grid_figure
+    from ..report.maps import check_head, read_text, text_attention
+
+    if out.suffix.lower() not in FORMATS:
+        fail(f"--out {str(out)!r}: give a file ending in {', '.join(FORMATS)}")
+    if max_tokens < 2:
+        fail("--max-tokens must be at least 2")
+    body = run(lambda: read_text(text, text_file))
+    if head is not None and layer is None:
+        fail("--head needs --layer too")
+    loaded = load_model(model, device, dtype)
+    run(lambda: check_head(loaded, layer, head))
+    name = loaded.info.name
+    if head is not None and layer is not None:
+        maps = run(lambda: text_attention(loaded, body, {layer}, max_tokens, tile=SINGLE_TILE))
+        title = f"{name} — {head_name(layer, head)}"
+        path = attention_figure(maps.tokens, maps.maps[layer][head], out, title, maps.pool)
+    else:
+        layers = None if layer is None else {layer}
+        maps = run(lambda: text_attention(loaded, body, layers, max_tokens, tile=GRID_TILE))
+        what = "every head" if layer is None else f"layer {layer}"
+        path = grid_figure(maps.tokens, maps.maps, out, f"{name} — {what}", maps.pool)
+    pooled = f", max-pooled ×{maps.pool}" if maps.pool > 1 else ""
+    console.print(f"wrote {path} ({len(maps.tokens)} tokens{pooled})", highlight=False)

