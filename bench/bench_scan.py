@@ -31,7 +31,6 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -40,63 +39,23 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from benchlib import cpu_model as _cpu_model
+from benchlib import current_rss_mib as _current_rss_mib
+from benchlib import maxrss_mib as _maxrss_mib
+from benchlib import quiet as _quiet
+from benchlib import reset_peak_rss as _reset_peak_rss
+from benchlib import status_mib as _proc_status_mib
+from benchlib import usable_cores
+
 KINDS = ("sdpa", "eager", "scan")
 CHILD_MARKER = "BENCH_CHILD_RESULT "
-
-
-def _quiet() -> None:
-    """Silence transformers' logging and progress bars (and headatlas' info logs)."""
-    import logging
-
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("headatlas").setLevel(logging.WARNING)
-
-
-def _maxrss_mib() -> float:
-    """Peak resident set size of this process so far, MiB (Linux reports ``ru_maxrss`` in KiB)."""
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 1024 if sys.platform != "darwin" else kib / (1024 * 1024)
-
-
-def _proc_status_mib(field: str) -> float | None:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB, or None off Linux."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _current_rss_mib() -> float | None:
-    """Current resident set size (``VmRSS``), MiB, or None off Linux."""
-    return _proc_status_mib("VmRSS")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _machine(threads: int) -> dict[str, Any]:
     import torch
     import transformers
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
+    usable = usable_cores()
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
@@ -159,20 +118,6 @@ def _runners(
         "eager": (lambda: forward("eager", 1), lambda: forward("eager", n)),
         "scan": (lambda: scan(1), lambda: scan(n)),
     }
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's RSS high-water mark (Linux ``clear_refs`` 5); return whether it worked.
-
-    Loading a model briefly holds more memory than it keeps (the checkpoint and the initialised
-    weights at once), and that transient would otherwise hide the run's own peak in ``ru_maxrss``.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
 
 
 def _child(args: argparse.Namespace) -> None:

@@ -44,51 +44,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
 from typing import Any
 
+from benchlib import current_rss_mib as _current_rss_mib
+from benchlib import maxrss_mib as _maxrss_mib
+from benchlib import peak_since_reset_mib as _peak_since_reset_mib
+from benchlib import reset_peak_rss as _reset_peak_rss
+
 MARKER = "TL_RESULT "
 VARIANTS = ("documented", "shared")
-
-
-def _maxrss_mib() -> float:
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 1024 if sys.platform != "darwin" else kib / (1024 * 1024)
-
-
-def _current_rss_mib() -> float | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _peak_since_reset_mib() -> float:
-    """``VmHWM`` (reset by :func:`_reset_peak_rss`; ``ru_maxrss`` keeps the load peak once a thread exits)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return _maxrss_mib()
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
 
 
 def _word_tokenizer(vocab_size: int) -> Any:

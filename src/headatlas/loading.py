@@ -209,7 +209,7 @@ def _packaged_dir(entry: PackagedModel) -> tuple[Path, str, str | None]:
     marker = target / "headatlas-source.json"
     if not marker.exists():
         try:
-            if entry.assemble is None:
+            if not entry.assembled:
                 _convert_gguf(located, target, file_sha256([located]), str(located))
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +223,7 @@ def _packaged_dir(entry: PackagedModel) -> tuple[Path, str, str | None]:
                 f"could not convert the packaged {entry.name} model {entry.path}: {first[:200]}"
             ) from exc
     sha = json.loads(marker.read_text())["sha256"]
-    return target, str(located if entry.assemble is None else target), sha
+    return target, str(target if entry.assembled else located), sha
 
 
 def _auto_class(config: Any) -> Any:

@@ -162,5 +162,7 @@ def chat_frame(tokenizer: Any) -> ChatFrame | None:
     before, after = text.split(_SENTINEL)
     ids = tokenizer(before, add_special_tokens=False)["input_ids"]
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special |= {int(i) for i, token in added.items() if getattr(token, "special", False)}
     lead = tuple(int(i) for i in ids[: next((k for k, i in enumerate(ids) if i not in special), len(ids))])
     return ChatFrame(before, after, "template " + (_token_text(tokenizer, lead) if lead else "text"))
