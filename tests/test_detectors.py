@@ -96,6 +96,17 @@ def test_subword_mass_on_other_pieces_of_the_word() -> None:
     assert mean(Score(out.values[:, 1:], out.valid)) == pytest.approx(0.0)
 
 
+def test_attention_parked_on_the_first_token_is_not_subword() -> None:
+    """Without a BOS the first token is a piece of the first word; a sink head is not a subword head."""
+    word_ids = torch.tensor([[0, 0, 0, 1, 2, 2, 3, 4, 5, 6, 7, 8]])  # word 0 is split over tokens 0..2
+    probs = stack(shifted(T), shifted(1))  # head 0: everything on token 0 (the sink); head 1: previous
+    out = DETECTORS["subword"](view(probs), rows(word_ids=word_ids))["subword"]
+    assert out.valid[0].nonzero().flatten().tolist() == [1, 2, 5]
+    assert mean(Score(out.values[:, :1], out.valid)) == pytest.approx(0.0)
+    values = out.values[0, 1, [1, 2, 5]].tolist()  # previous token: token 1's is the sink (not counted)
+    assert values == pytest.approx([0.0, 1.0, 1.0])
+
+
 def test_distance_profile_of_a_previous_token_head() -> None:
     out = DETECTORS["distance"](view(shifted(1)), rows(max_offset=5))["distance_profile"]
     assert out.values.shape == (1, 1, T, 5)

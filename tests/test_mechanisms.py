@@ -332,7 +332,7 @@ def test_modules_never_import_from_a_later_stage() -> None:
         if rel.parts == ("__init__",):
             continue
         own = _stage(rel.parts[0])
-        package = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
+        package = list(rel.parts[:-1])
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.ImportFrom) or not node.level:
                 continue

@@ -316,7 +316,7 @@ def test_raw_chunks_are_concatenated_in_order(tmp_path: Path, monkeypatch: pytes
     path = datasets.assemble_packaged_gguf("chunky", tmp_path)
     assert path == tmp_path / "chunky.gguf" and path.read_bytes() == b"GGUF\x03rest"
     (site / "chunk_a" / "data" / "part01.bin").write_bytes(b"nope")
-    with pytest.raises(HeadatlasError, match="could not assemble chunky.gguf .*GGUF magic"):
+    with pytest.raises(HeadatlasError, match=r"could not assemble chunky\.gguf .*GGUF magic"):
         datasets.assemble_packaged_gguf("chunky", tmp_path)
 
 

@@ -104,7 +104,9 @@ def subword(view: AttentionView, ctx: Context) -> dict[str, Score]:
     """Subword score: on tokens that continue a word, the mass on the other (earlier) pieces of that word.
 
     A token continues a word when the previous token has the same word id (BPE pieces of one
-    pre-tokenised word); pieces up to ``ctx.max_offset`` tokens back are counted. Subword heads
+    pre-tokenised word); pieces up to ``ctx.max_offset`` tokens back are counted, except the first
+    token the model sees (the sink, which may be a piece of the first word when the tokenizer adds
+    no BOS: attention parked there is not subword attention). Subword heads
     are described in Clark et al. 2019's analysis of split words. Returns ``[batch, head, query]``.
     """
     if ctx.word_ids is None:
@@ -118,8 +120,10 @@ def subword(view: AttentionView, ctx: Context) -> dict[str, Score]:
     continues = (wid_q >= 0) & (wid_q == wid_prev) & (q_index >= 1)  # [batch, query]
     d = torch.arange(1, ctx.max_offset, device=q_index.device)  # [offset]
     keys = (q_index[:, None] - d[None, :]).clamp_min(0)  # [query, offset]
-    same = (ctx.word_ids[:, keys] == wid_q[:, :, None]) & (
-        q_index[:, None] - d[None, :] >= 0
+    same = (
+        (ctx.word_ids[:, keys] == wid_q[:, :, None])
+        & (q_index[:, None] - d[None, :] >= 0)
+        & (ctx.positions[:, keys] >= 1)  # the first token the model sees is the sink, not a piece
     )  # [batch, query, offset]
     mass = (view.offsets(d.tolist()) * same[:, None]).sum(-1)  # [batch, head, query]
     return {"subword": Score(mass, continues)}

@@ -98,6 +98,22 @@ class ScanConfig:
         if unknown:
             raise HeadatlasError(f"unknown probe battery {unknown[0]!r}: choose from {', '.join(known)}")
 
+    @classmethod
+    def of(
+        cls,
+        probes: Sequence[str],
+        texts: Sequence[str] | None = None,
+        text_file: str | Path | None = None,
+        **settings: Any,
+    ) -> ScanConfig:
+        """Build a config from lists and paths as callers hold them (tuples and strings inside)."""
+        return cls(
+            probes=tuple(probes),
+            texts=None if texts is None else tuple(texts),
+            text_file=None if text_file is None else str(text_file),
+            **settings,
+        )
+
     @property
     def functional(self) -> list[str]:
         """The functional batteries asked for, in order, without repeats."""
@@ -223,14 +239,11 @@ class _Checkpoint:
         )
 
 
-def _accumulator(stats: HeadStats, detectors: tuple[str, ...], context: Callable[[], Context]) -> Any:
-    def on_view(view: AttentionView) -> None:
-        ctx = context()
-        for name in detectors:
-            for score, result in DETECTORS[name](view, ctx).items():
-                stats.add(score, view.layer, result.values, result.valid)
-
-    return on_view
+def _accumulate(stats: HeadStats, detectors: tuple[str, ...], view: AttentionView, ctx: Context) -> None:
+    """Add every detector's per-row scores on ``view`` to ``stats``."""
+    for name in detectors:
+        for score, result in DETECTORS[name](view, ctx).items():
+            stats.add(score, view.layer, result.values, result.valid)
 
 
 def run_scan(
@@ -265,7 +278,6 @@ def run_scan(
     total_tokens = sum(b.n_tokens for b in batteries)
     pad = pad_id(loaded.tokenizer)
     device = loaded.device
-    current: dict[str, Context] = {}
 
     for battery in batteries:
         batches = [
@@ -274,20 +286,23 @@ def run_scan(
         if battery.name == "texts":  # group similar lengths to limit padding
             ordered = sorted(battery.sequences, key=lambda s: len(s.ids))
             batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-        on_view = _accumulator(stats, battery.detectors, lambda: current["ctx"])
+
+        def on_view(view: AttentionView, detectors: tuple[str, ...] = battery.detectors) -> None:
+            _accumulate(stats, detectors, view, session.context)
+
         with capture(loaded, on_view, mode=mode) as session:
             for index, seqs in enumerate(batches):
                 if index < done.get(battery.name, 0):
                     continue
                 batch = make_batch(seqs, pad)
-                current["ctx"] = Context(
+                ctx = Context(
                     positions=batch.positions.to(device),
                     word_ids=None if batch.word_ids is None else batch.word_ids.to(device),
                     period=battery.period,
                     repeat_start=battery.repeat_start,
                 )
                 started = time.perf_counter()
-                session.run(batch.input_ids, batch.attention_mask, with_head=False)
+                session.run(batch.input_ids, batch.attention_mask, with_head=False, context=ctx)
                 if not session.layers_seen:
                     raise HeadatlasError(
                         f"{info.name} ran without calling any attention layer: nothing to scan"
@@ -374,16 +389,16 @@ def scan(
     same model): its other columns, tables and examples stay, roles are reassigned from every score.
     """
     if config is None:
-        config = ScanConfig(
-            tuple(probes),
-            None if texts is None else tuple(texts),
-            None if text_file is None else str(text_file),
-            n_prompts,
-            seq_len,
-            batch_size,
-            seed,
-            n_functional,
-            max_len,
+        config = ScanConfig.of(
+            probes,
+            texts,
+            text_file,
+            n_prompts=n_prompts,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            seed=seed,
+            n_functional=n_functional,
+            max_len=max_len,
         )
     out_dir = Path(out) if out is not None else None
     if add and (out_dir is None or not (out_dir / TABLE_FILE).exists()):

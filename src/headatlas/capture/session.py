@@ -58,6 +58,8 @@ class CaptureSession:
         self.on_values: ValuesCallback | None = None
         """Optional: receives ``(layer, value [batch, kv_head, key, d_head])`` of each attention
         layer (after the value projection, before GQA repetition), e.g. for OV-circuit scores."""
+        self.context: Any = None
+        """Per-batch data for the callbacks (positions, word ids, prompts), set by :meth:`run`."""
 
     def layer_of(self, module: torch.nn.Module) -> int:
         """Return the layer index of attention module ``module``."""
@@ -155,15 +157,21 @@ class CaptureSession:
         return out.transpose(1, 2).contiguous()
 
     def run(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_head: bool = True
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        with_head: bool = True,
+        context: Any = None,
     ) -> torch.Tensor:
         """Run one forward pass (no grad) over ``input_ids [batch, seq]``.
 
-        ``attention_mask [batch, seq]`` is 1 for real tokens, 0 for padding. Returns the logits
+        ``attention_mask [batch, seq]`` is 1 for real tokens, 0 for padding. ``context`` becomes
+        :attr:`context` for this pass (callbacks read it instead of sharing mutable state). Returns the logits
         ``[batch, seq, vocab]``; with ``with_head=False`` only the transformer body runs (scores
         do not need the LM head, which at 49k vocab is a fifth of SmolLM2's compute and
         the largest activation at long context) and its last hidden states are returned.
         """
+        self.context = context
         model = self.loaded.model if with_head else self.loaded.model.base_model
         device = self.loaded.device
         input_ids = input_ids.to(device)

@@ -79,17 +79,17 @@ def scan(
     from ..scanning import ScanConfig
     from ..scanning import scan as run_scan
 
+    names = [p.strip() for p in probes.split(",") if p.strip()]
     config = run(
-        lambda: ScanConfig(
-            tuple(p.strip() for p in probes.split(",") if p.strip()),
-            None,
-            None if text_file is None else str(text_file),
-            n_prompts,
-            seq_len,
-            batch_size,
-            seed,
-            n_functional,
-            max_len,
+        lambda: ScanConfig.of(
+            names,
+            text_file=text_file,
+            n_prompts=n_prompts,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            seed=seed,
+            n_functional=n_functional,
+            max_len=max_len,
         )
     )
     run(lambda: check_out_dir(out, force, resume or add))

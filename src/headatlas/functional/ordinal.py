@@ -219,10 +219,9 @@ def run_ordinal(
     stats = HeadStats(info.n_layers, info.n_heads)
     group = info.group_size
     pad = pad_id(loaded.tokenizer)
-    current: dict[str, Any] = {}
 
     def on_values(layer: int, value: torch.Tensor) -> None:
-        chunk: list[OrdinalPrompt] = current["chunk"]
+        chunk: list[OrdinalPrompt] = session.context
         values = value.repeat_interleave(group, dim=1).float()  # [batch, head, key, d_head]
         seq = values.shape[2]
         hits = torch.zeros(len(chunk), info.n_heads, seq, device=device)  # [batch, head, query]
@@ -259,9 +258,8 @@ def run_ordinal(
     with capture(loaded, lambda _view: None) as session:
         session.on_values = on_values
         for index, chunk in enumerate(batches):
-            current["chunk"] = chunk
             batch = make_batch([p.sequence for p in chunk], pad)
-            session.run(batch.input_ids, batch.attention_mask, with_head=False)
+            session.run(batch.input_ids, batch.attention_mask, with_head=False, context=chunk)
             progress(index + 1, len(batches))
     params = {
         "sets": {s.name: list(s.items) for s in sets},
