@@ -29,7 +29,8 @@ from .datasets import (
     cache_dir,
     packaged_model_path,
 )
-from .errors import HeadatlasError
+from .errors import HeadatlasError, check_choice
+from .storage import write_json
 
 if TYPE_CHECKING:
     import torch
@@ -149,10 +150,7 @@ def file_sha256(paths: list[Path]) -> str:
         return known[key]
     known[key] = _sha256_uncached(paths)
     try:
-        store.parent.mkdir(parents=True, exist_ok=True)
-        tmp = store.with_suffix(".tmp")
-        tmp.write_text(json.dumps(known, indent=1))
-        os.replace(tmp, store)
+        write_json(store, known)
     except OSError:  # a read-only cache only costs a re-hash next time
         logger.debug("could not write %s", store)
     return known[key]
@@ -247,8 +245,7 @@ def _auto_class(config: Any) -> Any:
 def _resolve_dtype(dtype: str) -> torch.dtype:
     import torch
 
-    if dtype not in _DTYPES:
-        raise HeadatlasError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+    check_choice("dtype", dtype, _DTYPES)
     return getattr(torch, dtype)
 
 

@@ -14,7 +14,6 @@ import hashlib
 import html
 import json
 import logging
-import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from .. import __version__
 from ..atlas import Atlas
+from ..storage import write_text
 from .data import DEFAULT_MAX_EXAMPLE_BYTES, atlas_payload
 
 logger = logging.getLogger(__name__)
@@ -111,11 +111,7 @@ def write_report(
     The report is written to a temporary file and renamed, so a reader never sees half of it.
     """
     target = Path(out) if out is not None else Path(directory) / REPORT_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    text = render_report(atlas, max_example_bytes)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)
+    write_text(target, render_report(atlas, max_example_bytes))
     logger.info("wrote %s (%d bytes)", target, target.stat().st_size)
     if figures:
         from .figures import write_figures
