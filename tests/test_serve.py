@@ -27,7 +27,13 @@ def atlas(tiny_atlas_dir: Path) -> ha.Atlas:
 
 @pytest.fixture(scope="module")
 def client(atlas: ha.Atlas, tiny_loaded: ha.LoadedModel) -> TestClient:
-    return TestClient(create_app(atlas, tiny_loaded, max_tokens=64, max_chars=2000, max_heads=4))
+    return TestClient(
+        create_app(atlas, tiny_loaded, max_tokens=64, max_chars=2000, max_heads=4), base_url=LOCAL
+    )
+
+
+LOCAL = "http://127.0.0.1"
+"""The viewer answers only local Host headers (and the address it binds)."""
 
 
 def _error(response, status: int) -> str:  # type: ignore[no-untyped-def]
@@ -116,17 +122,57 @@ def test_bad_attention_requests(client: TestClient, payload: object, status: int
 
 
 def test_bad_bodies_methods_and_paths(client: TestClient) -> None:
-    assert "valid JSON" in _error(client.post("/api/attention", content=b"{not json"), 400)
-    assert "valid JSON" in _error(client.post("/api/attention", content=b"\xff\xfe"), 400)
+    as_json = {"content-type": "application/json"}
+    assert "valid JSON" in _error(client.post("/api/attention", content=b"{not json", headers=as_json), 400)
+    assert "valid JSON" in _error(client.post("/api/attention", content=b"\xff\xfe", headers=as_json), 400)
     big = b'{"text": "' + b"a" * (MAX_BODY_BYTES + 10) + b'"}'
-    assert "over" in _error(client.post("/api/attention", content=big), 413)
+    assert "over" in _error(client.post("/api/attention", content=big, headers=as_json), 413)
     _error(client.get("/api/attention"), 405)
     _error(client.get("/no/such/page"), 404)
+    assert "nests too deeply" in _error(
+        client.post("/api/attention", content=b"[" * 100_000, headers=as_json), 400
+    )
+    lone = b'{"text": "a \\ud800 b", "heads": [{"layer": 0, "head": 0}]}'
+    assert "surrogate" in _error(client.post("/api/attention", content=lone, headers=as_json), 422)
+
+
+def test_a_cross_site_form_post_or_a_rebound_host_is_refused(client: TestClient) -> None:
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    body = b'{"text": "hi", "heads": [{"layer": 0, "head": 0}]}'
+    assert "application/json" in _error(client.post("/api/attention", content=body, headers=form), 415)
+    assert "Host" in _error(client.get("/api/info", headers={"host": "evil.example:8765"}), 400)
+    for host in ("127.0.0.1:8765", "localhost", "[::1]:8765"):
+        assert client.get("/api/info", headers={"host": host}).status_code == 200, host
+
+
+def test_the_bound_host_is_answered_and_another_models_atlas_refused(
+    atlas: ha.Atlas, tiny_loaded: ha.LoadedModel
+) -> None:
+    lan = TestClient(create_app(atlas, tiny_loaded, hosts=("10.1.2.3",)), base_url="http://10.1.2.3:8765")
+    assert lan.get("/api/info").status_code == 200
+    from tiny_models import BUILDERS, make_tokenizer
+
+    other = ha.load(BUILDERS["gpt2"](0), tokenizer=make_tokenizer())
+    with pytest.raises(ha.HeadatlasError, match="layers"):
+        create_app(atlas, other)
+
+
+def test_a_port_in_use_is_one_line() -> None:
+    import socket
+
+    from headatlas.serve import check_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ha.HeadatlasError, match=f"port {port} on 127.0.0.1 is in use"):
+            check_port("127.0.0.1", port)
 
 
 def test_one_model_run_at_a_time(atlas: ha.Atlas, tiny_loaded: ha.LoadedModel) -> None:
     app = create_app(atlas, tiny_loaded, busy_timeout=0.05)
-    client = TestClient(app)
+    client = TestClient(app, base_url=LOCAL)
     state = app.state.viewer
     assert state.lock.acquire(timeout=1)
     try:
@@ -140,13 +186,13 @@ def test_one_model_run_at_a_time(atlas: ha.Atlas, tiny_loaded: ha.LoadedModel) -
 
 
 def test_atlas_only_and_model_only(atlas: ha.Atlas, tiny_loaded: ha.LoadedModel) -> None:
-    only_atlas = TestClient(create_app(atlas, None))
+    only_atlas = TestClient(create_app(atlas, None), base_url=LOCAL)
     assert only_atlas.get("/").status_code == 200
     assert only_atlas.get("/api/info").json()["live"] is False
     assert "no model" in _error(
         only_atlas.post("/api/attention", json={"text": "hi", "heads": [{"layer": 0, "head": 0}]}), 503
     )
-    only_model = TestClient(create_app(None, tiny_loaded))
+    only_model = TestClient(create_app(None, tiny_loaded), base_url=LOCAL)
     assert "no atlas" in _error(only_model.get("/api/atlas"), 404)
     assert (
         only_model.post("/api/attention", json={"text": "hi", "heads": [{"layer": 0, "head": 0}]}).status_code
@@ -165,7 +211,7 @@ def test_unexpected_failure_is_a_json_500(
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(maps, "layer_maps", broken)
-    client = TestClient(create_app(atlas, tiny_loaded), raise_server_exceptions=False)
+    client = TestClient(create_app(atlas, tiny_loaded), raise_server_exceptions=False, base_url=LOCAL)
     response = client.post("/api/attention", json={"text": "hi", "heads": [{"layer": 0, "head": 0}]})
     assert "secret" not in _error(response, 500)
 

@@ -22,11 +22,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .errors import HeadatlasError, param
+from .errors import RESCAN, HeadatlasError, param
 from .heads import head_name
 from .roles import RULES, assign_roles
 from .scores import VECTOR_SCORES, ordered
-from .storage import SIDE_TABLE_NAME, atomic_path, has_partial, write_json
+from .storage import (
+    EXAMPLES_FILE,
+    META_FILE,
+    SIDE_TABLE_NAME,
+    TABLE_FILE,
+    atomic_path,
+    check_output_dir,
+    has_partial,
+    write_json,
+)
 
 if TYPE_CHECKING:
     from .loading import ModelInfo
@@ -34,10 +43,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TABLE_FILE = "atlas.parquet"
-META_FILE = "atlas.json"
-EXAMPLES_FILE = "examples.npz"
-_FORCE = param("force", "force=True")
+_FORCE = param(RESCAN, "scan(..., force=True)")
+"""What to do about a damaged atlas: make it again (shown as the full command on the command line)."""
+REQUIRED_COLUMNS = ("layer", "head", "kv_head", "roles")
+"""Columns every atlas table has."""
+NOT_SCORES = frozenset({"layer", "head", "kv_head", "cluster"})
+"""Numeric columns that identify or group heads; they never rank them."""
+OWNED_FILES = ("report.html", "redundancy_js.npy", "redundancy_cos.npy")
+"""Files an atlas dir may hold besides the table, side tables, examples, ``verify-*.json`` and
+``figures/``: everything a new atlas replaces when it is written over an old one."""
 
 
 def versions() -> dict[str, str]:
@@ -69,6 +83,40 @@ def _numeric(column: pd.Series) -> bool:
     return bool(pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column))
 
 
+def _table_stamp(table: pd.DataFrame) -> dict[str, Any]:
+    """What ``atlas.json`` records of the table it was saved with: rows and columns."""
+    return {"rows": len(table), "columns": [str(c) for c in table.columns]}
+
+
+def _validate(table: pd.DataFrame, meta: Any, where: Path) -> None:
+    """Raise :class:`HeadatlasError` unless ``table`` and ``meta`` form an atlas (one line, what to do)."""
+    fix = f"rescan it: {_FORCE}"
+    if not isinstance(meta, dict):
+        raise HeadatlasError(f"{where.with_name(META_FILE)} is not a JSON object: {fix}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise HeadatlasError(f"{where} has no {', '.join(missing)} column: not a headatlas table, {fix}")
+    if table.empty:
+        raise HeadatlasError(f"{where} has no rows: {fix}")
+    ids = table[["layer", "head"]]
+    if not all(pd.api.types.is_integer_dtype(ids[c]) for c in ids) or bool((ids < 0).any().any()):
+        raise HeadatlasError(f"{where}: layer and head must be non-negative integers, {fix}")
+    if ids.duplicated().any():
+        raise HeadatlasError(f"{where} lists a head twice: {fix}")
+    model = meta.get("model", {})
+    if not isinstance(model, dict):
+        raise HeadatlasError(f"{where.with_name(META_FILE)}: 'model' is not an object, {fix}")
+    n_layers, n_heads = model.get("n_layers"), model.get("n_heads")
+    beyond = isinstance(n_layers, int) and isinstance(n_heads, int)
+    if beyond and (int(ids["layer"].max()) >= n_layers or int(ids["head"].max()) >= n_heads):  # type: ignore[operator]
+        raise HeadatlasError(f"{where} has heads beyond the model's {n_layers} × {n_heads}: {fix}")
+    stamp = meta.get("table")
+    if isinstance(stamp, dict) and stamp != _table_stamp(table):
+        raise HeadatlasError(
+            f"{where} and {META_FILE} come from different saves (an interrupted write?): {fix}"
+        )
+
+
 def _head_grid(n_layers: int, n_heads: int, group_size: int) -> dict[str, np.ndarray]:
     layers, heads = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
     return {"layer": layers.ravel(), "head": heads.ravel(), "kv_head": heads.ravel() // group_size}
@@ -89,6 +137,8 @@ class Atlas:
         self.examples: list[Example] = examples or []
         self.tables: dict[str, pd.DataFrame] = tables or {}
         """Side tables saved as ``DIR/<name>.parquet`` (e.g. ``syntax_relations``)."""
+        self.reused = False
+        """True when a resumed scan found this atlas already complete and computed nothing."""
 
     @classmethod
     def from_stats(cls, stats: HeadStats, info: ModelInfo, meta: dict[str, Any] | None = None) -> Atlas:
@@ -129,25 +179,27 @@ class Atlas:
         )
 
     def matrix(self, name: str) -> np.ndarray:
-        """Return numeric column ``name`` as a ``[layer, head]`` float array (NaN where a head is missing).
+        """Return score column ``name`` as a ``[layer, head]`` float array (NaN where a head is missing).
 
-        Raises :class:`HeadatlasError` for a missing column or one that is not numeric (``roles``,
-        ``distance_profile``): such a column cannot rank heads.
+        Raises :class:`HeadatlasError` unless ``name`` is one of :attr:`score_columns`: ``roles``,
+        ``distance_profile``, ``layer`` or ``cluster`` cannot rank heads.
         """
-        if name not in self.table.columns:
-            raise HeadatlasError(
-                f"the atlas has no column {name!r}: choose from {', '.join(self.scores) or 'no scores'}"
-            )
+        self.check_score(name)
         column = self.table[name]
-        if not _numeric(column):
-            raise HeadatlasError(
-                f"column {name!r} is not a numeric score: choose from {', '.join(self.scores) or 'no scores'}"
-            )
         out = np.full(self.shape, np.nan)
         out[self.table["layer"].to_numpy(dtype=int), self.table["head"].to_numpy(dtype=int)] = (
             column.to_numpy(dtype=float)
         )
         return out
+
+    def check_score(self, name: str) -> None:
+        """Raise :class:`HeadatlasError` unless ``name`` is a column that can rank heads (:attr:`score_columns`)."""
+        if name not in self.score_columns:
+            what = (
+                f"no score {name!r} in" if name not in self.table.columns else f"{name!r} is not a score of"
+            )
+            choices = ", ".join(self.score_columns) or "none yet"
+            raise HeadatlasError(f"{what} this atlas (scores rank heads; choose from {choices})")
 
     def set_matrix(self, name: str, values: np.ndarray) -> None:
         """Set column ``name`` from a ``[layer, head]`` array, aligned on the table's layer/head columns."""
@@ -157,13 +209,23 @@ class Atlas:
 
     @property
     def scores(self) -> list[str]:
-        """Names of the scalar scores in the table."""
+        """Names of the scalar scores in the table (columns with ``_n`` counts)."""
         return [c[:-2] for c in self.table.columns if c.endswith("_n") and c[:-2] in self.table.columns]
+
+    @property
+    def score_columns(self) -> list[str]:
+        """Numeric columns that can rank heads: the scores and score-like columns such as
+        ``importance_gradient_raw``; never ids (``layer``, ``head``, ``kv_head``), ``cluster``,
+        ``_std``/``_n`` companions, ``roles`` or vector columns."""
+        return [
+            c
+            for c in self.table.columns
+            if c not in NOT_SCORES and not str(c).endswith(("_std", "_n")) and _numeric(self.table[c])
+        ]
 
     def top(self, score: str, k: int = 10, ascending: bool = False) -> pd.DataFrame:
         """Return the ``k`` heads with the highest (or lowest) ``score``."""
-        if score not in self.table.columns or not _numeric(self.table[score]):
-            raise HeadatlasError(f"no score {score!r} in this atlas: choose from {', '.join(self.scores)}")
+        self.check_score(score)
         return self.table.sort_values(score, ascending=ascending, na_position="last").head(k)
 
     def with_role(self, role: str) -> pd.DataFrame:
@@ -200,6 +262,7 @@ class Atlas:
                 frame.to_parquet(tmp, index=False)
         with atomic_path(out / TABLE_FILE) as tmp:
             self.table.to_parquet(tmp, index=False)
+        self.meta["table"] = _table_stamp(self.table)
         write_json(out / META_FILE, self.meta, indent=2)
         return out
 
@@ -209,19 +272,26 @@ class Atlas:
         src = Path(directory)
         table_file, meta_file = src / TABLE_FILE, src / META_FILE
         if not table_file.exists():
-            raise HeadatlasError(f"no atlas in {str(src)!r}: run `headatlas scan --out {src}` first")
+            if has_partial(src):
+                raise HeadatlasError(
+                    f"{str(src)!r} holds an unfinished scan: finish it with {param('resume', 'scan(..., resume=True)')}"
+                )
+            raise HeadatlasError(f"no atlas in {str(src)!r}: scan one into it first")
         try:
             table = pd.read_parquet(table_file)
         except Exception as exc:  # pyarrow raises several types for damaged files
             raise HeadatlasError(
-                f"{table_file} is not a readable atlas table ({type(exc).__name__}): rescan with {_FORCE}"
+                f"{table_file} is not a readable atlas table ({type(exc).__name__}): rescan it: {_FORCE}"
             ) from exc
-        if not {"layer", "head"} <= set(table.columns):
-            raise HeadatlasError(f"{table_file} has no layer/head columns: not a headatlas table")
+        if not meta_file.exists():
+            raise HeadatlasError(
+                f"{meta_file} is missing: the atlas in {str(src)!r} is incomplete, rescan it: {_FORCE}"
+            )
         try:
-            meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
-        except (OSError, json.JSONDecodeError) as exc:
-            raise HeadatlasError(f"{meta_file} is not valid JSON: rescan with {_FORCE}") from exc
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise HeadatlasError(f"{meta_file} is not valid JSON: rescan it: {_FORCE}") from exc
+        _validate(table, meta, table_file)
         tables: dict[str, pd.DataFrame] = {}
         for name in meta.get("tables", []):
             path = src / f"{name}.parquet"
@@ -233,7 +303,15 @@ class Atlas:
                 raise HeadatlasError(
                     f"{path} is not a readable side table ({type(exc).__name__}): rescan"
                 ) from exc
-        return cls(table, meta, _load_examples(src / EXAMPLES_FILE), tables)
+        examples = _load_examples(src / EXAMPLES_FILE)
+        shape = (int(meta["model"]["n_layers"]), int(meta["model"]["n_heads"])) if "model" in meta else None
+        for ex in examples:
+            if shape is not None and tuple(np.shape(ex.attention)[:2]) != shape:
+                raise HeadatlasError(
+                    f"{src / EXAMPLES_FILE} holds maps of another model ({np.shape(ex.attention)[0]} layers × "
+                    f"{np.shape(ex.attention)[1]} heads): rescan it: {_FORCE}"
+                )
+        return cls(table, meta, examples, tables)
 
     def __repr__(self) -> str:
         model = self.meta.get("model", {}).get("name", "?")
@@ -285,25 +363,26 @@ def _load_examples(path: Path) -> list[Example]:
             ]
     except (OSError, ValueError, KeyError) as exc:
         raise HeadatlasError(
-            f"{path} is not a readable examples file ({type(exc).__name__}): rescan with {_FORCE}"
+            f"{path} is not a readable examples file ({type(exc).__name__}): rescan it: {_FORCE}"
         ) from exc
 
 
 def check_out_dir(out: Path, force: bool, resume: bool) -> None:
     """Refuse to scan into a directory that already holds results, unless ``force`` or ``resume``."""
-    if out.exists() and not out.is_dir():
-        raise HeadatlasError(f"{param('out')} {str(out)!r} is a file: give a directory")
+    check_output_dir(out)
     holds = out.exists() and ((out / TABLE_FILE).exists() or has_partial(out))
     if holds and not (force or resume):
         raise HeadatlasError(
             f"{str(out)!r} already holds an atlas or a partial scan: pass {param('resume', 'resume=True')} "
-            f"to continue it or {_FORCE} to overwrite"
+            f"to continue it or {param('force', 'force=True')} to overwrite"
         )
 
 
 def check_same_model(atlas: Atlas, info: ModelInfo, where: str) -> None:
     """Refuse an atlas made from another model than ``info`` describes (by weights sha256, then by shape)."""
-    model = atlas.meta.get("model", {})
+    model = atlas.meta.get("model")
+    if not isinstance(model, dict) or "n_layers" not in model:
+        raise HeadatlasError(f"the atlas in {where!r} does not say which model it was made from: rescan it")
     theirs, ours = model.get("sha256"), info.sha256
     if theirs != ours and (theirs or ours):
         raise HeadatlasError(
@@ -344,6 +423,31 @@ def merge_atlases(base: Atlas, new: Atlas) -> Atlas:
     ]
     meta["roles"] = new.meta.get("roles", meta.get("roles"))
     return Atlas(table, meta, new.examples or base.examples, {**base.tables, **new.tables})
+
+
+def discard_atlas(directory: str | Path) -> None:
+    """Remove every file an atlas in ``directory`` owns: table, metadata, examples, its side tables,
+    ``verify-*.json``, the report, redundancy matrices and ``figures/`` pictures. Other files stay.
+
+    Called when a new atlas replaces an old one (``force=True``), so nothing of the old model's
+    (examples, figures, tables) survives next to the new one.
+    """
+    src = Path(directory)
+    names: list[str] = []
+    try:
+        old = json.loads((src / META_FILE).read_text(encoding="utf-8"))
+        names = [str(t) for t in old.get("tables", [])] if isinstance(old, dict) else []
+    except (OSError, ValueError):
+        pass
+    owned = [src / TABLE_FILE, src / META_FILE, src / EXAMPLES_FILE, *(src / n for n in OWNED_FILES)]
+    owned += [src / f"{n}.parquet" for n in names if SIDE_TABLE_NAME.match(n)]
+    owned += list(src.glob("verify-*.json"))
+    figures = src / "figures"
+    if figures.is_dir():
+        owned += [p for p in figures.rglob("*") if p.is_file() and p.suffix in (".png", ".svg", ".pdf")]
+    for path in owned:
+        if path.is_file():
+            path.unlink()
 
 
 def open_atlas(info: ModelInfo, directory: str | Path | None) -> Atlas:

@@ -136,6 +136,23 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "headatlas"
 
 
+def check_cache_dir() -> Path:
+    """Return :func:`cache_dir` after checking it is (or can become) a writable directory."""
+    root = cache_dir()
+    current = root.absolute()
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    if not current.is_dir():
+        raise HeadatlasError(
+            f"the headatlas cache {str(root)!r} ($HEADATLAS_CACHE) is under a file: point it at a directory"
+        )
+    if not os.access(current, os.W_OK | os.X_OK):
+        raise HeadatlasError(
+            f"the headatlas cache {str(root)!r} ($HEADATLAS_CACHE) is not writable: point it elsewhere"
+        )
+    return root
+
+
 def data_dir() -> Path:
     """Return the directory holding installed text data (``cache_dir() / "data"``)."""
     return cache_dir() / "data"

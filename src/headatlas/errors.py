@@ -25,9 +25,15 @@ def param(name: str, python: str | None = None) -> str:
     return f"{_MARK}{name}{'|' + python if python else ''}{_MARK}"
 
 
+RESCAN = "rescan"
+"""A pseudo-parameter: "make this atlas again", ``scan(..., force=True)`` in Python and the full
+command on the command line (messages from commands without ``--force`` of their own use it)."""
+_CLI_TEXT = {RESCAN: "`headatlas scan MODEL --out DIR --force`"}
+
+
 def flag(name: str) -> str:
     """Return the command-line flag of Python parameter ``name``: ``seq_len`` → ``--seq-len``."""
-    return "--" + name.replace("_", "-")
+    return _CLI_TEXT.get(name) or "--" + name.replace("_", "-")
 
 
 class HeadatlasError(Exception):

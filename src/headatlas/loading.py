@@ -10,6 +10,7 @@ string is tried as a hub id (which fails with a one-line error when offline).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,9 +18,12 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from safetensors import SafetensorError
 
 from .archs import arch_spec
 from .datasets import (
@@ -27,9 +31,10 @@ from .datasets import (
     PackagedModel,
     assemble_packaged_gguf,
     cache_dir,
+    check_cache_dir,
     packaged_model_path,
 )
-from .errors import HeadatlasError, check_choice
+from .errors import HeadatlasError, check_choice, param
 from .storage import write_json
 
 if TYPE_CHECKING:
@@ -41,6 +46,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
+_SOURCE_FILE = "headatlas-source.json"
+"""In a converted model's cache dir: where its GGUF came from and the GGUF's sha256."""
 _DTYPES = ("float32", "bfloat16", "float16")
 _PACKAGED_NAMES = ", ".join(repr(name) for name in PACKAGED_MODELS)
 
@@ -170,6 +177,27 @@ def _sha256_uncached(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def _without_gguf_progress_bar() -> Iterator[None]:
+    """Silence transformers' GGUF de-quantisation bar (a raw tqdm that ignores its logging settings)."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    saved = gguf_utils.tqdm
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = saved
+
+
+def needs_conversion(spec: str) -> bool:
+    """Whether loading packaged model ``spec`` will first convert its GGUF (once, tens of seconds)."""
+    entry = PACKAGED_MODELS.get(spec)
+    return bool(
+        entry and entry.cache_name and not (cache_dir() / "models" / entry.cache_name / _SOURCE_FILE).exists()
+    )
+
+
 def _convert_gguf(gguf: Path, target: Path, sha256: str, origin: str) -> None:
     """Convert ``gguf`` to fp32 safetensors (model + tokenizer) in ``target``, atomically.
 
@@ -178,8 +206,9 @@ def _convert_gguf(gguf: Path, target: Path, sha256: str, origin: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s to fp32 safetensors in %s (once)", gguf.name, target)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with _without_gguf_progress_bar():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -187,7 +216,7 @@ def _convert_gguf(gguf: Path, target: Path, sha256: str, origin: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "headatlas-source.json").write_text(json.dumps({"gguf": origin, "sha256": sha256}, indent=1))
+    (tmp / _SOURCE_FILE).write_text(json.dumps({"gguf": origin, "sha256": sha256}, indent=1))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 
@@ -204,7 +233,7 @@ def _packaged_dir(entry: PackagedModel) -> tuple[Path, str, str | None]:
         weights = _weight_files(located)
         return located, str(located), file_sha256(weights) if weights else None
     target = cache_dir() / "models" / entry.cache_name
-    marker = target / "headatlas-source.json"
+    marker = target / _SOURCE_FILE
     if not marker.exists():
         try:
             if not entry.assembled:
@@ -240,6 +269,30 @@ def _auto_class(config: Any) -> Any:
         except KeyError:
             pass
     return transformers.AutoModel
+
+
+def _resolve_device(device: str) -> torch.device:
+    """Return ``torch.device(device)``; raise :class:`HeadatlasError` if it is unknown or not here."""
+    import torch
+
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HeadatlasError(f"unknown {param('device')} {device!r}: use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HeadatlasError(
+                f"{param('device')} {device!r}: this torch build or machine has no CUDA GPU, use cpu"
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise HeadatlasError(
+                f"{param('device')} {device!r}: only {torch.cuda.device_count()} CUDA devices here"
+            )
+    elif resolved.type not in ("cpu", "mps"):
+        raise HeadatlasError(f"{param('device')} {device!r}: headatlas runs on cpu, cuda or mps")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise HeadatlasError(f"{param('device')} 'mps' is not available here: use cpu")
+    return resolved
 
 
 def _resolve_dtype(dtype: str) -> torch.dtype:
@@ -301,6 +354,7 @@ def load(
     """
 
     torch_dtype = _resolve_dtype(dtype)
+    target_device = _resolve_device(device)
     if not isinstance(model, str):
         if tokenizer is None:
             raise HeadatlasError("load(model_object) needs tokenizer=...: pass the model's tokenizer")
@@ -310,6 +364,7 @@ def load(
 
     from transformers import AutoConfig, AutoTokenizer
 
+    check_cache_dir()
     name = model
     gguf_file: str | None = None
     if model in PACKAGED_MODELS:
@@ -353,12 +408,18 @@ def load(
         tok = tokenizer or AutoTokenizer.from_pretrained(str(directory), **kwargs)
     except HeadatlasError:
         raise
-    except (OSError, ValueError, KeyError, struct.error) as exc:  # struct.error: a corrupt GGUF
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        struct.error,
+        SafetensorError,
+    ) as exc:  # a corrupt GGUF / safetensors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HeadatlasError(
             f"could not load model {model!r} (tried {source}): {first[:200]} "
             f"— offline machines need {_PACKAGED_NAMES}, a local dir or a .gguf file"
         ) from exc
-    hf_model = hf_model.to(device).eval()
+    hf_model = hf_model.to(target_device).eval()
     info = model_info(hf_model, name=name, source=source, sha256=sha)
     return LoadedModel(hf_model, tok, info)

@@ -16,6 +16,7 @@ the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,9 @@ import numpy as np
 import torch
 
 from .errors import HeadatlasError, param
-from .sequences import encode_words, sequence_frame
+from .sequences import encode_words, read_utf8, sequence_frame
+
+logger = logging.getLogger(__name__)
 
 BATTERIES = ("natural", "repeat")
 BATTERY_DETECTORS: dict[str, tuple[str, ...]] = {
@@ -127,11 +130,13 @@ def text_battery(tokenizer: Any, texts: Iterable[str], max_len: int | None) -> B
 def natural_battery(
     tokenizer: Any, corpus: list[str], n_prompts: int, seq_len: int, seed: int, source: str
 ) -> Battery:
-    """Battery ``natural``: ``n_prompts`` sequences of exactly ``seq_len`` tokens packed from ``corpus``.
+    """Battery ``natural``: up to ``n_prompts`` sequences of ``seq_len`` tokens packed from ``corpus``.
 
     Passages are drawn in a seeded random order and joined by spaces; each sequence is framed as
     the tokenizer frames a text (:func:`~headatlas.sequences.sequence_frame`) and filled with
-    whole passages, the last one cut to fit.
+    whole passages, the last one cut to fit. The corpus is read once: text is never repeated. When
+    it runs out first, what is left becomes one shorter last sequence, a warning says how many
+    tokens there were against how many were asked for, and ``params`` records both.
     """
     corpus = [t for t in corpus if t.strip()]
     if not corpus:
@@ -142,32 +147,49 @@ def natural_battery(
         raise HeadatlasError(
             f"{param('seq_len')} {seq_len} leaves no room for text inside the tokenizer's frame"
         )
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(corpus))
+    order = np.random.default_rng(seed).permutation(len(corpus))
     sequences: list[ProbeSequence] = []
     ids: list[int] = []
     words: list[int] = []
     next_word = 0
-    cursor = 0
-    passes = 0
-    while len(sequences) < n_prompts:
-        if cursor == len(order):
-            cursor, passes = 0, passes + 1
-            if passes > 1 and not sequences:
-                raise HeadatlasError(f"{source} holds too little text for one {seq_len}-token sequence")
-        text = corpus[order[cursor]]
-        cursor += 1
-        piece, piece_words = encode_words(tokenizer, (" " if ids else "") + text)
+    available = 0
+
+    def emit(length: int) -> None:
+        nonlocal ids, words
+        framed, framed_words = frame.wrap(ids[:length], words[:length])
+        sequences.append(ProbeSequence(tuple(framed), tuple(framed_words or ())))
+        ids, words = [], []
+
+    for index in order:
+        if len(sequences) == n_prompts:
+            break
+        piece, piece_words = encode_words(tokenizer, (" " if ids else "") + corpus[int(index)])
+        available += len(piece)
         ids.extend(piece)
-        base = next_word
         pw = piece_words or [-1] * len(piece)
-        words.extend(-1 if w < 0 else base + w for w in pw)
-        next_word = base + 1 + max(pw, default=-1)
+        words.extend(-1 if w < 0 else next_word + w for w in pw)
+        next_word += 1 + max(pw, default=-1)
         while len(ids) >= room and len(sequences) < n_prompts:
-            framed, framed_words = frame.wrap(ids[:room], words[:room])
-            sequences.append(ProbeSequence(tuple(framed), tuple(framed_words or ())))
-            ids, words = [], []
+            emit(room)
+    if len(sequences) < n_prompts and ids:
+        emit(len(ids))  # what is left: one shorter sequence
+    if not sequences:
+        raise HeadatlasError(f"{source} encodes to no tokens: give text the tokenizer can read")
     params = {"n_prompts": n_prompts, "seq_len": seq_len, "seed": seed, "source": source, **frame.describe()}
+    if len(sequences) < n_prompts or len(sequences[-1].ids) < seq_len:
+        asked = n_prompts * room
+        logger.warning(
+            "%s holds %d tokens of text, fewer than the %d asked for (%d × %d): scanning %d sequence(s), "
+            "the last %d tokens long; nothing is repeated",
+            source,
+            available,
+            asked,
+            n_prompts,
+            seq_len,
+            len(sequences),
+            len(sequences[-1].ids),
+        )
+        params.update({"tokens_available": available, "tokens_asked": asked, "n_sequences": len(sequences)})
     return Battery("natural", sequences, BATTERY_DETECTORS["natural"], params)
 
 
@@ -211,10 +233,7 @@ def repeat_battery(tokenizer: Any, vocab_size: int, n_prompts: int, seq_len: int
 def read_text_file(path: str | Path) -> list[str]:
     """Return the non-empty lines of a UTF-8 text file, or raise :class:`HeadatlasError`."""
     file = Path(path)
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise HeadatlasError(f"cannot read text file {str(file)!r}: {exc.__class__.__name__}") from exc
+    lines = read_utf8(file).splitlines()
     texts = [line.strip() for line in lines if line.strip()]
     if not texts:
         raise HeadatlasError(f"text file {str(file)!r} is empty: give a file with text")

@@ -8,9 +8,10 @@ our conventions, chosen once and not tuned per model.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-
-import numpy as np
+from typing import Any
 
 from .scores import LOCAL_WINDOW
 
@@ -28,7 +29,7 @@ class Rule:
 
     def holds(self, value: float) -> bool:
         """Return whether a head with this score value earns the role (NaN never does)."""
-        if not np.isfinite(value):
+        if not math.isfinite(value):
             return False
         return bool(value <= self.threshold) if self.below else bool(value >= self.threshold)
 
@@ -80,7 +81,7 @@ RULES: tuple[Rule, ...] = (
 """Every role. Each rule's score has a :class:`~headatlas.scores.ScoreSpec` (tested)."""
 
 
-def assign_roles(scores: dict[str, np.ndarray]) -> list[str]:
+def assign_roles(scores: Mapping[str, Any]) -> list[str]:
     """Return one comma-separated role string per head, given ``{score: values[head_rows]}``.
 
     Missing scores and NaN values never earn a role.

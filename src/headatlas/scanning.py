@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .atlas import TABLE_FILE, Atlas, Example, check_out_dir, check_same_model, merge_atlases
+from .atlas import (
+    TABLE_FILE,
+    Atlas,
+    Example,
+    check_out_dir,
+    check_same_model,
+    discard_atlas,
+    merge_atlases,
+)
 from .capture import AttentionView, attention_maps, capture
 from .datasets import ewt_sentences
 from .detectors import DETECTORS, Context
@@ -44,7 +52,15 @@ from .probes import (
 )
 from .sequences import sequence_frame, token_strings
 from .stats import HeadStats
-from .storage import PARTIAL_DIR, PROGRESS_FILE, STATS_FILE, discard_partial, has_partial, write_json
+from .storage import (
+    PARTIAL_DIR,
+    PROGRESS_FILE,
+    STATS_FILE,
+    directory_lock,
+    discard_partial,
+    has_partial,
+    write_json,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -52,6 +68,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _FORCE = param("force", "force=True")
+MAX_PROMPTS = 100_000
+"""Most sequences one attention battery builds (they are all held in memory)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,7 @@ class ScanConfig:
         check_at_least("n_prompts", self.n_prompts, 1)
         check_at_least("seq_len", self.seq_len, 8)
         check_at_least("batch_size", self.batch_size, 1)
+        check_at_least("seed", self.seed, 0)
         if self.n_functional is not None:
             check_at_least("n_functional", self.n_functional, 1)
         if self.max_len is not None:
@@ -97,6 +116,16 @@ class ScanConfig:
         unknown = [p for p in self.probes if p not in known]
         if unknown:
             raise HeadatlasError(f"unknown probe battery {unknown[0]!r}: choose from {', '.join(known)}")
+        if self.n_prompts > MAX_PROMPTS:
+            raise HeadatlasError(
+                f"{param('n_prompts')} {self.n_prompts:,} is over {MAX_PROMPTS:,} sequences per battery: "
+                "scan in parts into separate atlases, or lower it"
+            )
+        for given, name in ((self.text_file, "text_file"), (self.texts, "texts")):
+            if given is not None and "natural" not in self.probes:
+                raise HeadatlasError(
+                    f"{param(name)} feeds the natural battery, which {param('probes')} leaves out: add natural"
+                )
 
     @classmethod
     def of(
@@ -409,11 +438,14 @@ def scan(
     if out_dir is not None:
         check_out_dir(out_dir, force, resume or add)
     loaded = model if isinstance(model, LoadedModel) else load(model, device=device, dtype=dtype)
-    base = None
-    if add and out_dir is not None:
-        base = Atlas.load(out_dir)
-        check_same_model(base, loaded.info, str(out_dir))
-    return _scan(loaded, config, out_dir, resume, force, base, on_batch)
+    if out_dir is None:
+        return _scan(loaded, config, None, resume, force, None, on_batch)
+    with directory_lock(out_dir):  # a second scan into the same directory gets a one-line error
+        base = None
+        if add:
+            base = Atlas.load(out_dir)
+            check_same_model(base, loaded.info, str(out_dir))
+        return _scan(loaded, config, out_dir, resume, force, base, on_batch)
 
 
 def _scan(
@@ -440,6 +472,7 @@ def _scan(
                     f"{str(out_dir)!r} holds a finished atlas made with other settings: pass {_FORCE} to rescan"
                 )
             logger.info("%s already holds this atlas: nothing to resume", out_dir)
+            finished.reused = True
             return finished
     if batteries:
         result = run_scan(loaded, batteries, config.batch_size, out_dir, resume, on_batch, scan_key=scan_key)
@@ -474,6 +507,8 @@ def _scan(
     if base is not None:
         atlas = merge_atlases(base, atlas)
     if out_dir is not None:
+        if base is None:  # a new atlas replaces everything an old one owned (examples, tables, figures)
+            discard_atlas(out_dir)
         atlas.save(out_dir)
         discard_partial(out_dir)
     return atlas

@@ -13,7 +13,9 @@ Packed sequences (many passages cut to a fixed length) need the frame apart from
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import HeadatlasError
@@ -106,9 +108,69 @@ def sequence_frame(tokenizer: Any) -> SequenceFrame:
     )
 
 
+def read_utf8(path: str | Path) -> str:
+    """Return the text of a UTF-8 file; raise :class:`HeadatlasError` saying what is wrong with it."""
+    file = Path(path)
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise HeadatlasError(
+            f"text file {str(file)!r} is not UTF-8 (byte {exc.start} cannot be read): save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise HeadatlasError(
+            f"cannot read text file {str(file)!r}: {exc.strerror or type(exc).__name__}"
+        ) from None
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte-to-unicode map, which byte-level BPE token strings are written in."""
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes = list(visible)
+    extra = 0
+    for byte in range(256):
+        if byte not in visible:
+            visible.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(visible, codes, strict=True)}
+
+
+_BYTE_DECODER = _byte_decoder()
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def _token_bytes(tokenizer: Any, token_id: int) -> bytes | None:
+    """The raw bytes a token covers, for byte-level BPE and byte-fallback tokens; else ``None``."""
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    if not isinstance(piece, str) or not piece:
+        return None
+    found = _BYTE_TOKEN.match(piece)
+    if found:
+        return bytes([int(found.group(1), 16)])
+    if all(ch in _BYTE_DECODER for ch in piece):
+        return bytes(_BYTE_DECODER[ch] for ch in piece)
+    return None
+
+
 def token_strings(tokenizer: Any, ids: list[int] | tuple[int, ...]) -> list[str]:
-    """Return each token id decoded on its own (what examples, labels and the viewer show)."""
-    return [str(tokenizer.decode([int(i)])) for i in ids]
+    """Return each token id decoded on its own (what examples, labels and the viewer show).
+
+    A token that is only part of a character (a piece of an emoji or of a CJK or Hebrew letter,
+    which decodes alone to "�") is shown as the bytes it covers, e.g. ``⟨f0 9f⟩``.
+    """
+    out = []
+    for token_id in ids:
+        text = str(tokenizer.decode([int(token_id)]))
+        if "\ufffd" in text:
+            raw = _token_bytes(tokenizer, token_id)
+            if raw is not None:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    text = "⟨" + " ".join(f"{b:02x}" for b in raw) + "⟩"
+        out.append(text)
+    return out
 
 
 def encode_words(tokenizer: Any, text: str) -> tuple[list[int], list[int] | None]:

@@ -9,6 +9,7 @@ scan resumes, and several processes' results merge.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -120,7 +121,7 @@ class HeadStats:
         try:
             with np.load(path, allow_pickle=False) as data:
                 return cls.from_state({k: data[k] for k in data.files})
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             raise HeadatlasError(
-                f"partial statistics {path} are unreadable ({exc}): rerun with {param('force', 'force=True')}"
+                f"partial statistics {path} are damaged (an interrupted write?) and cannot be resumed ({type(exc).__name__}): rerun with {param('force', 'force=True')}"
             ) from exc

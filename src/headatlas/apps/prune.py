@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from ..capture import ablate
 from ..errors import HeadatlasError, param
 from ..heads import Head, head_name
 from ..loading import LoadedModel
-from ..storage import write_json
+from ..storage import TABLE_FILE, check_output_dir, write_json
 from ..surgery import apply_layouts, attention_modules, plan_layouts, record_layouts
 from .evaluation import EvalData, Progress, count_params, forward_seconds, perplexity
 
@@ -89,11 +91,62 @@ def prune_model(
     return LoadedModel(model.eval(), loaded.tokenizer, info), plain
 
 
-def save_pruned(pruned: LoadedModel, out: Path) -> Path:
-    """Write the pruned model and tokenizer to ``out`` (safetensors)."""
-    out.mkdir(parents=True, exist_ok=True)
-    pruned.model.save_pretrained(out)
-    pruned.tokenizer.save_pretrained(out)
+PRUNE_REPORT = "headatlas-prune.json"
+"""Written into every pruned checkpoint; marks a directory ``prune`` may replace."""
+
+
+def check_prune_output(out: str | Path, model: str | None = None, force: bool = False) -> None:
+    """Refuse a checkpoint directory ``prune`` must not write, before any work.
+
+    ``out`` must not be a file, an atlas directory, or the model's own directory (``model``: the
+    spec or source the model is loaded from), and a non-empty directory that ``prune`` did not
+    write is replaced only with ``force``.
+    """
+    target = Path(out)
+    check_output_dir(target)
+    if model is not None and Path(model).exists() and target.resolve() == Path(model).resolve().parent:
+        raise HeadatlasError(
+            f"{param('out')} {str(target)!r} is where the model's file lives: give a new directory"
+        )
+    if model is not None and Path(model).is_dir() and target.resolve() == Path(model).resolve():
+        raise HeadatlasError(
+            f"{param('out')} {str(target)!r} is the model's own directory: give a new directory"
+        )
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if (target / TABLE_FILE).exists():
+        raise HeadatlasError(
+            f"{param('out')} {str(target)!r} holds an atlas: give a directory for the checkpoint"
+        )
+    if not (target / PRUNE_REPORT).exists() and not force:
+        raise HeadatlasError(
+            f"{param('out')} {str(target)!r} is not empty and holds no pruned checkpoint: give a new "
+            f"directory, or pass {param('force', 'force=True')} to replace its contents"
+        )
+
+
+def save_pruned(pruned: LoadedModel, out: Path, report: dict[str, object] | None = None) -> Path:
+    """Write the pruned model, tokenizer and ``report`` to ``out`` atomically (safetensors).
+
+    Everything is written into a temporary directory next to ``out`` that then replaces it, so a
+    Ctrl-C while saving leaves the old directory (or none), never old and new files mixed.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pruned.model.save_pretrained(tmp)
+        pruned.tokenizer.save_pretrained(tmp)
+        if report is not None:
+            write_json(tmp / PRUNE_REPORT, report)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -134,7 +187,6 @@ def run_prune(
     ppl_after = perplexity(pruned, data, progress)
     t_before = forward_seconds(loaded, data.batches[0])
     t_after = forward_seconds(pruned, data.batches[0])
-    save_pruned(pruned, out)
     report = PruneReport(
         heads_removed=[head_name(layer, head) for layer, head in heads],
         n_heads_removed=len(heads),
@@ -150,7 +202,7 @@ def run_prune(
         out=str(out),
         eval=data.describe(),
     )
-    write_json(out / "headatlas-prune.json", report.to_dict())
+    save_pruned(pruned, out, report.to_dict())
     return report
 
 

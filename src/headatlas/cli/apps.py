@@ -22,6 +22,7 @@ from .common import (
     floats,
     labelled_steps,
     load_model,
+    locked,
     progress_bar,
     quiet_libraries,
     run,
@@ -57,15 +58,18 @@ def importance(
     from ..apps.importance import METHODS, compute_importance, write_importance
     from ..atlas import open_atlas
     from ..errors import check_choice
+    from ..storage import check_output_dir
 
     run(lambda: check_choice("method", method, METHODS))
+    run(lambda: check_output_dir(out))
     loaded = load_model(model, device)
-    atlas = run(lambda: open_atlas(loaded.info, out))
-    heldout = run(lambda: heldout_data(loaded, data, "dev", n_seqs, seq_len, batch_size))
-    with progress_bar() as progress:
-        result = run(lambda: compute_importance(loaded, heldout, method, step(progress, method)))
-    write_importance(atlas, result)
-    atlas.save(out)
+    with locked(out):
+        atlas = run(lambda: open_atlas(loaded.info, out))
+        heldout = run(lambda: heldout_data(loaded, data, "dev", n_seqs, seq_len, batch_size))
+        with progress_bar() as progress:
+            result = run(lambda: compute_importance(loaded, heldout, method, step(progress, method)))
+        write_importance(atlas, result)
+        atlas.save(out)
     column = "importance_gradient" if method == "gradient" else "importance_ablation"
     top = atlas.top(column, 5)
     names = ", ".join(head_name(layer, head) for layer, head in zip(top["layer"], top["head"], strict=True))
@@ -89,17 +93,20 @@ def redundancy(
     from ..apps.evaluation import heldout_data
     from ..apps.redundancy import measure, plot_redundancy, write_redundancy
     from ..atlas import open_atlas
+    from ..storage import check_output_dir
 
+    run(lambda: check_output_dir(out))
     loaded = load_model(model, device)
-    atlas = run(lambda: open_atlas(loaded.info, out))
-    heldout = run(lambda: heldout_data(loaded, "natural", "dev", n_seqs, seq_len, n_seqs))
-    with progress_bar() as progress:
-        result = run(lambda: measure(loaded, heldout, step(progress, "layers")))
-    write_redundancy(atlas, result, heldout, out)
-    atlas.save(out)
-    figure = plot_redundancy(
-        result, loaded.info.n_heads, loaded.info.name, out / "figures" / "redundancy.png"
-    )
+    with locked(out):
+        atlas = run(lambda: open_atlas(loaded.info, out))
+        heldout = run(lambda: heldout_data(loaded, "natural", "dev", n_seqs, seq_len, n_seqs))
+        with progress_bar() as progress:
+            result = run(lambda: measure(loaded, heldout, step(progress, "layers")))
+        write_redundancy(atlas, result, heldout, out)
+        atlas.save(out)
+        figure = plot_redundancy(
+            result, loaded.info.n_heads, loaded.info.name, out / "figures" / "redundancy.png"
+        )
     n_clusters = int(result.cluster.max()) + 1 if result.cluster.size else 0
     in_clusters = int((result.cluster >= 0).sum())
     console.print(
@@ -115,8 +122,8 @@ def redundancy(
     )
 )
 def prune(
+    out: Annotated[Path, typer.Option(help="directory for the pruned checkpoint (required)")],
     model: ModelArg = "default",
-    out: Annotated[Path | None, typer.Option(help="directory for the pruned checkpoint")] = None,
     fraction: Annotated[float | None, typer.Option(help="fraction of heads to remove, in [0, 1)")] = None,
     heads: Annotated[str | None, typer.Option(help="exact heads to remove: L3H1,L17H4 (or 3.1,17.4)")] = None,
     by: Annotated[
@@ -125,6 +132,9 @@ def prune(
     atlas: Annotated[Path | None, typer.Option(help="atlas with the --by column")] = None,
     seed: Annotated[int, typer.Option(help="seed for --by random")] = 0,
     allow_empty_layers: AllowEmptyOpt = False,
+    force: Annotated[
+        bool, typer.Option(help="replace a non-empty --out that holds no pruned checkpoint")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     n_seqs: Annotated[int, typer.Option(help="held-out EWT test sequences for perplexity")] = 16,
     seq_len: SeqLenOpt = 256,
@@ -133,16 +143,16 @@ def prune(
     """Physically remove heads, save the checkpoint, and report params, perplexity and speed."""
     quiet_libraries(False)
     from ..apps.evaluation import heldout_data
-    from ..apps.prune import check_fraction, head_orders, random_order, run_prune, select
+    from ..apps.prune import check_fraction, check_prune_output, head_orders, random_order, run_prune, select
     from ..heads import parse_heads
 
-    if out is None:
-        fail("--out is required: the directory for the pruned checkpoint")
     if (fraction is None) == (heads is None):
         fail("give exactly one of --fraction F or --heads L3H1,...")
     if fraction is not None:
         run(lambda: check_fraction(fraction))
+    run(lambda: check_prune_output(out, model, force))
     loaded = load_model(model, device)
+    run(lambda: check_prune_output(out, loaded.info.source, force))
     info = loaded.info
     with progress_bar() as progress:
         if heads is not None:
@@ -203,8 +213,9 @@ def prune_curve(
     from ..apps.evaluation import heldout_data
     from ..apps.prune import check_fraction, head_orders, plot_curve
     from ..apps.prune import prune_curve as run_curve
-    from ..storage import write_json
+    from ..storage import check_output_dir, write_json
 
+    run(lambda: check_output_dir(out))
     values = floats(fractions, "--fractions")
     for value in values:
         run(partial(check_fraction, value, "fractions"))
@@ -260,21 +271,24 @@ def verify(
     from ..capture import check_mode
     from ..functional import FunctionalConfig
     from ..serve import atlas_model
+    from ..storage import check_output_dir
 
     atlas = run(lambda: Atlas.load(directory))
     run(lambda: check_mode(mode))
     run(lambda: check_verifiable(atlas, score))
+    run(lambda: check_output_dir(directory, "directory"))
+    config = run(
+        lambda: FunctionalConfig(n_prompts=n_prompts, max_len=max_len, seed=seed, batch_size=batch_size)
+    )
     spec = model or atlas_model(atlas)
     if spec is None:
         fail("the atlas does not name a model it can reload: pass --model")
     loaded = load_model(str(spec), device)
     run(lambda: check_same_model(atlas, loaded.info, str(directory)))
-    config = FunctionalConfig(n_prompts=n_prompts, max_len=max_len, seed=seed, batch_size=batch_size)
-    with progress_bar() as progress:
-        result = run(
-            lambda: run_verify(loaded, atlas, score, k, seeds, mode, config, labelled_steps(progress))
-        )
-    path = save_verification(result, directory)
+    with locked(directory), progress_bar() as progress:
+        steps = labelled_steps(progress)
+        result = run(lambda: run_verify(loaded, atlas, score, k, seeds, mode, config, steps))
+        path = save_verification(result, directory)
     better = "higher" if result.higher_is_better else "lower"
     out = Table(
         title=f"{result.metric} ({better} is better), {mode} ablation of {k} heads", title_justify="left"

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from ..heads import head_name
@@ -173,18 +172,29 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _show_help() -> tuple[str, str]:
+    from ..roles import RULES
+    from ..scores import SCORES
+
+    return (
+        "sort by this score, highest first: " + ", ".join(SCORES),
+        "only heads holding this role: " + ", ".join(dict.fromkeys(r.role for r in RULES)),
+    )
+
+
 @app.command(
     epilog=example("headatlas show atlas --top 10 --by induction", "headatlas show atlas --role sink")
 )
 def show(
     directory: Annotated[Path, typer.Argument(help="atlas directory written by `headatlas scan`")],
     top: Annotated[int, typer.Option(help="number of heads to show")] = 20,
-    by: Annotated[str | None, typer.Option(help="sort by this score, highest first")] = None,
-    role: Annotated[str | None, typer.Option(help="only heads holding this role")] = None,
+    by: Annotated[str | None, typer.Option(help=_show_help()[0])] = None,
+    role: Annotated[str | None, typer.Option(help=_show_help()[1])] = None,
 ) -> None:
-    """Print the atlas as a readable table."""
+    """Print the atlas as a readable table (as many score columns as the terminal fits)."""
     from ..atlas import Atlas
-    from ..scores import SCORES
+    from ..roles import RULES
+    from ..scores import SCORES, score_spec
 
     if top < 1:
         fail("--top must be at least 1")
@@ -192,14 +202,29 @@ def show(
     table = atlas.table
     if role is not None:
         table = run(lambda: atlas.with_role(role))
+        rule = next(r for r in RULES if r.role == role)
+        if rule.score not in atlas.table.columns:
+            battery = score_spec(rule.score).battery
+            fail(
+                f"no head can hold role {role!r}: this atlas has no {rule.score} column (scan with --probes {battery})"
+            )
     if by is not None:
-        if by not in atlas.scores:
-            fail(f"no score {by!r} in this atlas: choose from {', '.join(atlas.scores)}")
+        run(lambda: atlas.check_score(by))
         table = table.sort_values(by, ascending=False, na_position="last")
     if by is None and role is None:
         table = table.sort_values(["layer", "head"])
     table = table.head(top)
-    shown = [(name, spec.short) for name, spec in SCORES.items() if spec.short and name in table.columns]
+    shown = [
+        (name, spec.short or name) for name, spec in SCORES.items() if spec.short and name in table.columns
+    ]
+    if by is not None and by not in dict(shown):
+        shown.insert(0, (by, score_spec(by).short or by[:8]))
+    width = console.width
+    fits = max(1, (width - 50) // 9)  # layer, head, kv and roles take ~50 characters; a score ~9
+    dropped = max(0, len(shown) - fits)
+    if dropped:
+        shown = [c for c in shown if c[0] == by] + [c for c in shown if c[0] != by]
+        shown = shown[:fits]
     model = atlas.meta.get("model", {})
     out = Table(
         title=f"{model.get('name', '?')} — {len(atlas.table)} heads"
@@ -222,7 +247,11 @@ def show(
             *[_fmt(float(getattr(row, name))) for name, _ in shown],
             str(row.roles),
         )
-    Console(width=max(console.width, 24 + 9 * len(shown) + 40)).print(out)
+    console.print(out)
+    if dropped:
+        console.print(
+            f"({dropped} more score columns do not fit {width} columns: widen the terminal or use --by)"
+        )
 
 
 @app.command(
@@ -247,9 +276,9 @@ def map_(
     quiet_libraries(False)
     from ..report.figures import FORMATS, GRID_TILE, SINGLE_TILE, attention_figure, grid_figure
     from ..report.maps import check_head, read_text, text_attention
+    from ..storage import check_output_file
 
-    if out.suffix.lower() not in FORMATS:
-        fail(f"--out {str(out)!r}: give a file ending in {', '.join(FORMATS)}")
+    run(lambda: check_output_file(out, FORMATS))
     if max_tokens < 2:
         fail("--max-tokens must be at least 2")
     body = run(lambda: read_text(text, text_file))

@@ -8,7 +8,9 @@ instant.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
@@ -27,8 +29,26 @@ data_app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"headatlas {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Map every attention head of a transformer: what it attends to and what job it does."""
+
+
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line, also in a pipe
 
 T = TypeVar("T")
 
@@ -82,9 +102,32 @@ def run(action: Callable[[], T], flags: dict[str, str] | None = None) -> T:
         fail(exc.render(lambda name: names.get(name) or flag(name)))
 
 
+@contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """Hold :func:`headatlas.storage.directory_lock` on ``directory``; a held lock is a one-line error."""
+    from ..storage import directory_lock
+
+    lock = directory_lock(directory)
+    try:
+        lock.__enter__()
+    except HeadatlasError as exc:
+        fail(exc.render())
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> Any:
     """Load ``spec`` with :func:`headatlas.load` behind a spinner: the one way commands load a model."""
-    with console.status(f"loading {spec} …"):
+    from ..loading import needs_conversion
+
+    what = (
+        f"converting {spec} to safetensors once (about a minute)"
+        if needs_conversion(spec)
+        else f"loading {spec}"
+    )
+    with console.status(f"{what} …"):
         from ..loading import load
 
         return run(lambda: load(spec, device=device, dtype=dtype))

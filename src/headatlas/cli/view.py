@@ -18,9 +18,13 @@ def report(
 ) -> None:
     """Write a self-contained HTML report (one file, works offline) and DIR/figures/."""
     from ..atlas import Atlas
-    from ..report.html import write_report
+    from ..report.html import REPORT_FILE, write_report
+    from ..storage import check_output_dir, check_output_file
 
     atlas = run(lambda: Atlas.load(directory))
+    run(lambda: check_output_file(out or directory / REPORT_FILE, (".html", ".htm")))
+    if figures:
+        run(lambda: check_output_dir(directory / "figures", "directory"))
     with console.status("writing the report …"):
         path = run(lambda: write_report(atlas, directory, out, figures=figures))
     size = path.stat().st_size
@@ -52,13 +56,14 @@ def serve(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Start the local web viewer: type text, see any head's attention live, compare two heads."""
-    from ..serve import create_app, resolve_target
+    from ..serve import check_port, create_app, resolve_target
     from ..serve import run as serve_app
 
     if not 0 < port < 65536:
         fail(f"--port {port} is not a port: use 1..65535")
     if max_tokens < 2:
         fail("--max-tokens must be at least 2")
+    run(lambda: check_port(host, port))
     atlas, spec = run(lambda: resolve_target(target, model))
     if not live:
         if atlas is None:
@@ -84,7 +89,7 @@ def serve(
             "warning: the atlas does not name a model it can reload: pass --model for live attention",
             style="yellow",
         )
-    app_ = run(lambda: create_app(atlas, loaded, max_tokens=max_tokens))
+    app_ = run(lambda: create_app(atlas, loaded, max_tokens=max_tokens, hosts=(host,)))
     if host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(
             f"warning: binding {host}: anyone who can reach this machine can use the viewer", style="yellow"

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..errors import check_at_least
 from ..scores import SCORES, battery_scores
 from ..stats import HeadStats
 
@@ -51,6 +52,14 @@ class FunctionalConfig:
     max_len: int | None = None
     seed: int = 0
     batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.n_prompts is not None:
+            check_at_least("n_prompts", self.n_prompts, 1)
+        if self.max_len is not None:
+            check_at_least("max_len", self.max_len, 8)
+        check_at_least("seed", self.seed, 0)
+        check_at_least("batch_size", self.batch_size, 1)
 
 
 @dataclass

@@ -234,10 +234,10 @@ def run_ordinal(
         for b, prompt in enumerate(chunk):
             offset = seq - len(prompt.sequence.ids)  # left padding
             n_set = len(sets[prompt.set_index].ids)
-            keep = [
+            keep = [  # the first token the model sees is the sink, whatever item it is: not scored
                 (p + offset, r)
                 for p, r in zip(prompt.item_positions, prompt.item_ranks, strict=True)
-                if r + 1 < n_set
+                if r + 1 < n_set and p > 0
             ]
             if not keep:
                 continue

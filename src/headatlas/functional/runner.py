@@ -121,6 +121,18 @@ def run_functional(
                 _save(checkpoint_dir, result, fingerprint)
         else:
             logger.info("resuming: the %s battery is already done", name)
+        empty = [
+            score
+            for score in spec.scores
+            if score not in result.stats.names or not result.stats.n(score).any()
+        ]
+        if empty:
+            logger.warning(
+                "the %s battery produced no valid rows for %s: every value is NaN; give it more prompts "
+                "(n_functional / --n-functional)",
+                name,
+                ", ".join(empty),
+            )
         for table in result.tables:
             if not SIDE_TABLE_NAME.match(table):
                 raise HeadatlasError(f"battery {name!r} produced a table with a bad name {table!r}")

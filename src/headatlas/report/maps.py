@@ -19,7 +19,7 @@ from ..errors import HeadatlasError, param
 from ..heads import check_heads, check_layer
 from ..loading import LoadedModel
 from ..probes import ProbeSequence, make_batch, pad_id
-from ..sequences import encode_words, sequence_frame
+from ..sequences import encode_words, read_utf8, sequence_frame
 from ..sequences import token_strings as decoded_tokens
 
 
@@ -46,11 +46,7 @@ def read_text(text: str | None, text_file: str | Path | None) -> str:
     if (text is None) == (text_file is None):
         raise HeadatlasError("give the text with --text or --text-file (one of them)")
     if text_file is not None:
-        path = Path(text_file)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise HeadatlasError(f"cannot read text file {str(path)!r}: {exc.__class__.__name__}") from exc
+        text = read_utf8(text_file)
     if text is None or not text.strip():
         raise HeadatlasError("the text is empty: give some text")
     return text

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from ..atlas import TABLE_FILE, Atlas
 from ..datasets import PACKAGED_MODELS, cache_dir, packaged_model_path
-from ..errors import HeadatlasError
+from ..errors import HeadatlasError, param
 from .app import create_app
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "atlas_model", "create_app", "resolve_target", "run"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "atlas_model", "check_port", "create_app", "resolve_target", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,22 @@ def resolve_target(target: str, model: str | None = None) -> tuple[Atlas | None,
     if path.is_dir() and not (path / "config.json").exists():
         raise HeadatlasError(f"{target!r} holds neither an atlas nor a model: give an atlas dir or a model")
     return None, model if model is not None else target
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise :class:`HeadatlasError` unless ``host:port`` can be bound now (before saying it is served)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            why = "is in use" if exc.errno in (98, 48) else f"cannot be bound ({exc.strerror})"
+            raise HeadatlasError(
+                f"port {port} on {host} {why}: try {param('port')} with another number"
+            ) from None
 
 
 def run(app: object, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:

@@ -22,6 +22,7 @@ import html
 import json
 import logging
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,12 +30,14 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
-from ..atlas import Atlas
+from ..atlas import Atlas, check_same_model
 from ..errors import HeadatlasError
 from ..heads import check_heads
 from ..loading import LoadedModel
@@ -51,6 +54,18 @@ DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_CHARS = 20_000
 DEFAULT_MAX_HEADS = 8
 FORMATS = ("float", "uint8")
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+"""Host names the viewer always answers."""
+
+
+def _host_name(header: str) -> str:
+    """The host of a ``Host`` header without its port: ``[::1]:8765`` → ``::1``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 class ApiError(HTTPException):
@@ -89,6 +104,10 @@ def _model_facts(state: ViewerState) -> dict[str, Any] | None:
 
 
 async def _read_json(request: Request) -> Any:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        # a cross-site form post cannot send application/json without a CORS preflight
+        raise ApiError(415, "send the body as JSON, with Content-Type: application/json")
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
         raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
@@ -101,6 +120,8 @@ async def _read_json(request: Request) -> Any:
         return json.loads(bytes(body).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ApiError(400, "the body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "the body nests too deeply") from None
 
 
 def _parse_attention(state: ViewerState, payload: Any) -> tuple[str, list[tuple[int, int]], str]:
@@ -112,6 +133,10 @@ def _parse_attention(state: ViewerState, payload: Any) -> tuple[str, list[tuple[
     text = payload.get("text")
     if not isinstance(text, str) or not text.strip():
         raise ApiError(422, "text must be a non-empty string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(422, "text is not valid Unicode (it holds a lone surrogate)") from None
     if len(text) > state.max_chars:
         raise ApiError(413, f"text is {len(text)} characters, over the limit of {state.max_chars}")
     fmt = payload.get("format", "float")
@@ -171,10 +196,19 @@ def create_app(
     max_chars: int = DEFAULT_MAX_CHARS,
     max_heads: int = DEFAULT_MAX_HEADS,
     busy_timeout: float = 30.0,
+    hosts: Collection[str] = (),
 ) -> Starlette:
-    """Return the viewer app over ``atlas`` and/or ``loaded`` (either may be ``None``, not both)."""
+    """Return the viewer app over ``atlas`` and/or ``loaded`` (either may be ``None``, not both).
+
+    With both, they must be of the same model (:func:`~headatlas.atlas.check_same_model`). Requests
+    are answered only when their ``Host`` is ``127.0.0.1``, ``localhost``, ``::1`` or one of
+    ``hosts`` (the address the server binds), so a web page cannot reach the API by DNS rebinding.
+    """
     if atlas is None and loaded is None:
         raise HeadatlasError("the viewer needs an atlas, a model, or both")
+    if atlas is not None and loaded is not None:
+        check_same_model(atlas, loaded.info, "the served atlas")
+    allowed = {h.strip("[]").lower() for h in (*LOCAL_HOSTS, *hosts)}
     state = ViewerState(atlas, loaded, max_tokens, max_chars, max_heads, busy_timeout)
     script = page_script("common.js", "viewer.js")
     csp = content_security_policy(script, connect_self=True)
@@ -301,9 +335,18 @@ def create_app(
         Route("/api/heads", heads, methods=["GET"]),
         Route("/api/attention", attention, methods=["POST"]),
     ]
+
+    async def check_host(request: Request, call_next: Any) -> Response:
+        if _host_name(request.headers.get("host", "")) not in allowed:
+            return JSONResponse(
+                {"error": "unknown Host header: open the viewer at the address it printed"}, 400
+            )
+        return await call_next(request)  # type: ignore[no-any-return]
+
     app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: http_error, Exception: server_error},
+        middleware=[Middleware(BaseHTTPMiddleware, dispatch=check_host)],
     )
     app.state.viewer = state
     return app
