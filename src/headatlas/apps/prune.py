@@ -23,7 +23,7 @@ import numpy as np
 
 from ..atlas import Atlas, open_atlas
 from ..capture import ablate
-from ..errors import HeadatlasError, param
+from ..errors import HeadatlasError, check_at_least, param
 from ..heads import Head, head_name
 from ..loading import LoadedModel
 from ..storage import TABLE_FILE, check_output_dir, write_json
@@ -51,6 +51,7 @@ def order_heads(scores: np.ndarray) -> list[Head]:
 
 def random_order(n_layers: int, n_heads: int, seed: int) -> list[Head]:
     """A seeded random order of all heads."""
+    check_at_least("seed", seed, 0)
     rng = np.random.default_rng(seed)
     return [(int(i) // n_heads, int(i) % n_heads) for i in rng.permutation(n_layers * n_heads)]
 

@@ -31,7 +31,9 @@ from .common import (
 
 NSeqsOpt = Annotated[int, typer.Option(help="held-out EWT sequences")]
 SeqLenOpt = Annotated[int, typer.Option(help="tokens per sequence")]
-AllowEmptyOpt = Annotated[bool, typer.Option(help="allow removing every head of a layer")]
+AllowEmptyOpt = Annotated[
+    bool, typer.Option("--allow-empty-layers", help="allow removing every head of a layer")
+]
 
 
 @app.command(
@@ -122,7 +124,7 @@ def redundancy(
     )
 )
 def prune(
-    out: Annotated[Path, typer.Option(help="directory for the pruned checkpoint (required)")],
+    out: Annotated[Path, typer.Option(help="directory for the pruned checkpoint")],
     model: ModelArg = "default",
     fraction: Annotated[float | None, typer.Option(help="fraction of heads to remove, in [0, 1)")] = None,
     heads: Annotated[str | None, typer.Option(help="exact heads to remove: L3H1,L17H4 (or 3.1,17.4)")] = None,
@@ -133,7 +135,7 @@ def prune(
     seed: Annotated[int, typer.Option(help="seed for --by random")] = 0,
     allow_empty_layers: AllowEmptyOpt = False,
     force: Annotated[
-        bool, typer.Option(help="replace a non-empty --out that holds no pruned checkpoint")
+        bool, typer.Option("--force", help="replace a non-empty --out that holds no pruned checkpoint")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     n_seqs: Annotated[int, typer.Option(help="held-out EWT test sequences for perplexity")] = 16,

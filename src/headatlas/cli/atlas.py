@@ -63,13 +63,17 @@ def scan(
     ] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
-    resume: Annotated[bool, typer.Option(help="continue a partial scan in --out")] = False,
-    force: Annotated[bool, typer.Option(help="overwrite an existing atlas in --out")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue a partial scan in --out")] = False,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing atlas in --out")] = False,
     add: Annotated[
         bool,
-        typer.Option(help="add these batteries' columns to the atlas in --out (same model), keep the rest"),
+        typer.Option(
+            "--add", help="add these batteries' columns to the atlas in --out (same model), keep the rest"
+        ),
     ] = False,
-    figures: Annotated[bool, typer.Option(help="draw DIR/figures/ after the scan")] = True,
+    figures: Annotated[
+        bool, typer.Option("--figures/--no-figures", help="draw DIR/figures/ after the scan")
+    ] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log progress details")] = False,
 ) -> None:
     """Scan every head of MODEL and write an atlas (and its figures) to --out."""

@@ -14,7 +14,7 @@ from .common import DeviceOpt, app, console, err_console, example, fail, quiet_l
 def report(
     directory: Annotated[Path, typer.Argument(help="atlas directory written by `headatlas scan`")],
     out: Annotated[Path | None, typer.Option(help="HTML file (default DIR/report.html)")] = None,
-    figures: Annotated[bool, typer.Option(help="also draw DIR/figures/")] = True,
+    figures: Annotated[bool, typer.Option("--figures/--no-figures", help="also draw DIR/figures/")] = True,
 ) -> None:
     """Write a self-contained HTML report (one file, works offline) and DIR/figures/."""
     from ..atlas import Atlas
@@ -50,7 +50,8 @@ def serve(
         typer.Option(help="model for live attention (default: the one the atlas was scanned from)"),
     ] = None,
     live: Annotated[
-        bool, typer.Option(help="load a model for live attention (--no-live: the atlas only)")
+        bool,
+        typer.Option("--live/--no-live", help="load a model for live attention (--no-live: the atlas only)"),
     ] = True,
     max_tokens: Annotated[int, typer.Option(help="longest text a request may send")] = 512,
     device: DeviceOpt = "cpu",
