@@ -39,6 +39,21 @@ def _one_line(result: subprocess.CompletedProcess[str], needle: str) -> None:
     assert needle in lines[0], lines[0]
 
 
+class _Crash(Exception):
+    pass
+
+
+def _stop(_done: object) -> None:
+    raise _Crash
+
+
+def _partial_scan(loaded: ha.LoadedModel, out: Path) -> Path:
+    """A natural-battery scan into ``out`` stopped after its first batch (``.partial`` kept)."""
+    with pytest.raises(_Crash):
+        ha.scan(loaded, probes=["natural"], n_prompts=4, seq_len=24, batch_size=2, out=out, on_batch=_stop)
+    return out
+
+
 @pytest.fixture
 def atlas_dir(tiny_loaded: ha.LoadedModel, tmp_path: Path) -> Path:
     out = tmp_path / "atlas"
@@ -275,17 +290,7 @@ def test_damaged_weights_and_checkpoints_are_one_line(
     with pytest.raises(HeadatlasError, match="could not load model"):
         ha.load(str(broken))
 
-    class Crash(Exception):
-        pass
-
-    def stop(done: object) -> None:
-        raise Crash
-
-    out = tmp_path / "partial"
-    with pytest.raises(Crash):
-        ha.scan(
-            tiny_loaded, probes=["natural"], n_prompts=4, seq_len=24, batch_size=2, out=out, on_batch=stop
-        )
+    out = _partial_scan(tiny_loaded, tmp_path / "partial")
     stats = out / ".partial" / "stats.npz"
     stats.write_bytes(stats.read_bytes()[:100])
     with pytest.raises(HeadatlasError, match=r"damaged .* force=True"):
@@ -329,17 +334,7 @@ def test_messages_say_what_to_do(tiny_loaded: ha.LoadedModel, tmp_path: Path) ->
     with pytest.raises(HeadatlasError, match="natural"):
         ha.scan(tiny_loaded, probes=["repeat"], text_file=latin)
 
-    class Crash(Exception):
-        pass
-
-    def stop(done: object) -> None:
-        raise Crash
-
-    out = tmp_path / "partial"
-    with pytest.raises(Crash):
-        ha.scan(
-            tiny_loaded, probes=["natural"], n_prompts=4, seq_len=24, batch_size=2, out=out, on_batch=stop
-        )
+    out = _partial_scan(tiny_loaded, tmp_path / "partial")
     with pytest.raises(HeadatlasError, match=r"unfinished scan.*resume"):
         ha.Atlas.load(out)
     res = runner.invoke(app, ["show", str(out)])
