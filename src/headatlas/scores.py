@@ -127,6 +127,25 @@ _SPECS = (
         "mean loss increase when the head alone is ablated", "importance",
         "Michel et al. 2019, Are Sixteen Heads Really Better than One?", signed=True, bounded=False,
     ),
+    *(
+        ScoreSpec(
+            f"patch_{column}", f"patching ({task})", short,
+            (
+                "answer probability gained when the head's mean clean output is patched into the "
+                "shuffled prompt (causal indirect effect)"
+                if task.startswith("fv")
+                else "share of the clean − corrupted logit difference the head restores when patched"
+            ),
+            "patch", paper, signed=True, bounded=False,
+        )
+        for column, task, short, paper in (
+            ("ioi", "ioi", "ioi", "Wang et al. 2022, Interpretability in the Wild"),
+            ("fv_antonym", "fv:antonym", None, "Todd et al. 2024, Function Vectors in Large Language Models"),
+            ("fv_capitalize", "fv:capitalize", None, "Todd et al. 2024, Function Vectors in Large Language Models"),
+            ("fv_country_capital", "fv:country-capital", None, "Todd et al. 2024, Function Vectors in Large Language Models"),
+            ("fv_translate", "fv:translate", None, "Todd et al. 2024, Function Vectors in Large Language Models"),
+        )
+    ),
 )  # fmt: skip
 
 SCORES: dict[str, ScoreSpec] = {spec.name: spec for spec in _SPECS}

@@ -100,13 +100,43 @@ def induction_loss(loaded: LoadedModel, config: FunctionalConfig, progress: Prog
 Metric = Callable[[LoadedModel, FunctionalConfig, Progress], float]
 
 
-def metric_for(score: str) -> tuple[Metric, str, bool]:
+def _patch_metric(score: str, atlas: Atlas | None) -> tuple[Metric, str, bool] | None:
+    """The metric of a ``patch_<task>`` score: the task's metric on held-out pairs (built-in tasks
+    drawn again with another seed; a pair file's own pairs), or ``None`` if ``score`` is not one."""
+    runs = (atlas.meta.get("patch", {}) if atlas is not None else {}) or {}
+    found = next(((name, p) for name, p in runs.items() if score in p.get("columns", [])), None)
+    if found is None:
+        return None
+    name, params = found
+    builtin = name == "ioi" or name.startswith("fv:")
+
+    def held_out(loaded: LoadedModel, config: FunctionalConfig, progress: Progress) -> float:
+        from .patch_tasks import build_task
+        from .patching import task_metric
+
+        n = config.n_prompts or int(params.get("n", 24))
+        task = build_task(
+            loaded.tokenizer, name if builtin else str(params["task"]), n, int(params.get("seed", 0)) + 1
+        )
+        value = task_metric(loaded, task)
+        progress(1, 1)
+        return value
+
+    what = "answer probability" if params.get("metric") == "prob" else "logit difference answer − wrong"
+    return held_out, f"{what} on {'held-out' if builtin else 'the file'}'s pairs", True
+
+
+def metric_for(score: str, atlas: Atlas | None = None) -> tuple[Metric, str, bool]:
     """Return ``(metric, what it measures, higher_is_better)`` for an atlas score; raise if it has none.
 
     The metric belongs to the battery that writes the score (:attr:`ScoreSpec.battery
     <headatlas.scores.ScoreSpec.battery>`): the repeat battery's is :func:`induction_loss`, a
-    functional battery's its :attr:`~headatlas.functional.BatterySpec.metric`.
+    functional battery's its :attr:`~headatlas.functional.BatterySpec.metric`, and a
+    ``patch_<task>`` score's (recorded in ``atlas``) the task's metric on held-out pairs.
     """
+    patched = _patch_metric(score, atlas)
+    if patched is not None:
+        return patched
     battery = SCORES[score].battery if score in SCORES else None
     if battery == "repeat":
         return induction_loss, "loss on the repeated half", False
@@ -114,7 +144,7 @@ def metric_for(score: str) -> tuple[Metric, str, bool]:
     if spec is None or spec.metric is None:
         raise HeadatlasError(
             f"no task metric for score {score!r}: verify takes retrieval, retrieval_tf, induction, "
-            "successor, successor_logit or translation"
+            "successor, successor_logit, translation or a patch_<task> score"
         )
     return spec.metric, spec.metric_name, spec.higher_is_better
 
@@ -154,7 +184,7 @@ def head_means(loaded: LoadedModel, seed: int = 0) -> dict[tuple[int, int], torc
 
 def check_verifiable(atlas: Atlas, score: str) -> None:
     """Raise :class:`HeadatlasError` unless the score has a task metric and ``atlas`` holds it."""
-    metric_for(score)
+    metric_for(score, atlas)
     if score not in atlas.scores:
         raise HeadatlasError(f"no score {score!r} in this atlas: scan with the battery that writes it first")
 
@@ -174,7 +204,7 @@ def verify(
     config = config or FunctionalConfig()
     check_mode(mode)
     check_verifiable(atlas, score)
-    metric, metric_name, higher = metric_for(score)
+    metric, metric_name, higher = metric_for(score, atlas)
     info = loaded.info
     n_total = info.n_layers * info.n_heads
     if not 1 <= k < n_total:
