@@ -19,7 +19,15 @@ CLI = [sys.executable, "-m", "headatlas.cli"]
 def test_all_imports_are_exported() -> None:
     for name in headatlas.__all__:
         assert getattr(headatlas, name) is not None, name
-    assert set(headatlas.__all__) >= {"load", "scan", "Atlas", "ablate", "HeadatlasError"}
+    assert set(headatlas.__all__) >= {
+        "load",
+        "scan",
+        "Atlas",
+        "ablate",
+        "HeadatlasError",
+        "patch",
+        "head_outputs",
+    }
     assert callable(headatlas.load) and callable(headatlas.scan) and callable(headatlas.ablate)
 
 

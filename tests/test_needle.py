@@ -18,7 +18,7 @@ from headatlas.errors import HeadatlasError
 from headatlas.functional import FunctionalConfig, battery_spec
 from headatlas.functional import needle as nd
 from headatlas.functional.needle_prompts import Needle, Trial, build_trial, build_trials, rouge1_recall
-from tiny_models import BUILDERS, CORPUS, make_tokenizer, one_layer_llama_config
+from tiny_models import BUILDERS, CORPUS, blank_llama, make_tokenizer, one_layer_llama_config
 
 COPY_HEAD = 1
 """The query head of the hand-built model that copies the needle (it shares KV head 0 with head 0)."""
@@ -135,15 +135,10 @@ def _copying_llama(starts: list[int], value: list[int], eos: int, vocab: int) ->
         eos_token_id=eos,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).float().eval()
+    model = blank_llama(cfg)
     qk_dims = [d for d in range(16) if d % 8 != 0]  # skip RoPE's fast pair (dims 0 and 8)
     strength, gain, kv = 160.0, 10.0, COPY_HEAD // 2
     with torch.no_grad():
-        for param in model.parameters():
-            param.zero_()
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
         emb = model.model.embed_tokens.weight  # [vocab, hidden]
         emb[:, 32:] = torch.randn(vocab, 32)
         attn = model.model.layers[0].self_attn

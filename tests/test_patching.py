@@ -34,7 +34,7 @@ from headatlas.apps.patching import (
 from headatlas.apps.verify import verify
 from headatlas.cli import app
 from headatlas.errors import HeadatlasError
-from tiny_models import BUILDERS, make_tokenizer, one_layer_llama_config, word_tokenizer
+from tiny_models import BUILDERS, blank_llama, make_tokenizer, one_layer_llama_config, word_tokenizer
 
 NAMES = ("Mary", "John", "Anna", "Paul", "Kate")
 WORDS = ("<bos>", "<eos>", "<pad>", "<unk>", *NAMES, "to", "the", "gave")
@@ -53,13 +53,8 @@ def _mover_model() -> ha.LoadedModel:
     cfg = one_layer_llama_config(
         len(tok), intermediate_size=16, rope_parameters={"rope_type": "default", "rope_theta": 1e30}
     )
-    model = LlamaForCausalLM(cfg).float().eval()
+    model = blank_llama(cfg)
     with torch.no_grad():
-        for param in model.parameters():
-            param.zero_()
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
         emb = model.model.embed_tokens.weight
         attn = model.model.layers[0].self_attn
         kv = MOVER // 2
@@ -229,3 +224,111 @@ def test_the_command_line(tiny_model_dir: Path, tmp_path: Path) -> None:
         app, ["patch", str(tiny_model_dir), "--task", str(pairs), "--position", "everywhere"]
     )
     assert res.exit_code == 2 and "--position" in res.output
+
+
+# ---------------------------------------------------------------- path patching
+
+
+CHAIN_WORDS = ("<bos>", "<eos>", "<pad>", "<unk>", "Mary", "John", "to", "x", "y")
+SENDER, RECEIVER = (0, 0), (1, 2)
+
+
+def _chain_model() -> ha.LoadedModel:
+    """Two layers; the answer depends on the first word only through a chain of two heads.
+
+    Layer 0 head 0 (the *sender*) attends from ``to`` to the first word (``x`` or ``y``) and writes
+    +1 (``x``) or −1 (``y``) into residual dim 10. Layer 1 head 2 (the *receiver*) reads dim 10 in
+    its query; its keys are +1 for ``Mary`` and −1 for ``John`` (dim 5), so it attends to Mary after
+    ``x`` and to John after ``y``, and its value/output move that name to the logits. The sender's
+    output is never read by the unembedding: its whole effect runs through the receiver's query.
+    """
+    tok = word_tokenizer(list(CHAIN_WORDS))
+    cfg = one_layer_llama_config(
+        len(tok),
+        num_hidden_layers=2,
+        intermediate_size=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e30},
+    )
+    model = blank_llama(cfg)
+    ids = {w: tok.convert_tokens_to_ids(w) for w in CHAIN_WORDS}
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[ids["Mary"], 0], emb[ids["John"], 1] = 1.0, 1.0
+        emb[ids["Mary"], 5], emb[ids["John"], 5] = 1.0, -1.0
+        emb[ids["to"], 6] = 1.0
+        emb[ids["x"], 7], emb[ids["y"], 9] = 1.0, 1.0
+        emb[ids["x"], 8], emb[ids["y"], 8] = 1.0, 1.0
+        sender = model.model.layers[0].self_attn
+        sender.q_proj.weight[1, 6] = 40.0  # head 0 query: "to" (dim 1: RoPE's dims 0 and 8 still rotate)
+        sender.k_proj.weight[1, 8] = 1.0  # kv head 0 key: the marked first word
+        sender.v_proj.weight[0, 7], sender.v_proj.weight[0, 9] = 1.0, -1.0  # x → +1, y → −1
+        sender.o_proj.weight[10, 0] = 8.0  # → residual dim 10
+        receiver = model.model.layers[1].self_attn
+        receiver.q_proj.weight[2 * 16 + 1, 10] = 40.0  # head 2 query: dim 10
+        receiver.k_proj.weight[1 * 16 + 1, 5] = 1.0  # kv head 1 key: Mary +, John −
+        for j in (0, 1):
+            receiver.v_proj.weight[1 * 16 + 1 + j, j] = 1.0
+            receiver.o_proj.weight[16 + j, 2 * 16 + 1 + j] = 8.0
+        model.lm_head.weight[ids["Mary"], 16] = 1.0
+        model.lm_head.weight[ids["John"], 17] = 1.0
+    return ha.load(model, tokenizer=tok)
+
+
+def test_path_patching_finds_the_path_through_the_receivers_query() -> None:
+    from headatlas.apps.circuit import path_effects
+
+    loaded = _chain_model()
+    task = PatchTask("chain", (PatchPair("x Mary John to", "y Mary John to", "Mary", "John"),) * 2)
+    enc = encode_task(loaded, task, "all")
+    total = patch(loaded, task, method="activation").matrices["activation"][0]
+    assert total[SENDER] == pytest.approx(1.0, abs=1e-3) and total[RECEIVER] == pytest.approx(1.0, abs=1e-3)
+    senders = [(0, h) for h in range(4)]
+    direct = path_effects(loaded, enc, senders).mean(0)
+    via = {c: path_effects(loaded, enc, senders, [RECEIVER], c).mean(0) for c in ("q", "k", "v")}
+    assert abs(direct[0]) < 1e-3  # nothing of the sender reaches the logits directly
+    assert via["q"][0] == pytest.approx(1.0, abs=1e-3)  # all of it runs through the query
+    assert abs(via["k"][0]) < 1e-3 and abs(via["v"][0]) < 1e-3
+    assert np.abs(np.stack([direct[1:], via["q"][1:]])).max() < 1e-3  # the other heads do nothing
+
+
+def test_the_ioi_circuit_command_writes_classes_roles_and_a_figure(tmp_path: Path) -> None:
+    from headatlas.apps.patch_tasks import _NAMES
+    from headatlas.report.data import ROLE_COLORS
+    from headatlas.roles import RULES
+
+    tok = word_tokenizer(["<bos>", "<eos>", "<pad>", "<unk>", *_NAMES, "and", "to", "the", "gave"])
+    model_dir = tmp_path / "model"
+    torch.manual_seed(0)
+    LlamaForCausalLM(one_layer_llama_config(len(tok), num_hidden_layers=2)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "atlas"
+    res = CliRunner().invoke(app, ["circuit", str(model_dir), "--n", "4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    atlas = ha.Atlas.load(out)
+    assert "ioi_direct" in atlas.scores and (out / "figures" / "circuit-ioi.png").exists()
+    direct = atlas.matrix("ioi_direct")
+    movers = {(int(r.layer), int(r.head)) for r in atlas.with_role("name-mover").itertuples()}
+    assert movers == {
+        tuple(map(int, np.argwhere(direct >= 0.1)[i])) for i in range(int((direct >= 0.1).sum()))
+    }
+    assert set(atlas.meta["circuit"]["ioi"]["steps"]) >= {"ioi_direct"}
+    assert all(rule.role in ROLE_COLORS for rule in RULES)  # every role has a colour in the pictures
+    res = CliRunner().invoke(app, ["circuit", str(model_dir), "--task", "fv:antonym", "--out", str(out)])
+    assert res.exit_code == 2 and "ioi task only" in res.output
+
+
+def test_ha_patch_takes_plain_dicts(tiny_loaded: ha.LoadedModel) -> None:
+    pairs = [
+        {
+            "clean": "The cat sat on the mat",
+            "corrupt": "The dog ran to the park",
+            "answer": "and",
+            "wrong": "the",
+        }
+    ]
+    effects = ha.patch(tiny_loaded, pairs, method="attribution")
+    assert list(effects.columns) == ["layer", "head", "effect", "effect_std", "n", "method"]
+    assert len(effects) == tiny_loaded.info.n_layers * tiny_loaded.info.n_heads
+    assert effects.attrs["params"]["n_pairs"] == 1
+    with pytest.raises(HeadatlasError, match="no pairs"):
+        ha.patch(tiny_loaded, [])

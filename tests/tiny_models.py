@@ -49,6 +49,7 @@ __all__ = [
     "SAMPLE_TEXTS",
     "SPECIAL_TOKENS",
     "VOCAB_SIZE",
+    "blank_llama",
     "eager_attentions",
     "left_padded_batch",
     "make_tokenizer",
@@ -233,6 +234,18 @@ def one_layer_llama_config(vocab_size: int, **overrides: object) -> LlamaConfig:
     }
     fields.update(overrides)
     return LlamaConfig(**fields)
+
+
+def blank_llama(config: LlamaConfig) -> LlamaForCausalLM:
+    """A Llama with every weight 0 and every norm's gain 1, for a test to wire by hand."""
+    model = LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+    return model
 
 
 def sharpen_attention(model: PreTrainedModel, scale: float | None = None) -> PreTrainedModel:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
+_EXPORTS: dict[str, str | tuple[str, str]] = {
+    "patch": ("headatlas.apps.patching", "patch_effects"),
     "Atlas": "headatlas.atlas",
     "scan": "headatlas.scanning",
     "ScanConfig": "headatlas.scanning",
@@ -47,10 +48,12 @@ __all__ = [
     "attention_maps",
     "head_outputs",
     "load",
+    "patch",
     "scan",
 ]
 
 if TYPE_CHECKING:
+    from .apps.patching import patch_effects as patch
     from .atlas import Atlas
     from .capture import ablate, attention_maps, head_outputs
     from .detectors import DETECTORS
@@ -64,7 +67,9 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        where = _EXPORTS[name]
+        module, attr = where if isinstance(where, tuple) else (where, name)
+        value = getattr(importlib.import_module(module), attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'headatlas' has no attribute {name!r}")

@@ -201,6 +201,10 @@ class Atlas:
             choices = ", ".join(self.score_columns) or "none yet"
             raise HeadatlasError(f"{what} this atlas (scores rank heads; choose from {choices})")
 
+    def reassign_roles(self) -> None:
+        """Recompute the ``roles`` column from every score, by :data:`headatlas.roles.RULES`."""
+        self.table["roles"] = assign_roles({s: self.table[s].to_numpy(dtype=float) for s in self.scores})
+
     def set_matrix(self, name: str, values: np.ndarray) -> None:
         """Set column ``name`` from a ``[layer, head]`` array, aligned on the table's layer/head columns."""
         layers = self.table["layer"].to_numpy(dtype=int)
@@ -412,8 +416,7 @@ def merge_atlases(base: Atlas, new: Atlas) -> Atlas:
     columns = [c for c in new.table.columns if c not in ("layer", "head", "kv_head", "roles")]
     table = base.table.drop(columns=[c for c in columns if c in base.table.columns])
     table = table.merge(new.table[keys + columns], on=keys, how="left", validate="one_to_one")
-    merged = Atlas(table, {}, [], {})
-    table["roles"] = assign_roles({s: table[s].to_numpy(dtype=float) for s in merged.scores})
+    Atlas(table, {}, [], {}).reassign_roles()
     meta = dict(base.meta)
     meta["batteries"] = {**base.meta.get("batteries", {}), **new.meta.get("batteries", {})}
     meta["probes"] = list(dict.fromkeys([*base.meta.get("probes", []), *new.meta.get("probes", [])]))

@@ -77,6 +77,37 @@ RULES: tuple[Rule, ...] = (
         # ~0.15 by chance alone (2σ of a difference of two accuracies at n = 50), so 0.2.
         "beats the best fixed-offset baseline by ≥ 20 points of accuracy on some dependency relation",
     ),
+    Rule(
+        "name-mover",
+        "ioi_direct",
+        0.1,
+        "IOI: its direct path to the logits carries ≥ 10% of the logit difference",
+    ),
+    Rule(
+        "negative-name-mover",
+        "ioi_direct",
+        -0.1,
+        "IOI: its direct path to the logits works against the answer by ≥ 10% of the logit difference",
+        below=True,
+    ),
+    Rule(
+        "s-inhibition",
+        "ioi_s_inhibition",
+        0.05,
+        "IOI: ≥ 5% of the logit difference runs through the name movers' queries",
+    ),
+    Rule(
+        "ioi-duplicate",
+        "ioi_duplicate",
+        0.05,
+        "IOI induction / duplicate-token head: ≥ 5% runs through the S-inhibition heads' values",
+    ),
+    Rule(
+        "ioi-previous-token",
+        "ioi_previous_token",
+        0.05,
+        "IOI previous-token head: ≥ 5% runs through the induction / duplicate heads' keys",
+    ),
 )
 """Every role. Each rule's score has a :class:`~headatlas.scores.ScoreSpec` (tested)."""
 

@@ -129,6 +129,18 @@ _SPECS = (
     ),
     *(
         ScoreSpec(
+            name, label, short, f"path patching (IOI): share of the logit difference lost {meaning}", "circuit",
+            "Wang et al. 2022, Interpretability in the Wild", signed=True, bounded=False,
+        )
+        for name, label, short, meaning in (
+            ("ioi_direct", "IOI direct effect", "ioi_dir", "through the head's direct path to the logits"),
+            ("ioi_s_inhibition", "IOI via name-mover queries", None, "through the name movers' queries"),
+            ("ioi_duplicate", "IOI via S-inhibition values", None, "through the S-inhibition heads' values"),
+            ("ioi_previous_token", "IOI via induction keys", None, "through the induction / duplicate heads' keys"),
+        )
+    ),
+    *(
+        ScoreSpec(
             f"patch_{column}", f"patching ({task})", short,
             (
                 "answer probability gained when the head's mean clean output is patched into the "

@@ -39,7 +39,7 @@ from ..errors import HeadatlasError, check_choice
 from ..loading import LoadedModel
 from ..probes import ProbeSequence, make_batch, pad_id
 from ..sequences import sequence_frame
-from .patch_tasks import PatchTask
+from .patch_tasks import PatchPair, PatchTask
 
 logger = logging.getLogger(__name__)
 
@@ -485,3 +485,37 @@ def zero_shot_accuracy(loaded: LoadedModel, task: PatchTask, vector: FunctionVec
             with head_outputs(loaded, add, layers=[vector.layer]):
                 logits = _run(loaded, enc.clean)
     return float((logits.argmax(-1).cpu() == enc.answer).float().mean())
+
+
+def patch_effects(
+    model: LoadedModel | str,
+    pairs: PatchTask | str | list[PatchPair] | list[dict[str, str]],
+    method: str = "attribution",
+    position: str = "last",
+    n: int = 24,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Return every head's patching effect as a DataFrame (``layer, head, effect, effect_std, n,
+    method``), with the run's parameters in ``.attrs["params"]`` — ``ha.patch``.
+
+    ``model`` is a :class:`LoadedModel` or anything :func:`headatlas.load` takes; ``pairs`` a task
+    name (``"ioi"``, ``"fv:antonym"``, a ``.jsonl`` path), a :class:`PatchTask`, or a list of
+    :class:`PatchPair` or ``{"clean", "corrupt", "answer", "wrong"}`` dicts (Wang et al. 2022).
+    """
+    from ..loading import load
+    from .patch_tasks import build_task
+
+    loaded = model if isinstance(model, LoadedModel) else load(model)
+    if isinstance(pairs, str):
+        task = build_task(loaded.tokenizer, pairs, n, seed)
+    elif isinstance(pairs, PatchTask):
+        task = pairs
+    else:
+        rows = [p if isinstance(p, PatchPair) else PatchPair(**p) for p in pairs]
+        if not rows:
+            raise HeadatlasError("no pairs given: pass at least one {clean, corrupt, answer, wrong} pair")
+        task = PatchTask("pairs", tuple(rows), params={"task": "pairs", "n": len(rows)})
+    result = patch(loaded, task, method, position)
+    effects = result.effects.copy()
+    effects.attrs["params"] = result.params
+    return effects

@@ -8,8 +8,9 @@ padding):
 - ``"headatlas_eager"``: for models whose attention SDPA cannot express (logit soft-capping,
   learned sinks); output delegated to the model's own ``eager_attention_forward``, additive mask.
 
-When a :class:`~headatlas.capture.session.CaptureSession` is active, the query and key tensors
-(after rotary embeddings, before GQA repetition) are handed to it. On its fast path the session
+When a :class:`~headatlas.capture.session.CaptureSession` is active, the query, key and value
+tensors (after rotary embeddings, before GQA repetition) are handed to it: its ``on_qkv``
+callback may read or replace them (path patching), and its views see them. On its fast path the session
 computes the output itself with the same fused kernel SDPA uses on CPU (plus the log-sum-exp);
 otherwise the output comes from the delegate. Model outputs equal the delegate backend's.
 """
@@ -60,8 +61,10 @@ def _forward(
     """
     session = ACTIVE_SESSION.get()
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if session is not None and session.on_values is not None:
-        session.on_values(session.layer_of(module), value)
+    if session is not None and session.on_qkv is not None:
+        replaced = session.on_qkv(session.layer_of(module), query, key, value, session.context)
+        if replaced is not None:
+            query, key, value = replaced
     if session is not None and not use_eager and kwargs.get("s_aux") is None and dropout == 0.0:
         fast = session.attend_fast(module, query, key, value, attention_mask, scale)
         if fast is not None:

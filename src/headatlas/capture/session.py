@@ -37,13 +37,17 @@ logger = logging.getLogger(__name__)
 
 
 ViewCallback = Callable[[AttentionView], None]
-ValuesCallback = Callable[[int, torch.Tensor], None]
+QKVCallback = Callable[
+    [int, torch.Tensor, torch.Tensor, torch.Tensor, Any],
+    "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None",
+]
 
 
 class CaptureSession:
     """Streams attention views to ``on_view`` for each forward pass of :meth:`run`.
 
-    ``mode`` is ``"auto"`` (fast path where it applies, else dense) or ``"dense"``.
+    ``mode`` is ``"auto"`` (fast path where it applies, else dense), ``"dense"``, or ``"none"``
+    (no attention views at all: only :attr:`on_qkv` runs, at the delegate backend's cost).
     """
 
     def __init__(
@@ -55,9 +59,12 @@ class CaptureSession:
         self.mode = mode
         self.layers_seen: set[int] = set()
         self._module_layer: dict[int, int] = {}
-        self.on_values: ValuesCallback | None = None
-        """Optional: receives ``(layer, value [batch, kv_head, key, d_head])`` of each attention
-        layer (after the value projection, before GQA repetition), e.g. for OV-circuit scores."""
+        self.on_qkv: QKVCallback | None = None
+        """Optional: receives ``(layer, query, key, value, context)`` of each attention layer —
+        ``query [batch, head, query, d_head]`` after rotary embeddings, ``key``/``value``
+        ``[batch, kv_head, key, d_head]`` before GQA repetition — and returns ``None`` or
+        replacements ``(query, key, value)`` of the same shapes: OV-circuit scores read ``value``,
+        path patching writes a receiver head's query, key or value."""
         self.context: Any = None
         """Per-batch data for the callbacks (positions, word ids, prompts), set by :meth:`run`."""
 
@@ -89,6 +96,8 @@ class CaptureSession:
         """
         layer = self._layer_of(module)
         self.layers_seen.add(layer)
+        if self.mode == "none":
+            return
         batch, n_heads, n_query, _ = query.shape
         n_key = key.shape[2]
         causal = bool(getattr(module, "is_causal", self.loaded.info.causal))
@@ -240,9 +249,10 @@ def capture(loaded: LoadedModel, on_view: ViewCallback, mode: str = "auto") -> I
     """Context manager yielding a :class:`CaptureSession`; restores the model's backend on exit.
 
     ``mode="auto"`` takes the fast log-sum-exp path where it applies; ``"dense"`` always
-    materialises probabilities (both are exact).
+    materialises probabilities (both are exact); ``"none"`` sends no views (for sessions that only
+    use :attr:`CaptureSession.on_qkv`).
     """
-    if mode not in ("auto", "dense"):
+    if mode not in ("auto", "dense", "none"):
         raise ValueError(f"unknown capture mode {mode!r}")
     model = loaded.model
     previous: Any = model.config._attn_implementation

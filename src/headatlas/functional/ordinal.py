@@ -220,8 +220,9 @@ def run_ordinal(
     group = info.group_size
     pad = pad_id(loaded.tokenizer)
 
-    def on_values(layer: int, value: torch.Tensor) -> None:
-        chunk: list[OrdinalPrompt] = session.context
+    def on_values(
+        layer: int, _query: torch.Tensor, _key: torch.Tensor, value: torch.Tensor, chunk: Any
+    ) -> None:
         values = value.repeat_interleave(group, dim=1).float()  # [batch, head, key, d_head]
         seq = values.shape[2]
         hits = torch.zeros(len(chunk), info.n_heads, seq, device=device)  # [batch, head, query]
@@ -255,8 +256,8 @@ def run_ordinal(
         stats.add("successor_logit", layer, margins, valid)
 
     batches = _batches(prompts, config.batch_size)
-    with capture(loaded, lambda _view: None) as session:
-        session.on_values = on_values
+    with capture(loaded, lambda _view: None, mode="none") as session:
+        session.on_qkv = on_values
         for index, chunk in enumerate(batches):
             batch = make_batch([p.sequence for p in chunk], pad)
             session.run(batch.input_ids, batch.attention_mask, with_head=False, context=chunk)

@@ -37,6 +37,11 @@ ROLE_COLORS: dict[str, str] = {
     "copy-suppression": "#393b79",
     "translation": "#bcbd22",
     "syntactic": "#637939",
+    "name-mover": "#31a354",
+    "negative-name-mover": "#de2d26",
+    "s-inhibition": "#756bb1",
+    "ioi-duplicate": "#fd8d3c",
+    "ioi-previous-token": "#9e9ac8",
 }
 """One colour per role, in drawing priority: a head with several roles shows them in this order."""
 NO_ROLE_COLOR = "#eeeeee"
