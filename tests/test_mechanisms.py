@@ -307,11 +307,11 @@ def test_any_changed_setting_refuses_to_resume(
 
 STAGES = [
     {"errors", "storage", "heads", "scores", "sequences", "datasets", "archs"},
-    {"loading", "surgery"},
+    {"loading", "surgery", "parallel"},
     {"capture"},
     {"stats", "detectors", "probes", "roles", "atlas"},
     {"functional"},
-    {"scanning"},
+    {"streaming", "scanning"},
     {"report", "serve"},
     {"apps"},
     {"cli"},

@@ -335,6 +335,28 @@ def _load_pruned(
     return model.to(dtype)
 
 
+def reload_spec(model: dict[str, Any] | ModelInfo) -> str | None:
+    """Return what to pass to :func:`load` to load again the model these facts describe.
+
+    A packaged model's name (``"default"``, ``"minilm"``, …) when the model came from its package
+    or its converted cache, the recorded path or hub id otherwise, ``None`` for an in-memory model.
+    Atlases use it to name their model; Ray workers to load the driver's model.
+    """
+    facts = model.to_dict() if isinstance(model, ModelInfo) else model
+    source = facts.get("source")
+    if not source or source == "in-memory":
+        return None
+    for name, entry in PACKAGED_MODELS.items():
+        if facts.get("name") != entry.display_name:
+            continue
+        places = [cache_dir() / "models" / entry.cache_name] if entry.cache_name else []
+        with contextlib.suppress(HeadatlasError):
+            places.append(packaged_model_path(name))
+        if any(Path(source).resolve() == place.resolve() for place in places):
+            return name
+    return str(source)
+
+
 def load(
     model: str | PreTrainedModel = DEFAULT_MODEL,
     *,
@@ -342,8 +364,15 @@ def load(
     device: str = "cpu",
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
     """Load a model for scanning and return a :class:`LoadedModel` (model in eval mode).
+
+    ``device_map`` (``"auto"`` or an explicit ``{module: device}``, accelerate's) splits a model
+    too large for one device over the devices of this node (``"disk"`` entries offload to
+    ``offload_folder``); capture, ablation and patching follow each layer's device. It replaces
+    ``device``.
 
     ``model`` is a packaged model's name (``"default"``: SmolLM2-135M-Instruct, ``"minilm"``:
     all-MiniLM-L6-v2, ``"gemma3-270m"``: Gemma 3 270M; see
@@ -402,7 +431,15 @@ def load(
         auto = _auto_class(config)
         layouts = layouts_from_config(config)
         if layouts:
+            if device_map is not None:
+                raise HeadatlasError(f"{param('device_map')} is not supported for pruned checkpoints yet")
             hf_model = _load_pruned(directory, config, auto, torch_dtype, layouts)
+        elif device_map is not None:
+            placed = {
+                "device_map": device_map,
+                **({"offload_folder": str(offload_folder)} if offload_folder else {}),
+            }
+            hf_model = auto.from_pretrained(str(directory), dtype=torch_dtype, **kwargs, **placed)
         else:
             hf_model = auto.from_pretrained(str(directory), dtype=torch_dtype, **kwargs)
         tok = tokenizer or AutoTokenizer.from_pretrained(str(directory), **kwargs)
@@ -420,6 +457,6 @@ def load(
             f"could not load model {model!r} (tried {source}): {first[:200]} "
             f"— offline machines need {_PACKAGED_NAMES}, a local dir or a .gguf file"
         ) from exc
-    hf_model = hf_model.to(target_device).eval()
+    hf_model = (hf_model if device_map is not None else hf_model.to(target_device)).eval()
     info = model_info(hf_model, name=name, source=source, sha256=sha)
     return LoadedModel(hf_model, tok, info)

@@ -15,12 +15,12 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from .atlas import (
@@ -32,13 +32,12 @@ from .atlas import (
     discard_atlas,
     merge_atlases,
 )
-from .capture import AttentionView, attention_maps, capture
+from .capture import attention_maps
 from .datasets import ewt_sentences
-from .detectors import DETECTORS, Context
 from .errors import HeadatlasError, check_at_least, param
 from .functional import FUNCTIONAL_BATTERIES, FunctionalConfig
 from .functional.runner import run_functional
-from .loading import LoadedModel, load
+from .loading import LoadedModel, load, reload_spec
 from .probes import (
     BATTERIES,
     Battery,
@@ -52,18 +51,15 @@ from .probes import (
 )
 from .sequences import sequence_frame, token_strings
 from .stats import HeadStats
-from .storage import (
-    PARTIAL_DIR,
-    PROGRESS_FILE,
-    STATS_FILE,
-    directory_lock,
-    discard_partial,
-    has_partial,
-    write_json,
-)
+from .storage import directory_lock, discard_partial, has_partial
+from .streaming import BatchDone, ScanResult, battery_fingerprint, run_scan
+
+__all__ = ["BatchDone", "ScanConfig", "ScanResult", "build_batteries", "fingerprint", "run_scan", "scan"]
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+    from .parallel import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -153,26 +149,6 @@ class ScanConfig:
         return FunctionalConfig(self.n_functional, self.max_len, self.seed, self.batch_size)
 
 
-@dataclass(frozen=True)
-class BatchDone:
-    """Progress report passed to ``on_batch`` after each batch."""
-
-    battery: str
-    batch: int
-    n_batches: int
-    tokens: int
-    total_tokens: int
-
-
-@dataclass
-class ScanResult:
-    """What a scan produced: the statistics, the model facts and the run's metadata."""
-
-    stats: HeadStats
-    loaded: LoadedModel
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
 def build_batteries(
     loaded: LoadedModel,
     probes: Sequence[str],
@@ -213,145 +189,11 @@ def build_batteries(
     return out
 
 
-def battery_fingerprint(loaded: LoadedModel, batteries: list[Battery], batch_size: int) -> str:
-    """Return a sha256 of what the attention batteries compute on: model facts (and parameter
-    dtype), batch size, each battery's parameters and token ids."""
-    digest = hashlib.sha256()
-    dtype = str(next(loaded.model.parameters()).dtype)
-    digest.update(
-        json.dumps([loaded.info.to_dict(), dtype, batch_size], sort_keys=True, default=str).encode()
-    )
-    for battery in batteries:
-        digest.update(battery.name.encode())
-        digest.update(json.dumps(battery.params, sort_keys=True, default=str).encode())
-        for s in battery.sequences:
-            digest.update(np.asarray(s.ids, dtype=np.int64).tobytes())
-    return digest.hexdigest()
-
-
 def fingerprint(loaded: LoadedModel, config: ScanConfig, batteries: list[Battery]) -> str:
     """Return the sha256 identifying a scan: :func:`battery_fingerprint` plus every :class:`ScanConfig` field."""
     settings = json.dumps(asdict(config), sort_keys=True, default=str)
     base = battery_fingerprint(loaded, batteries, config.batch_size)
     return hashlib.sha256((base + settings).encode()).hexdigest()
-
-
-class _Checkpoint:
-    """Partial statistics under ``DIR/.partial``: ``stats.npz`` + ``progress.json``, written atomically."""
-
-    def __init__(self, directory: Path, fingerprint: str) -> None:
-        self.dir = directory / PARTIAL_DIR
-        self.fingerprint = fingerprint
-
-    def load(self) -> tuple[HeadStats, dict[str, int], dict[str, float]] | None:
-        progress_file = self.dir / PROGRESS_FILE
-        if not progress_file.exists():
-            return None
-        try:
-            progress = json.loads(progress_file.read_text())
-        except (OSError, ValueError) as exc:
-            raise HeadatlasError(
-                f"partial scan in {self.dir} is unreadable ({exc}): rerun with {_FORCE}"
-            ) from exc
-        if progress.get("fingerprint") != self.fingerprint:
-            raise HeadatlasError(
-                f"the partial scan in {self.dir.parent} used another model or other settings: "
-                f"rerun with the same settings, or with {_FORCE} to start over"
-            )
-        stats = HeadStats.load(self.dir / STATS_FILE)
-        return stats, dict(progress["done"]), dict(progress.get("counters", {}))
-
-    def save(self, stats: HeadStats, done: dict[str, int], counters: dict[str, float]) -> None:
-        stats.save(self.dir / STATS_FILE)
-        write_json(
-            self.dir / PROGRESS_FILE, {"fingerprint": self.fingerprint, "done": done, "counters": counters}
-        )
-
-
-def _accumulate(stats: HeadStats, detectors: tuple[str, ...], view: AttentionView, ctx: Context) -> None:
-    """Add every detector's per-row scores on ``view`` to ``stats``."""
-    for name in detectors:
-        for score, result in DETECTORS[name](view, ctx).items():
-            stats.add(score, view.layer, result.values, result.valid)
-
-
-def run_scan(
-    loaded: LoadedModel,
-    batteries: list[Battery],
-    batch_size: int = 8,
-    checkpoint_dir: Path | None = None,
-    resume: bool = False,
-    on_batch: Callable[[BatchDone], None] | None = None,
-    mode: str = "auto",
-    scan_key: str | None = None,
-) -> ScanResult:
-    """Run ``batteries`` through capture and return the aggregated :class:`ScanResult`.
-
-    With ``checkpoint_dir``, statistics are saved after every batch under ``DIR/.partial`` and,
-    with ``resume=True``, a previous partial run with the same fingerprint (``scan_key``, default
-    :func:`battery_fingerprint`) is continued. ``mode`` picks the capture path (``"auto"``: fast
-    log-sum-exp path where it applies).
-    """
-    check_at_least("batch_size", batch_size, 1)
-    info = loaded.info
-    scan_key = scan_key or battery_fingerprint(loaded, batteries, batch_size)
-    checkpoint = _Checkpoint(checkpoint_dir, scan_key) if checkpoint_dir is not None else None
-    stats = HeadStats(info.n_layers, info.n_heads)
-    done: dict[str, int] = {}
-    counters = {"tokens": 0.0, "seconds": 0.0}
-    if checkpoint is not None and resume:
-        previous = checkpoint.load()
-        if previous is not None:
-            stats, done, counters = previous
-            logger.info("resuming: %s batches already done", done)
-    total_tokens = sum(b.n_tokens for b in batteries)
-    pad = pad_id(loaded.tokenizer)
-    device = loaded.device
-
-    for battery in batteries:
-        batches = [
-            battery.sequences[i : i + batch_size] for i in range(0, len(battery.sequences), batch_size)
-        ]
-        if battery.name == "texts":  # group similar lengths to limit padding
-            ordered = sorted(battery.sequences, key=lambda s: len(s.ids))
-            batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-
-        def on_view(view: AttentionView, detectors: tuple[str, ...] = battery.detectors) -> None:
-            _accumulate(stats, detectors, view, session.context)
-
-        with capture(loaded, on_view, mode=mode) as session:
-            for index, seqs in enumerate(batches):
-                if index < done.get(battery.name, 0):
-                    continue
-                batch = make_batch(seqs, pad)
-                ctx = Context(
-                    positions=batch.positions.to(device),
-                    word_ids=None if batch.word_ids is None else batch.word_ids.to(device),
-                    period=battery.period,
-                    repeat_start=battery.repeat_start,
-                )
-                started = time.perf_counter()
-                session.run(batch.input_ids, batch.attention_mask, with_head=False, context=ctx)
-                if not session.layers_seen:
-                    raise HeadatlasError(
-                        f"{info.name} ran without calling any attention layer: nothing to scan"
-                    )
-                tokens = int(batch.attention_mask.sum())
-                counters["tokens"] += tokens
-                counters["seconds"] += time.perf_counter() - started
-                done[battery.name] = index + 1
-                if checkpoint is not None:
-                    checkpoint.save(stats, done, counters)
-                if on_batch is not None:
-                    on_batch(BatchDone(battery.name, index + 1, len(batches), tokens, total_tokens))
-    meta = {
-        "batteries": {b.name: b.params for b in batteries},
-        "batch_size": batch_size,
-        "tokens": int(counters["tokens"]),
-        "forward_seconds": round(counters["seconds"], 3),
-        "fingerprint": scan_key,
-    }
-    return ScanResult(stats, loaded, meta)
 
 
 EXAMPLE_TOKENS = 48
@@ -397,6 +239,8 @@ def scan(
     max_len: int | None = None,
     add: bool = False,
     config: ScanConfig | None = None,
+    ray: str | None = None,
+    workers: int | None = None,
 ) -> Atlas:
     """Scan every head of ``model`` with the chosen probe batteries and return an :class:`Atlas`.
 
@@ -416,6 +260,11 @@ def scan(
     battery (``resume=True`` continues them) and the atlas is written there at the end.
     ``add=True`` adds the chosen batteries' columns to the atlas already in ``out`` (made from the
     same model): its other columns, tables and examples stay, roles are reassigned from every score.
+
+    ``ray="auto"`` (or a cluster address) shards the batches and functional batteries over
+    ``workers`` Ray actors (:mod:`headatlas.parallel`) that load the model themselves; the driver
+    merges them and writes the checkpoint, and the atlas equals an in-process one up to the order
+    of float64 sums. ``atlas.json`` records the workers.
     """
     if config is None:
         config = ScanConfig.of(
@@ -438,14 +287,35 @@ def scan(
     if out_dir is not None:
         check_out_dir(out_dir, force, resume or add)
     loaded = model if isinstance(model, LoadedModel) else load(model, device=device, dtype=dtype)
-    if out_dir is None:
-        return _scan(loaded, config, None, resume, force, None, on_batch)
-    with directory_lock(out_dir):  # a second scan into the same directory gets a one-line error
-        base = None
-        if add:
-            base = Atlas.load(out_dir)
-            check_same_model(base, loaded.info, str(out_dir))
-        return _scan(loaded, config, out_dir, resume, force, base, on_batch)
+    with _maybe_pool(model, loaded, ray, workers, device, dtype) as pool:
+        if out_dir is None:
+            return _scan(loaded, config, None, resume, force, None, on_batch, pool)
+        with directory_lock(out_dir):  # a second scan into the same directory gets a one-line error
+            base = None
+            if add:
+                base = Atlas.load(out_dir)
+                check_same_model(base, loaded.info, str(out_dir))
+            return _scan(loaded, config, out_dir, resume, force, base, on_batch, pool)
+
+
+@contextmanager
+def _maybe_pool(
+    model: Any, loaded: LoadedModel, ray: str | None, workers: int | None, device: str, dtype: str
+) -> Iterator[WorkerPool | None]:
+    """Yield Ray workers holding the scanned model when ``ray`` is given, else ``None``."""
+    if ray is None:
+        yield None
+        return
+    spec = model if isinstance(model, str) else reload_spec(loaded.info)
+    if spec is None:
+        raise HeadatlasError(
+            f"{param('ray')} workers load the model themselves: give a packaged name, a model directory "
+            "or a .gguf file, not an in-memory model"
+        )
+    from .parallel import worker_pool
+
+    with worker_pool(spec, ray, workers, device, dtype) as pool:
+        yield pool
 
 
 def _scan(
@@ -456,6 +326,7 @@ def _scan(
     force: bool,
     base: Atlas | None,
     on_batch: Callable[[BatchDone], None] | None,
+    pool: WorkerPool | None = None,
 ) -> Atlas:
     started = time.perf_counter()
     batteries = build_batteries(
@@ -475,7 +346,9 @@ def _scan(
             finished.reused = True
             return finished
     if batteries:
-        result = run_scan(loaded, batteries, config.batch_size, out_dir, resume, on_batch, scan_key=scan_key)
+        result = run_scan(
+            loaded, batteries, config.batch_size, out_dir, resume, on_batch, scan_key=scan_key, pool=pool
+        )
     else:
         info = loaded.info
         result = ScanResult(HeadStats(info.n_layers, info.n_heads), loaded, {"batteries": {}, "tokens": 0})
@@ -487,7 +360,7 @@ def _scan(
                 on_batch(BatchDone(battery, done, total, 0, 0))
 
         ran = run_functional(
-            loaded, config.functional, config.functional_config(), out_dir, resume, scan_key, progress
+            loaded, config.functional, config.functional_config(), out_dir, resume, scan_key, progress, pool
         )
         result.stats = result.stats.merge(ran.stats)
         result.meta["batteries"] = {**result.meta.get("batteries", {}), **ran.params}
@@ -499,6 +372,7 @@ def _scan(
         "seed": config.seed,
         "probes": list(dict.fromkeys(config.probes)),
         "wall_seconds": round(time.perf_counter() - started, 3),
+        **({"parallel": pool.describe()} if pool is not None else {}),
     }
     atlas = Atlas.from_stats(result.stats, loaded.info, meta)
     atlas.tables = tables

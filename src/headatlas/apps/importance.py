@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +29,10 @@ from ..capture import ablate, check_mode
 from ..errors import check_choice
 from ..loading import LoadedModel
 from .evaluation import EvalData, Progress, batch_loss, check_lm, head_gates
+
+if TYPE_CHECKING:
+    from ..heads import Head
+    from ..parallel import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -94,28 +99,59 @@ def gradient_importance(loaded: LoadedModel, data: EvalData, progress: Progress 
     )
 
 
+def _ablation_deltas(
+    loaded: LoadedModel, job: tuple[EvalData, list[Head], str], progress: Progress | None = None
+) -> np.ndarray:
+    """Loss increase ``[batch, head]`` of each head in ``job`` silenced alone: one unablated and
+    one ablated forward per head per batch (a Ray shard, or the whole in-process run)."""
+    data, heads, mode = job
+    out = np.zeros((len(data.batches), len(heads)))
+    total, done = len(data.batches) * (len(heads) + 1), 0
+    with torch.no_grad():
+        for b, batch in enumerate(data.batches):
+            base = float(batch_loss(loaded, batch, seed=b)[0])
+            done += 1
+            for i, head in enumerate(heads):
+                with ablate(loaded, [head], mode=mode):
+                    out[b, i] = float(batch_loss(loaded, batch, seed=b)[0]) - base
+                done += 1
+                if progress:
+                    progress(done, total)
+    return out
+
+
 def ablation_importance(
-    loaded: LoadedModel, data: EvalData, mode: str = "zero", progress: Progress | None = None
+    loaded: LoadedModel,
+    data: EvalData,
+    mode: str = "zero",
+    progress: Progress | None = None,
+    pool: WorkerPool | None = None,
 ) -> Importance:
-    """Δloss when each head alone is silenced (``mode`` ``"zero"`` or ``"mean"``): mean, std over batches."""
+    """Δloss when each head alone is silenced (``mode`` ``"zero"`` or ``"mean"``): mean, std over batches.
+
+    One forward per head per batch (plus one per batch and shard for the unablated loss); with
+    ``pool`` the heads are sharded over its Ray workers.
+    """
     check_lm(loaded)
     check_mode(mode)
     started = time.perf_counter()
     info = loaded.info
     heads = [(layer, head) for layer in range(info.n_layers) for head in range(info.n_heads)]
     deltas = np.zeros((len(data.batches), info.n_layers, info.n_heads))  # [batch, layer, head]
-    total = len(data.batches) * (len(heads) + 1)
-    done = 0
-    with torch.no_grad():
-        for b, batch in enumerate(data.batches):
-            base = float(batch_loss(loaded, batch, seed=b)[0])
-            done += 1
-            for layer, head in heads:
-                with ablate(loaded, [(layer, head)], mode=mode):
-                    deltas[b, layer, head] = float(batch_loss(loaded, batch, seed=b)[0]) - base
-                done += 1
-                if progress:
-                    progress(done, total)
+    if pool is None:  # one unablated forward per batch for all heads
+        jobs = [(data, heads, mode)]
+        results: Any = [(jobs[0], _ablation_deltas(loaded, jobs[0], progress))]
+    else:
+        per = max(1, len(heads) // (4 * pool.workers))
+        jobs = [(data, heads[i : i + per], mode) for i in range(0, len(heads), per)]
+        results = pool.map_unordered(_keyed_deltas, jobs)
+    forwards = 0
+    for done, (job, values) in enumerate(results, start=1):
+        for i, (layer, head) in enumerate(job[1]):
+            deltas[:, layer, head] = values[:, i]
+        forwards += len(data.batches) * (len(job[1]) + 1)
+        if progress and pool is not None:
+            progress(done, len(jobs))
     return Importance(
         f"ablation-{mode}",
         deltas.mean(axis=0),
@@ -123,19 +159,27 @@ def ablation_importance(
         None,
         len(data.batches),
         time.perf_counter() - started,
-        total,
+        forwards,
         data.describe(),
     )
 
 
+def _keyed_deltas(loaded: LoadedModel, job: tuple[EvalData, list[Head], str]) -> tuple[Any, np.ndarray]:
+    return job, _ablation_deltas(loaded, job)
+
+
 def compute_importance(
-    loaded: LoadedModel, data: EvalData, method: str = "gradient", progress: Progress | None = None
+    loaded: LoadedModel,
+    data: EvalData,
+    method: str = "gradient",
+    progress: Progress | None = None,
+    pool: WorkerPool | None = None,
 ) -> Importance:
-    """Dispatch on ``method`` (one of :data:`METHODS`)."""
+    """Dispatch on ``method`` (one of :data:`METHODS`); ablation runs on ``pool`` when given."""
     if method == "gradient":
         return gradient_importance(loaded, data, progress)
     check_choice("method", method, METHODS)
-    return ablation_importance(loaded, data, method.split("-", 1)[1], progress)
+    return ablation_importance(loaded, data, method.split("-", 1)[1], progress, pool)
 
 
 def write_importance(atlas: Atlas, result: Importance) -> None:

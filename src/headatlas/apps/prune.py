@@ -18,6 +18,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from ..errors import HeadatlasError, check_at_least, param
 from ..heads import Head, head_name
 from ..loading import LoadedModel
 from ..storage import TABLE_FILE, check_output_dir, write_json
+
+if TYPE_CHECKING:
+    from ..parallel import WorkerPool
 from ..surgery import apply_layouts, attention_modules, plan_layouts, record_layouts
 from .evaluation import EvalData, Progress, count_params, forward_seconds, perplexity
 
@@ -215,6 +219,13 @@ def ablated_perplexity(loaded: LoadedModel, heads: list[Head], data: EvalData) -
         return perplexity(loaded, data)
 
 
+def _curve_point(
+    loaded: LoadedModel, job: tuple[str, int, int, list[Head], EvalData]
+) -> tuple[str, int, int, float]:
+    name, run, index, heads, data = job
+    return name, run, index, ablated_perplexity(loaded, heads, data)
+
+
 def prune_curve(
     loaded: LoadedModel,
     orders: dict[str, list[list[Head]]],
@@ -222,34 +233,45 @@ def prune_curve(
     data: EvalData,
     allow_empty_layers: bool = False,
     progress: Progress | None = None,
+    pool: WorkerPool | None = None,
 ) -> dict[str, object]:
     """Perplexity at each fraction for each ordering (several orders per name: mean ± std).
 
-    ``orders`` maps a name (``importance``, ``random``, a score) to one or more head orders.
+    ``orders`` maps a name (``importance``, ``random``, a score) to one or more head orders. The
+    unablated point is computed once. With ``pool`` the (order, fraction) points run on its Ray
+    workers in parallel.
     """
     info = loaded.info
     total = info.n_layers * info.n_heads
     for fraction in fractions:
         check_fraction(fraction)
-    steps = sum(len(v) for v in orders.values()) * len(fractions)
-    done = 0
-    cache: dict[int, float] = {}
+    jobs = []
+    for name, runs in orders.items():
+        for r, order in enumerate(runs):
+            for f, fraction in enumerate(fractions):
+                heads = select(
+                    order, round(fraction * total), info.n_layers, info.n_heads, allow_empty_layers
+                )
+                jobs.append((name, r, f, heads, data))
+    unique = {job[0:3]: job for job in jobs if job[3]}
+    needs_base = any(not job[3] for job in jobs)
+    todo = list(unique.values()) + ([("", 0, 0, [], data)] if needs_base else [])
+    points = (
+        (_curve_point(loaded, job) for job in todo)
+        if pool is None
+        else pool.map_unordered(_curve_point, todo)
+    )
+    found: dict[tuple[str, int, int], float] = {}
+    for done, (name, run, index, value) in enumerate(points, start=1):
+        found[(name, run, index)] = value
+        if progress:
+            progress(done, len(todo))
     curves: dict[str, object] = {}
     for name, runs in orders.items():
         values = np.zeros((len(runs), len(fractions)))  # [run, fraction]
-        for r, order in enumerate(runs):
-            for f, fraction in enumerate(fractions):
-                count = round(fraction * total)
-                if count == 0 and 0 in cache:
-                    values[r, f] = cache[0]
-                else:
-                    heads = select(order, count, info.n_layers, info.n_heads, allow_empty_layers)
-                    values[r, f] = ablated_perplexity(loaded, heads, data)
-                    if count == 0:
-                        cache[0] = values[r, f]
-                done += 1
-                if progress:
-                    progress(done, steps)
+        for job_name, r, f, heads, _data in jobs:
+            if job_name == name:
+                values[r, f] = found[(name, r, f)] if heads else found[("", 0, 0)]
         curves[name] = {
             "mean": values.mean(axis=0).tolist(),
             "std": values.std(axis=0).tolist(),
@@ -263,6 +285,7 @@ def prune_curve(
         "n_heads": total,
         "curves": curves,
         "eval": data.describe(),
+        **({"parallel": pool.describe()} if pool is not None else {}),
     }
 
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +36,9 @@ from ..loading import LoadedModel
 from ..probes import make_batch, pad_id, repeat_battery
 from ..scores import SCORES
 from ..storage import write_json
+
+if TYPE_CHECKING:
+    from ..parallel import WorkerPool
 
 INDUCTION_PROMPTS = 16
 INDUCTION_SEQ_LEN = 129
@@ -189,6 +193,37 @@ def check_verifiable(atlas: Atlas, score: str) -> None:
         raise HeadatlasError(f"no score {score!r} in this atlas: scan with the battery that writes it first")
 
 
+@dataclass(frozen=True)
+class _Ablated:
+    """One run of the metric with ``heads`` ablated (a Ray shard, or one step of the loop)."""
+
+    label: str
+    heads: list[tuple[int, int]]
+    metric: Any
+    metric_name: str
+    mode: str
+    means: dict[tuple[int, int], torch.Tensor] | None
+    config: FunctionalConfig
+
+
+def _ablated_metric(
+    loaded: LoadedModel, run: _Ablated, progress: Callable[[str, int, int], None] | None = None
+) -> tuple[str, float]:
+    def step(done: int, total: int) -> None:
+        if progress is not None:
+            progress(run.label, done, total)
+
+    with ablate(loaded, run.heads, mode=run.mode, means=run.means):
+        value = float(run.metric(loaded, run.config, step))
+    if not math.isfinite(value):
+        raise HeadatlasError(f"the {run.metric_name} came out as {value} ({run.label}): nothing to compare")
+    return run.label, value
+
+
+def _ablated_shard(loaded: LoadedModel, run: _Ablated) -> tuple[str, float]:
+    return _ablated_metric(loaded, run)
+
+
 def verify(
     loaded: LoadedModel,
     atlas: Atlas,
@@ -198,9 +233,13 @@ def verify(
     mode: str = "zero",
     config: FunctionalConfig | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    pool: WorkerPool | None = None,
 ) -> Verification:
     """Return the task metric with nothing, the top-``k`` heads by ``score`` and ``k`` random heads
-    (``seeds`` draws) ablated — Wu et al. 2024's causal check, for any score with a task metric."""
+    (``seeds`` draws) ablated — Wu et al. 2024's causal check, for any score with a task metric.
+
+    With ``pool`` the ``seeds + 2`` runs go to its Ray workers in parallel.
+    """
     config = config or FunctionalConfig()
     check_mode(mode)
     check_verifiable(atlas, score)
@@ -216,39 +255,35 @@ def verify(
     top_heads = [(int(layer), int(head)) for layer, head in zip(top["layer"], top["head"], strict=True)]
     started = time.perf_counter()
     means = head_means(loaded, config.seed) if mode == "mean" else None
-
-    def run(label: str, heads: list[tuple[int, int]]) -> float:
-        def step(done: int, total: int) -> None:
-            if progress is not None:
-                progress(label, done, total)
-
-        with ablate(loaded, heads, mode=mode, means=means):
-            value = metric(loaded, config, step)
-        if not math.isfinite(value):
-            raise HeadatlasError(f"the {metric_name} came out as {value} ({label}): nothing to compare")
-        return value
-
-    baseline = run("nothing ablated", [])
-    top_value = run(f"top {k} ablated", top_heads)
     random_heads: list[list[tuple[int, int]]] = []
-    values = []
     for seed in range(seeds):
-        rng = np.random.default_rng(seed)
-        picks = rng.choice(n_total, size=k, replace=False)
-        heads = [(int(p) // info.n_heads, int(p) % info.n_heads) for p in picks]
-        random_heads.append(heads)
-        values.append(run(f"random {k} (seed {seed})", heads))
+        picks = np.random.default_rng(seed).choice(n_total, size=k, replace=False)
+        random_heads.append([(int(p) // info.n_heads, int(p) % info.n_heads) for p in picks])
+    labels = ["nothing ablated", f"top {k} ablated", *(f"random {k} (seed {s})" for s in range(seeds))]
+    runs = [
+        _Ablated(label, heads, metric, metric_name, mode, means, config)
+        for label, heads in zip(labels, [[], top_heads, *random_heads], strict=True)
+    ]
+    if pool is None:
+        values = dict(_ablated_metric(loaded, run, progress) for run in runs)
+    else:
+        values = {}
+        for done, (label, value) in enumerate(pool.map_unordered(_ablated_shard, runs), start=1):
+            values[label] = value
+            if progress is not None:
+                progress("ablation runs", done, len(runs))
+    randoms = [values[label] for label in labels[2:]]
     return Verification(
         score=score,
         k=k,
         metric=metric_name,
         higher_is_better=higher,
-        baseline=baseline,
-        top_k=top_value,
-        random_mean=float(np.mean(values)),
-        random_std=float(np.std(values)),
+        baseline=values[labels[0]],
+        top_k=values[labels[1]],
+        random_mean=float(np.mean(randoms)),
+        random_std=float(np.std(randoms)),
         random_seeds=list(range(seeds)),
-        random_values=values,
+        random_values=randoms,
         top_heads=[head_name(*h) for h in top_heads],
         random_heads=[[head_name(*h) for h in heads] for heads in random_heads],
         mode=mode,

@@ -15,6 +15,8 @@ from ..heads import head_name
 from .common import (
     DeviceOpt,
     ModelArg,
+    RayOpt,
+    WorkersOpt,
     app,
     console,
     example,
@@ -25,6 +27,7 @@ from .common import (
     locked,
     progress_bar,
     quiet_libraries,
+    ray_workers,
     run,
     step,
 )
@@ -53,6 +56,8 @@ def importance(
     seq_len: SeqLenOpt = 256,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 4,
     device: DeviceOpt = "cpu",
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Score how much each head matters (Michel et al. 2019) and write it into the atlas."""
     quiet_libraries(False)
@@ -60,6 +65,7 @@ def importance(
     from ..apps.importance import METHODS, compute_importance, write_importance
     from ..atlas import open_atlas
     from ..errors import check_choice
+    from ..loading import reload_spec
     from ..storage import check_output_dir
 
     run(lambda: check_choice("method", method, METHODS))
@@ -68,8 +74,9 @@ def importance(
     with locked(out):
         atlas = run(lambda: open_atlas(loaded.info, out))
         heldout = run(lambda: heldout_data(loaded, data, "dev", n_seqs, seq_len, batch_size))
-        with progress_bar() as progress:
-            result = run(lambda: compute_importance(loaded, heldout, method, step(progress, method)))
+        spec = reload_spec(loaded.info) or model
+        with ray_workers(spec, ray, workers, device) as pool, progress_bar() as progress:
+            result = run(lambda: compute_importance(loaded, heldout, method, step(progress, method), pool))
         write_importance(atlas, result)
         atlas.save(out)
     column = "importance_gradient" if method == "gradient" else "importance_ablation"
@@ -209,12 +216,15 @@ def prune_curve(
     n_seqs: NSeqsOpt = 16,
     seq_len: SeqLenOpt = 256,
     device: DeviceOpt = "cpu",
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Perplexity as heads are removed, by importance against random (Michel et al. 2019, Fig. 3)."""
     quiet_libraries(False)
     from ..apps.evaluation import heldout_data
     from ..apps.prune import check_fraction, head_orders, plot_curve
     from ..apps.prune import prune_curve as run_curve
+    from ..loading import reload_spec
     from ..storage import check_output_dir, write_json
 
     run(lambda: check_output_dir(out))
@@ -227,9 +237,12 @@ def prune_curve(
     with progress_bar() as progress:
         orders = run(lambda: head_orders(loaded, by, atlas, seeds, step(progress, "importance")))
         data = run(lambda: heldout_data(loaded, "natural", "test", n_seqs, seq_len, 4))
-        result = run(
-            lambda: run_curve(loaded, orders, values, data, allow_empty_layers, step(progress, "perplexity"))
-        )
+        with ray_workers(reload_spec(loaded.info) or model, ray, workers, device) as pool:
+            result = run(
+                lambda: run_curve(
+                    loaded, orders, values, data, allow_empty_layers, step(progress, "perplexity"), pool
+                )
+            )
     write_json(out / "prune-curve.json", result)
     figure = plot_curve(result, out / "prune-curve.png")
     curves: dict[str, dict[str, list[float]]] = result["curves"]  # type: ignore[assignment]
@@ -264,6 +277,8 @@ def verify(
     seed: Annotated[int, typer.Option(help="seed of the metric's prompts")] = 0,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     device: DeviceOpt = "cpu",
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Ablate the top-k heads by SCORE, k random heads, and none; compare the task metric."""
     quiet_libraries(False)
@@ -287,9 +302,9 @@ def verify(
         fail("the atlas does not name a model it can reload: pass --model")
     loaded = load_model(str(spec), device)
     run(lambda: check_same_model(atlas, loaded.info, str(directory)))
-    with locked(directory), progress_bar() as progress:
+    with locked(directory), ray_workers(str(spec), ray, workers, device) as pool, progress_bar() as progress:
         steps = labelled_steps(progress)
-        result = run(lambda: run_verify(loaded, atlas, score, k, seeds, mode, config, steps))
+        result = run(lambda: run_verify(loaded, atlas, score, k, seeds, mode, config, steps, pool))
         path = save_verification(result, directory)
     better = "higher" if result.higher_is_better else "lower"
     out = Table(

@@ -16,7 +16,9 @@ from .common import (
     DeviceOpt,
     DtypeOpt,
     ModelArg,
+    RayOpt,
     SeqLenOpt,
+    WorkersOpt,
     app,
     console,
     describe_model,
@@ -74,6 +76,8 @@ def scan(
     figures: Annotated[
         bool, typer.Option("--figures/--no-figures", help="draw DIR/figures/ after the scan")
     ] = True,
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log progress details")] = False,
 ) -> None:
     """Scan every head of MODEL and write an atlas (and its figures) to --out."""
@@ -103,7 +107,17 @@ def scan(
         with progress:
             atlas = run(
                 lambda: run_scan(
-                    loaded, out=out, resume=resume, force=force, on_batch=on_batch, add=add, config=config
+                    loaded,
+                    out=out,
+                    resume=resume,
+                    force=force,
+                    on_batch=on_batch,
+                    add=add,
+                    config=config,
+                    ray=ray,
+                    workers=workers,
+                    device=device,
+                    dtype=dtype,
                 )
             )
     except KeyboardInterrupt:

@@ -58,6 +58,15 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
 SeqLenOpt = Annotated[int, typer.Option(help="tokens per sequence")]
 BatchSizeOpt = Annotated[int, typer.Option(help="sequences per forward pass")]
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        help="run shards on Ray: 'auto' (RAY_ADDRESS, else a local instance with this machine's CPUs) "
+        "or a cluster address",
+    ),
+]
+WorkersOpt = Annotated[int | None, typer.Option(help="Ray workers (default: one per CPU of the cluster)")]
 
 
 def example(*commands: str) -> str:
@@ -116,6 +125,26 @@ def locked(directory: Path) -> Iterator[None]:
         yield
     finally:
         lock.__exit__(None, None, None)
+
+
+@contextmanager
+def ray_workers(spec: str, ray: str | None, workers: int | None, device: str = "cpu") -> Iterator[Any]:
+    """Yield a :class:`headatlas.parallel.WorkerPool` for ``--ray`` (``None`` without it); errors are one line."""
+    if ray is None:
+        yield None
+        return
+    from ..parallel import worker_pool
+
+    pool = worker_pool(spec, ray, workers, device)
+    try:
+        with console.status(f"starting {workers or 'one per CPU'} Ray workers …"):
+            entered = pool.__enter__()
+    except HeadatlasError as exc:
+        fail(exc.render())
+    try:
+        yield entered
+    finally:
+        pool.__exit__(None, None, None)
 
 
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from ..loading import LoadedModel
+    from ..parallel import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,12 @@ def _load(directory: Path, name: str, fingerprint: str) -> FunctionalResult | No
     return FunctionalResult(name, stats, dict(meta.get("params", {})), tables)
 
 
+def _run_one(loaded: LoadedModel, job: tuple[str, FunctionalConfig]) -> FunctionalResult:
+    """A Ray shard: run one functional battery on a worker (no progress bar there)."""
+    name, config = job
+    return battery_spec(name).run(loaded, config, lambda _done, _total: None)
+
+
 def run_functional(
     loaded: LoadedModel,
     names: Sequence[str],
@@ -99,28 +106,48 @@ def run_functional(
     resume: bool = False,
     fingerprint: str = "",
     on_progress: BatteryProgress | None = None,
+    pool: WorkerPool | None = None,
 ) -> FunctionalRun:
-    """Run functional batteries ``names`` in order and return their merged :class:`FunctionalRun`.
+    """Run functional batteries ``names`` and return their merged :class:`FunctionalRun`.
 
     With ``checkpoint_dir`` each finished battery is saved under ``DIR/.partial``; with
     ``resume=True`` a saved battery with the same ``fingerprint`` is reused instead of rerun.
+    With ``pool`` the batteries run on its Ray workers, one battery per shard.
     """
     info = loaded.info
     out = FunctionalRun(HeadStats(info.n_layers, info.n_heads))
-    for name in dict.fromkeys(names):
-        spec = battery_spec(name)
-        result = _load(checkpoint_dir, name, fingerprint) if checkpoint_dir is not None and resume else None
-        if result is None:
-
-            def progress(done: int, total: int, battery: str = name) -> None:
-                if on_progress is not None:
-                    on_progress(battery, done, total)
-
-            result = spec.run(loaded, config, progress)
-            if checkpoint_dir is not None:
-                _save(checkpoint_dir, result, fingerprint)
-        else:
+    ordered = list(dict.fromkeys(names))
+    results: dict[str, FunctionalResult] = {}
+    for name in ordered:
+        battery_spec(name)  # an unknown name fails before any work
+        found = _load(checkpoint_dir, name, fingerprint) if checkpoint_dir is not None and resume else None
+        if found is not None:
             logger.info("resuming: the %s battery is already done", name)
+            results[name] = found
+    todo = [name for name in ordered if name not in results]
+    if pool is not None:
+        finished = pool.map_unordered(_run_one, [(name, config) for name in todo])
+    else:
+
+        def one_by_one() -> Iterator[FunctionalResult]:
+            for name in todo:
+
+                def progress(done: int, total: int, battery: str = name) -> None:
+                    if on_progress is not None:
+                        on_progress(battery, done, total)
+
+                yield battery_spec(name).run(loaded, config, progress)
+
+        finished = one_by_one()
+    for result in finished:
+        if checkpoint_dir is not None:
+            _save(checkpoint_dir, result, fingerprint)
+        if pool is not None and on_progress is not None:
+            on_progress(result.battery, 1, 1)
+        results[result.battery] = result
+    for name in ordered:
+        spec = battery_spec(name)
+        result = results[name]
         empty = [
             score
             for score in spec.scores

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
 from ..atlas import TABLE_FILE, Atlas
-from ..datasets import PACKAGED_MODELS, cache_dir, packaged_model_path
 from ..errors import HeadatlasError, param
+from ..loading import reload_spec
 from .app import create_app
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "atlas_model", "check_port", "create_app", "resolve_target", "run"]
@@ -20,25 +19,9 @@ DEFAULT_PORT = 8765
 
 
 def atlas_model(atlas: Atlas) -> str | None:
-    """Return what to pass to :func:`headatlas.load` for the model an atlas was scanned from.
-
-    A packaged model's name (``"default"``, ``"minilm"``, ``"gemma3-270m"``) when the atlas was
-    scanned from its package or its converted cache, the recorded path when it still exists, the
-    recorded hub id otherwise, ``None`` for an in-memory model.
-    """
-    model = atlas.meta.get("model", {})
-    source = model.get("source")
-    if not source or source == "in-memory":
-        return None
-    for name, entry in PACKAGED_MODELS.items():
-        if model.get("name") != entry.display_name:
-            continue
-        places = [cache_dir() / "models" / entry.cache_name] if entry.cache_name else []
-        with contextlib.suppress(HeadatlasError):
-            places.append(packaged_model_path(name))
-        if any(Path(source).resolve() == place.resolve() for place in places):
-            return name
-    return str(source)
+    """Return what to pass to :func:`headatlas.load` for the model an atlas was scanned from
+    (:func:`headatlas.loading.reload_spec` of its recorded facts), ``None`` for an in-memory model."""
+    return reload_spec(atlas.meta.get("model", {}))
 
 
 def resolve_target(target: str, model: str | None = None) -> tuple[Atlas | None, str | None]:
