@@ -333,13 +333,26 @@ def _child_command(
     return cmd
 
 
-def _run_marked(cmd: list[str], marker: str, what: str) -> dict[str, Any]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+def _run_marked(cmd: list[str], marker: str, what: str, limit_gib: float | None = None) -> dict[str, Any]:
+    """Run ``cmd`` and return the JSON after ``marker``; ``limit_gib`` caps its address space
+    (``RLIMIT_AS``), so a run that would exhaust the machine fails alone with a MemoryError."""
+
+    def cap() -> None:
+        if limit_gib is not None:
+            import resource
+
+            size = int(limit_gib * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (size, size))
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, preexec_fn=cap)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(marker):
             return dict(json.loads(line[len(marker) :]))
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
     print(f"  [{what} failed, exit {proc.returncode}]", *tail, sep="\n    ", file=sys.stderr, flush=True)
+    text = "\n".join(tail)
+    if limit_gib is not None and ("can't allocate memory" in text or "MemoryError" in text):
+        return {"error": f"out of memory (address space capped at {limit_gib:g} GiB)", "oom": True}
     return {"error": f"exit {proc.returncode}: {tail[-1] if tail else ''}"}
 
 
@@ -367,6 +380,8 @@ def _tl_command(
         cmd += ["--model-path", str(lm.model.name_or_path)]
     if variant is not None:
         cmd += ["--variant", variant]
+    elif mode == "time":
+        cmd += ["--variants", ",".join(args.tl_variants)]
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
     return cmd
@@ -552,6 +567,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--tl-seq-lens", default=None, help="run (d) only at these comma-separated T (default: all)"
     )
+    parser.add_argument(
+        "--tl-variants",
+        default=",".join(TL_VARIANTS),
+        help="TransformerLens variants to run: documented, shared (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tl-memory-gib",
+        type=float,
+        default=20.0,
+        help="address-space cap of the TransformerLens processes: beyond it TL reports out of memory "
+        "instead of exhausting the machine (default: %(default)s)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     parser.add_argument(
         "--wait-for",
@@ -578,6 +605,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--repeats and --batch-size must be at least 1")
     if args.tl_seq_lens is not None:
         args.tl_seq_lens = [int(t) for t in args.tl_seq_lens.split(",") if t.strip()]
+    args.tl_variants = [v.strip() for v in args.tl_variants.split(",") if v.strip()]
+    if not args.tl_variants or any(v not in TL_VARIANTS for v in args.tl_variants):
+        parser.error(f"--tl-variants takes a comma-separated subset of {','.join(TL_VARIANTS)}")
     if args.n_ctx is None:
         args.n_ctx = max(2048, *args.seq_lens) + 1
     return args
@@ -638,7 +668,10 @@ def _measure_cell(args: argparse.Namespace, lm: Any, model_kind: str, seq_len: i
         tl, tl_contended = _guarded(
             args.wait_for,
             lambda: _run_marked(
-                _tl_command(args, lm, model_kind, ids_file, "time", None), TL_MARKER, "TransformerLens timing"
+                _tl_command(args, lm, model_kind, ids_file, "time", None),
+                TL_MARKER,
+                "TransformerLens timing",
+                args.tl_memory_gib,
             ),
             "TL timing",
         )
@@ -646,14 +679,18 @@ def _measure_cell(args: argparse.Namespace, lm: Any, model_kind: str, seq_len: i
             tl["contended_by"] = tl_contended
         for v in TL_VARIANTS:
             key = f"tl_{v}"
-            if "median_s" in tl:
+            if v not in args.tl_variants:
+                runs[key] = {"skipped": "not in --tl-variants"}
+            elif "median_s" in tl:
                 runs[key] = {"times_s": tl["times_s"][v], "median_s": tl["median_s"][v]}
             else:
-                runs[key] = {"error": tl.get("error", "no result")}
+                runs[key] = {k: tl[k] for k in ("error", "oom") if k in tl} or {"error": "no result"}
         if "median_s" in tl:
             print(
                 "  TransformerLens: "
-                + ", ".join(f"{v} {', '.join(f'{t:.2f}' for t in tl['times_s'][v])} s" for v in TL_VARIANTS),
+                + ", ".join(
+                    f"{v} {', '.join(f'{t:.2f}' for t in tl['times_s'][v])} s" for v in args.tl_variants
+                ),
                 flush=True,
             )
     elif want_tl:
@@ -669,10 +706,13 @@ def _measure_cell(args: argparse.Namespace, lm: Any, model_kind: str, seq_len: i
             )
             runs[kind]["memory"] = mem
             print(f"  memory {LABELS[kind]}: {_mem_line(mem)}", flush=True)
-        if ids_file is not None:
-            for v in TL_VARIANTS:
+        if ids_file is not None and "median_s" in tl:
+            for v in args.tl_variants:
                 mem = _run_marked(
-                    _tl_command(args, lm, model_kind, ids_file, "memory", v), TL_MARKER, f"TL memory {v}"
+                    _tl_command(args, lm, model_kind, ids_file, "memory", v),
+                    TL_MARKER,
+                    f"TL memory {v}",
+                    args.tl_memory_gib,
                 )
                 runs[f"tl_{v}"]["memory"] = mem
                 print(f"  memory {LABELS['tl_' + v]}: {_mem_line(mem)}", flush=True)

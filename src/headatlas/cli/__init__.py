@@ -3,7 +3,8 @@
 - :mod:`.atlas`: ``scan``, ``show``, ``map``
 - :mod:`.view`: ``report``, ``serve``
 - :mod:`.apps`: ``importance``, ``redundancy``, ``prune``, ``prune-curve``, ``verify``
-- :mod:`.patch`: ``patch``
+- :mod:`.patch`: ``patch``, ``circuit``
+- :mod:`.zoo`: ``zoo``
 - :mod:`.data`: ``data status``, ``data install``
 
 Commands only parse, call the library and print; the work lives in the library. Torch and
@@ -14,11 +15,11 @@ from __future__ import annotations
 
 import sys
 
-from . import apps, atlas, data, patch, view
+from . import apps, atlas, data, patch, view, zoo
 from .common import app, err_console
 
 __all__ = ["app", "main"]
-_COMMANDS = (apps, atlas, data, patch, view)  # imported for their @app.command registrations
+_COMMANDS = (apps, atlas, data, patch, view, zoo)  # imported for their @app.command registrations
 
 
 def main() -> None:

@@ -13,8 +13,10 @@ from rich.table import Table
 
 from ..heads import head_name
 from .common import (
+    DeviceMapOpt,
     DeviceOpt,
     ModelArg,
+    OffloadOpt,
     RayOpt,
     WorkersOpt,
     app,
@@ -58,6 +60,8 @@ def importance(
     device: DeviceOpt = "cpu",
     ray: RayOpt = None,
     workers: WorkersOpt = None,
+    device_map: DeviceMapOpt = None,
+    offload_folder: OffloadOpt = None,
 ) -> None:
     """Score how much each head matters (Michel et al. 2019) and write it into the atlas."""
     quiet_libraries(False)
@@ -70,7 +74,9 @@ def importance(
 
     run(lambda: check_choice("method", method, METHODS))
     run(lambda: check_output_dir(out))
-    loaded = load_model(model, device)
+    if device_map is not None and ray is not None:
+        fail("--device-map splits one model over this node's devices; --ray runs whole copies: pick one")
+    loaded = load_model(model, device, device_map=device_map, offload_folder=offload_folder)
     with locked(out):
         atlas = run(lambda: open_atlas(loaded.info, out))
         heldout = run(lambda: heldout_data(loaded, data, "dev", n_seqs, seq_len, batch_size))

@@ -13,9 +13,11 @@ from rich.table import Table
 from ..heads import head_name
 from .common import (
     BatchSizeOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     ModelArg,
+    OffloadOpt,
     RayOpt,
     SeqLenOpt,
     WorkersOpt,
@@ -78,6 +80,8 @@ def scan(
     ] = True,
     ray: RayOpt = None,
     workers: WorkersOpt = None,
+    device_map: DeviceMapOpt = None,
+    offload_folder: OffloadOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log progress details")] = False,
 ) -> None:
     """Scan every head of MODEL and write an atlas (and its figures) to --out."""
@@ -100,7 +104,9 @@ def scan(
         )
     )
     run(lambda: check_out_dir(out, force, resume or add))
-    loaded = load_model(model, device, dtype)
+    if device_map is not None and ray is not None:
+        fail("--device-map splits one model over this node's devices; --ray runs whole copies: pick one")
+    loaded = load_model(model, device, dtype, device_map, offload_folder)
     describe_model(loaded)
     progress, on_batch = _scan_progress()
     try:

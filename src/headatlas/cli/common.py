@@ -7,6 +7,7 @@ instant.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -67,6 +68,15 @@ RayOpt = Annotated[
     ),
 ]
 WorkersOpt = Annotated[int | None, typer.Option(help="Ray workers (default: one per CPU of the cluster)")]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="split the model over this node's devices: auto, balanced, sequential, or a JSON "
+        'file / object {module: device} ("disk" offloads to --offload-folder); replaces --device',
+    ),
+]
+OffloadOpt = Annotated[Path | None, typer.Option(help='folder for layers a --device-map sends to "disk"')]
 
 
 def example(*commands: str) -> str:
@@ -147,9 +157,51 @@ def ray_workers(spec: str, ray: str | None, workers: int | None, device: str = "
         pool.__exit__(None, None, None)
 
 
-def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> Any:
-    """Load ``spec`` with :func:`headatlas.load` behind a spinner: the one way commands load a model."""
+def parse_device_map(text: str | None) -> str | dict[str, Any] | None:
+    """Return ``--device-map`` as :func:`headatlas.load` takes it: a strategy name or a dict.
+
+    ``text`` is ``auto`` / ``balanced`` / ``balanced_low_0`` / ``sequential``, a JSON object, or
+    the path of a JSON file holding one. Anything else is a one-line error.
+    """
+    if text is None:
+        return None
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    raw = text
+    if not text.lstrip().startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            fail(
+                f"--device-map {text!r}: give one of {', '.join(DEVICE_MAP_STRATEGIES)}, a JSON "
+                "object or a JSON file"
+            )
+        raw = path.read_text(encoding="utf-8")
+    try:
+        mapping = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        fail(f"--device-map {text!r} is not valid JSON: {exc.msg} at line {exc.lineno}")
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping):
+        fail(f"--device-map {text!r}: the JSON must be an object {{module name: device}}")
+    return mapping
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def load_model(
+    spec: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    device_map: str | None = None,
+    offload_folder: Path | None = None,
+) -> Any:
+    """Load ``spec`` with :func:`headatlas.load` behind a spinner: the one way commands load a model.
+
+    ``device_map`` is the ``--device-map`` text (:func:`parse_device_map`).
+    """
     from ..loading import needs_conversion
+
+    placement = parse_device_map(device_map)
 
     what = (
         f"converting {spec} to safetensors once (about a minute)"
@@ -159,7 +211,11 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> Any:
     with console.status(f"{what} …"):
         from ..loading import load
 
-        return run(lambda: load(spec, device=device, dtype=dtype))
+        return run(
+            lambda: load(
+                spec, device=device, dtype=dtype, device_map=placement, offload_folder=offload_folder
+            )
+        )
 
 
 def describe_model(loaded: Any) -> None:

@@ -10,8 +10,10 @@ from rich.table import Table
 
 from ..heads import head_name
 from .common import (
+    DeviceMapOpt,
     DeviceOpt,
     ModelArg,
+    OffloadOpt,
     app,
     console,
     example,
@@ -56,6 +58,8 @@ def patch(
     fv_heads: Annotated[int, typer.Option(help="heads in a function vector (fv tasks)")] = 10,
     top: Annotated[int, typer.Option(help="heads to list")] = 10,
     device: DeviceOpt = "cpu",
+    device_map: DeviceMapOpt = None,
+    offload_folder: OffloadOpt = None,
 ) -> None:
     """Patch each head from clean into corrupted prompts: how much of the behaviour it restores."""
     quiet_libraries(False)
@@ -69,7 +73,7 @@ def patch(
 
     run(lambda: check_at_least("rows_per_pass", rows_per_pass, 1))
     run(lambda: check_output_dir(out))
-    loaded = load_model(model, device)
+    loaded = load_model(model, device, device_map=device_map, offload_folder=offload_folder)
     patch_task = run(lambda: build_task(loaded.tokenizer, task, n, seed))
     with locked(out):
         atlas = run(lambda: open_atlas(loaded.info, out))

@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.colors import Colormap, PowerNorm
@@ -369,3 +370,56 @@ def write_figures(atlas: Atlas, directory: str | Path) -> list[Path]:
                 written.append(example_figure(atlas, layer, head, path, title))
     logger.info("wrote %d figures to %s", len(written), out)
     return written
+
+
+def zoo_figure(depths: Mapping[str, pd.DataFrame], table: pd.DataFrame, out: str | Path) -> Path:
+    """Write the zoo's depth chart: for each role, one line per model with a dot per head at its
+    relative depth (``(layer + 0.5) / n_layers``), a bar at the median and the head count.
+
+    ``depths`` maps a model to its :func:`headatlas.apps.zoo.head_depths` rows; ``table`` is the
+    comparison table (:data:`headatlas.apps.zoo.COLUMNS`).
+    """
+    models = list(depths)
+    roles = [r for r in dict.fromkeys(table["role"]) if r in ROLE_COLORS]
+    lines = [(role, model) for role in roles for model in models]
+    fig = Figure(figsize=(8.0, 1.2 + 0.24 * max(len(lines), 1) + 0.12 * len(roles)))
+    ax = fig.add_subplot(1, 1, 1)
+    rng = np.random.default_rng(0)
+    labels: list[str] = []
+    y = 0.0
+    ticks: list[float] = []
+    for r, role in enumerate(roles):
+        if r:
+            y += 0.6
+            ax.axhline(y - 0.8, color="#dddddd", linewidth=0.6)
+        for model in models:
+            frame = depths[model]
+            at = frame.loc[frame["role"] == role, "depth"].to_numpy()  # [heads with role]
+            jitter = rng.uniform(-0.22, 0.22, size=len(at))  # [heads with role]
+            color = ROLE_COLORS.get(role, "#444444")
+            ax.scatter(at, y + jitter, s=10, color=color, alpha=0.75, linewidths=0)
+            row = table[(table["model"] == model) & (table["role"] == role)]
+            if len(at):
+                ax.plot([np.median(at)] * 2, [y - 0.35, y + 0.35], color="black", linewidth=1.4)
+            share = float(row["share"].iloc[0]) if len(row) else 0.0
+            ax.text(
+                1.01,
+                y,
+                f"{len(at)} ({share:.0%})",
+                va="center",
+                fontsize=7,
+                transform=ax.get_yaxis_transform(),
+            )
+            labels.append(f"{role} · {model}")
+            ticks.append(y)
+            y += 1.0
+    ax.set_yticks(ticks, labels, fontsize=7)
+    ax.set_ylim(y - 0.4, -0.6)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("relative depth (layer + 0.5) / layers", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_title("heads of each role by relative depth (bar: median; right: heads, share)", fontsize=9)
+    fig.subplots_adjust(
+        left=0.3, right=0.88, top=1 - 0.5 / fig.get_figheight(), bottom=0.6 / fig.get_figheight()
+    )
+    return save_figure(fig, out)
