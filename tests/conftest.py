@@ -78,3 +78,38 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     BUILDERS["llama"](0).save_pretrained(out)
     make_tokenizer().save_pretrained(out)
     return out
+
+
+def validate_saved_atlas(directory: Path) -> None:
+    """Raise unless ``directory``'s ``atlas.json`` and table columns match the packaged JSON Schema."""
+    import json
+
+    import jsonschema
+    import pandas as pd
+
+    from headatlas.atlas_schema import describe_table, schema_path
+
+    schema = json.loads(schema_path().read_text(encoding="utf-8"))
+    meta = json.loads((directory / "atlas.json").read_text(encoding="utf-8"))
+    jsonschema.validate(meta, schema)
+    table = pd.read_parquet(directory / "atlas.parquet")
+    jsonschema.validate(describe_table(table), {**schema["$defs"]["table"], "$defs": schema["$defs"]})
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _every_saved_atlas_matches_the_schema():  # type: ignore[no-untyped-def]
+    """Every atlas a test writes in this process (session fixtures too) is checked against the
+    schema as it is saved."""
+    from headatlas.atlas import Atlas
+
+    original = Atlas.save
+
+    def save_and_validate(self: Atlas, directory: str | Path) -> Path:
+        out = original(self, directory)
+        validate_saved_atlas(Path(out))
+        return out
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(Atlas, "save", save_and_validate)
+    yield
+    patch.undo()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .atlas_schema import SCHEMA_VERSION, migrate
 from .errors import RESCAN, HeadatlasError, param
 from .heads import head_name
 from .roles import RULES, assign_roles
@@ -267,6 +268,7 @@ class Atlas:
         with atomic_path(out / TABLE_FILE) as tmp:
             self.table.to_parquet(tmp, index=False)
         self.meta["table"] = _table_stamp(self.table)
+        self.meta["schema_version"] = SCHEMA_VERSION
         write_json(out / META_FILE, self.meta, indent=2)
         return out
 
@@ -295,6 +297,8 @@ class Atlas:
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise HeadatlasError(f"{meta_file} is not valid JSON: rescan it: {_FORCE}") from exc
+        if isinstance(meta, dict):
+            meta = migrate(meta, meta_file)
         _validate(table, meta, table_file)
         tables: dict[str, pd.DataFrame] = {}
         for name in meta.get("tables", []):
