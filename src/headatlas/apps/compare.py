@@ -61,10 +61,13 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def _role_sets(atlas: Atlas) -> dict[str, set[str]]:
     sets: dict[str, set[str]] = {}
-    for row in atlas.table.itertuples():
-        for role in str(row.roles or "").split(","):
+    table = atlas.table
+    for layer, head, roles in zip(
+        table["layer"].tolist(), table["head"].tolist(), table["roles"].tolist(), strict=True
+    ):
+        for role in str(roles or "").split(","):
             if role:
-                sets.setdefault(role, set()).add(head_name(int(row.layer), int(row.head)))
+                sets.setdefault(role, set()).add(head_name(int(layer), int(head)))
     return sets
 
 

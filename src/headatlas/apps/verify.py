@@ -136,11 +136,15 @@ def metric_for(score: str, atlas: Atlas | None = None) -> tuple[Metric, str, boo
     The metric belongs to the battery that writes the score (:attr:`ScoreSpec.battery
     <headatlas.scores.ScoreSpec.battery>`): the repeat battery's is :func:`induction_loss`, a
     functional battery's its :attr:`~headatlas.functional.BatterySpec.metric`, and a
-    ``patch_<task>`` score's (recorded in ``atlas``) the task's metric on held-out pairs.
+    ``patch_<task>`` score's (recorded in ``atlas``) the task's metric on held-out pairs, and an
+    imported column's (``headatlas import --like``) the metric of the score it is like.
     """
     patched = _patch_metric(score, atlas)
     if patched is not None:
         return patched
+    imported = (atlas.meta.get("imported", {}) if atlas is not None else {}).get(score)
+    if imported and imported.get("like"):  # a foreign annotation, measured by the task of its kind
+        return metric_for(str(imported["like"]), atlas)
     battery = SCORES[score].battery if score in SCORES else None
     if battery == "repeat":
         return induction_loss, "loss on the repeated half", False

@@ -5,7 +5,7 @@
 - :mod:`.apps`: ``importance``, ``redundancy``, ``prune``, ``prune-curve``, ``verify``
 - :mod:`.patch`: ``patch``, ``circuit``
 - :mod:`.zoo`: ``zoo``
-- :mod:`.interop`: ``compare``
+- :mod:`.interop`: ``compare``, ``export``, ``import``
 - :mod:`.data`: ``data status``, ``data install``
 
 Commands only parse, call the library and print; the work lives in the library. Torch and
