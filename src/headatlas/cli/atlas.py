@@ -30,6 +30,7 @@ from .common import (
     load_model,
     quiet_libraries,
     run,
+    scan_config,
 )
 
 
@@ -87,21 +88,17 @@ def scan(
     """Scan every head of MODEL and write an atlas (and its figures) to --out."""
     quiet_libraries(verbose)
     from ..atlas import check_out_dir
-    from ..scanning import ScanConfig
     from ..scanning import scan as run_scan
 
-    names = [p.strip() for p in probes.split(",") if p.strip()]
-    config = run(
-        lambda: ScanConfig.of(
-            names,
-            text_file=text_file,
-            n_prompts=n_prompts,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            seed=seed,
-            n_functional=n_functional,
-            max_len=max_len,
-        )
+    config = scan_config(
+        probes,
+        text_file=text_file,
+        n_prompts=n_prompts,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        n_functional=n_functional,
+        max_len=max_len,
     )
     run(lambda: check_out_dir(out, force, resume or add))
     if device_map is not None and ray is not None:

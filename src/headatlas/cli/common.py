@@ -188,6 +188,15 @@ def parse_device_map(text: str | None) -> str | dict[str, Any] | None:
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
+def scan_config(probes: str, **fields: Any) -> Any:
+    """Return the :class:`~headatlas.scanning.ScanConfig` of ``--probes`` (comma-separated) and the
+    other scan options, or exit with the one-line error of a bad value."""
+    from ..scanning import ScanConfig
+
+    names = [p.strip() for p in probes.split(",") if p.strip()]
+    return run(lambda: ScanConfig.of(names, **fields))
+
+
 def load_model(
     spec: str,
     device: str = "cpu",

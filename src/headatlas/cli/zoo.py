@@ -23,6 +23,7 @@ from .common import (
     example,
     quiet_libraries,
     run,
+    scan_config,
 )
 
 
@@ -60,19 +61,15 @@ def zoo(
     quiet_libraries(False)
     from ..apps.zoo import FIGURE_NAME, TABLE_NAME
     from ..apps.zoo import zoo as run_zoo
-    from ..scanning import ScanConfig
 
-    names = [p.strip() for p in probes.split(",") if p.strip()]
-    config = run(
-        lambda: ScanConfig.of(
-            names,
-            n_prompts=n_prompts,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            seed=seed,
-            n_functional=n_functional,
-            max_len=max_len,
-        )
+    config = scan_config(
+        probes,
+        n_prompts=n_prompts,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        n_functional=n_functional,
+        max_len=max_len,
     )
     shown: dict[str, Any] = {}
 
