@@ -239,3 +239,20 @@ def test_model_whose_cache_cannot_be_replaced_falls_back_only_when_asked() -> No
             assert all(not isinstance(layer, kv.HeadwiseLayer) for layer in cache.layers)
     finally:
         loaded.model._supports_attention_backend = True
+
+
+def test_compressing_a_prefilled_plain_cache_equals_full_then_compress() -> None:
+    loaded = _loaded("qwen2")
+    ids, mask = left_padded_batch(loaded.tokenizer, list(SAMPLE_TEXTS))
+    kv_plan = kv.from_heads(loaded.info, [[1], [0]], sink=2, recent=4, compensate=True)
+    with kv.compressed(loaded, kv_plan) as cache:
+        kv.prefill(loaded, cache, ids, mask)
+        direct = _generate(loaded.model, ids, mask, cache)
+    plain = DynamicCache(config=loaded.model.config)
+    kv.prefill(loaded, plain, ids, mask)
+    with kv.compressed(loaded, kv_plan, source=plain, attention_mask=mask[:, :-1]) as cache:
+        assert cache.get_seq_length() == ids.shape[1] - 1
+        filled = _generate(loaded.model, ids, mask, cache)
+    for a, b in zip(direct.logits, filled.logits, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    assert torch.equal(direct.sequences, filled.sequences)

@@ -11,15 +11,19 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ...capture import backend_kv
 from ...errors import HeadatlasError, param
+from ..formats import DUO_CONFIG, DUO_TSV, check_format, read_duo, write_duo, write_headkv
 from .cache import HeadwiseCache, HeadwiseLayer, plain_layers
-from .plan import PRESETS, Plan, all_full, from_heads, kv_scores, plan
+from .plan import PRESETS, Plan, all_full, from_heads, head_scores, kv_scores, plan
 
 __all__ = [
     "PRESETS",
@@ -29,10 +33,14 @@ __all__ = [
     "all_full",
     "build_cache",
     "compressed",
+    "export",
+    "fill_from",
     "from_heads",
+    "head_scores",
     "kv_scores",
     "layer_types",
     "plan",
+    "plan_from_duo",
     "prefill",
 ]
 
@@ -60,6 +68,27 @@ def _check_replaceable(loaded: Any) -> None:
             f"{loaded.info.name} has layer types {sorted(set(text.layer_types))} a head-wise cache cannot hold: "
             f"pass {param('fallback', 'fallback=True')} to use the plain cache"
         )
+
+
+def fill_from(cache: HeadwiseCache, source: Any, attention_mask: torch.Tensor | None = None) -> HeadwiseCache:
+    """Fill an empty head-wise ``cache`` from a prefilled plain ``source`` cache (full attention, then
+    compressed: kvpress's way); ``attention_mask [batch, seq]`` marks real tokens. Returns ``cache``."""
+    for i, (src, dst) in enumerate(zip(source.layers, cache.layers, strict=True)):
+        if not isinstance(dst, HeadwiseLayer):
+            cache.layers[i] = copy.deepcopy(src)  # the model's own sliding window
+            continue
+        keys, values = src.keys, src.values  # [batch, kv_head, seq, d_head]
+        real = (
+            torch.ones(keys.shape[0], keys.shape[-2], dtype=torch.bool)
+            if attention_mask is None
+            else attention_mask.bool().cpu()
+        )
+        dst.update(keys, values)
+        if dst.n_stream:
+            dst.streaming_keys(real)
+            dst.commit(real)
+    backend_kv.PENDING.set(None)
+    return cache
 
 
 def build_cache(loaded: Any, kv_plan: Plan | None, *, streaming_prefill: bool = False) -> HeadwiseCache:
@@ -91,7 +120,13 @@ def build_cache(loaded: Any, kv_plan: Plan | None, *, streaming_prefill: bool = 
 
 @contextlib.contextmanager
 def compressed(
-    loaded: Any, kv_plan: Plan | None, *, streaming_prefill: bool = False, fallback: bool = False
+    loaded: Any,
+    kv_plan: Plan | None,
+    *,
+    streaming_prefill: bool = False,
+    fallback: bool = False,
+    source: Any = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> Iterator[HeadwiseCache]:
     """Yield a fresh head-wise cache for ``kv_plan`` with the model switched to the
     ``headatlas_kv`` attention backend; restore the model's backend on exit.
@@ -99,6 +134,8 @@ def compressed(
     ``streaming_prefill``: streaming heads see only sink + window keys during the prompt too
     (DuoAttention) instead of the full prompt compressed afterwards (kvpress). ``fallback``: on a
     model whose cache layers cannot be replaced, yield the plain cache instead of raising.
+    ``source``: a prefilled plain cache (``attention_mask`` its real tokens) to compress into the
+    new cache (:func:`fill_from`), so one full prefill serves several plans.
     """
     try:
         _check_replaceable(loaded)
@@ -108,6 +145,8 @@ def compressed(
         yield HeadwiseCache(plain_layers(loaded.model.config))
         return
     cache = build_cache(loaded, kv_plan, streaming_prefill=streaming_prefill)
+    if source is not None:
+        fill_from(cache, source, attention_mask)
     backend_kv.register()
     model = loaded.model
     previous = model.config._attn_implementation
@@ -149,3 +188,45 @@ def prefill(
             )
             logits = out.logits
     return logits
+
+
+HEADKV_FILE = "head_scores.json"
+
+
+def export(kv_plan: Plan, fmt: str, out: str | Path) -> list[Path]:
+    """Write ``kv_plan`` in a foreign format into directory ``out``; return the files written.
+
+    ``duo``: DuoAttention's ``full_attention_heads.tsv`` (1.0 = full KV head, 0.0 = streaming) and
+    ``config.json`` (sink and recent sizes), read by duo-attention and kvpress's DuoAttentionPress.
+    ``headkv``: ``head_scores.json`` ``{"L-H": [score]}`` per query head, the plan's ranking scores,
+    read by Retrieval_Head and HeadKV.
+    """
+    spec = check_format(fmt)
+    where = Path(out)
+    if spec.name == "duo":
+        gates = np.zeros((len(kv_plan.full_heads), kv_plan.n_kv_heads))  # [layer, kv_head]
+        for layer, heads in enumerate(kv_plan.full_heads):
+            gates[layer, heads] = 1.0
+        write_duo(where, gates, kv_plan.sink, kv_plan.recent)
+        return [where / DUO_TSV, where / DUO_CONFIG]
+    if not kv_plan.head_scores:
+        raise HeadatlasError("this plan has no per-head scores (it was not made from an atlas): use --format duo")
+    return [write_headkv(where / HEADKV_FILE, np.asarray(kv_plan.head_scores))]
+
+
+def plan_from_duo(info: Any, directory: str | Path, threshold: float = 0.5) -> Plan:
+    """A :class:`Plan` from a DuoAttention pattern directory: KV heads whose gate is ≥ ``threshold``
+    keep full KV; sink and recent sizes from its ``config.json``."""
+    pattern = read_duo(directory)
+    if pattern.gates.shape != (info.n_layers, info.n_kv_heads):
+        raise HeadatlasError(
+            f"the DuoAttention pattern is {pattern.gates.shape[0]} layers × {pattern.gates.shape[1]} KV heads, "
+            f"the model {info.n_layers} × {info.n_kv_heads}"
+        )
+    return from_heads(
+        info,
+        pattern.full_heads(threshold),
+        sink=pattern.sink,
+        recent=pattern.recent,
+        rule={"by": ["duo-pattern"], "source": str(directory), "threshold": threshold},
+    )

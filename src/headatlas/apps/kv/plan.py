@@ -44,6 +44,7 @@ class Plan:
     atlas: dict[str, Any] = field(default_factory=dict)
     layer_types: list[str] = field(default_factory=list)
     scores: list[list[float]] = field(default_factory=list)
+    head_scores: list[list[float]] = field(default_factory=list)
     kv_bytes: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -97,13 +98,18 @@ class Plan:
 def kv_scores(atlas: Atlas, by: str | list[str]) -> tuple[np.ndarray, list[str]]:
     """Return ``([layer, kv_head] scores, score names)``: each score's max over a KV group's query
     heads, divided by its max over the model; several scores combine by their max."""
+    heads, names = head_scores(atlas, by)
+    n_layers, n_heads = heads.shape
+    n_kv = int(atlas.meta.get("model", {}).get("n_kv_heads") or n_heads)
+    return heads.reshape(n_layers, n_kv, n_heads // n_kv).max(-1), names
+
+
+def head_scores(atlas: Atlas, by: str | list[str]) -> tuple[np.ndarray, list[str]]:
+    """Return ``([layer, head] scores, score names)``: each score divided by its max over the
+    model (NaN counts as 0); several scores combine by their max."""
     names = PRESETS.get(by, (by,)) if isinstance(by, str) else tuple(by)
     names = tuple(n for part in names for n in str(part).split(",") if n)
-    model = atlas.meta.get("model", {})
-    n_layers, n_heads = atlas.shape
-    n_kv = int(model.get("n_kv_heads") or n_heads)
-    group = n_heads // n_kv
-    combined = np.zeros((n_layers, n_kv))
+    combined = np.zeros(atlas.shape)
     for name in names:
         if name not in atlas.score_columns:
             spec = SCORES.get(name)
@@ -113,9 +119,8 @@ def kv_scores(atlas: Atlas, by: str | list[str]) -> tuple[np.ndarray, list[str]]
                 f"(it has {', '.join(atlas.score_columns[:8]) or 'no scores'})"
             )
         values = np.nan_to_num(atlas.matrix(name), nan=0.0)  # [layer, head]
-        per_kv = values.reshape(n_layers, n_kv, group).max(-1)  # [layer, kv_head]
-        top = float(np.abs(per_kv).max()) or 1.0
-        combined = np.maximum(combined, per_kv / top)
+        top = float(np.abs(values).max()) or 1.0
+        combined = np.maximum(combined, values / top)
     return combined, list(names)
 
 
@@ -161,6 +166,7 @@ def plan(
             f"context ({param('context')} {context}): lower {param('recent')}"
         )
     scores, names = kv_scores(atlas, by)
+    per_head, _ = head_scores(atlas, by)
     n_layers, n_kv = scores.shape
     model = dict(atlas.meta.get("model", {}))
     window = int(model.get("sliding_window") or 0)
@@ -198,6 +204,7 @@ def plan(
         atlas={"path": atlas_path, "weights_sha256": model.get("sha256")},
         layer_types=types,
         scores=np.round(scores, 6).tolist(),
+        head_scores=np.round(per_head, 6).tolist(),
         kv_bytes={
             "context": context,
             "full": total * per_token,
