@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_models import BUILDERS, SAMPLE_TEXTS, left_padded_batch, make_tokenizer
 from transformers import DynamicCache
 
 import headatlas as ha
 from headatlas.apps import kv
 from headatlas.atlas import Atlas
 from headatlas.errors import HeadatlasError
+from tiny_models import BUILDERS, SAMPLE_TEXTS, left_padded_batch, make_tokenizer
 
 N_NEW = 20
 
@@ -50,7 +50,11 @@ def test_all_full_plan_equals_plain_cache(name: str) -> None:
     assert torch.equal(ref.sequences, out.sequences)
     plain = DynamicCache(config=loaded.model.config)
     with torch.no_grad():
-        loaded.model(input_ids=out.sequences[:, :-1], attention_mask=torch.ones_like(out.sequences[:, :-1]), past_key_values=plain)
+        loaded.model(
+            input_ids=out.sequences[:, :-1],
+            attention_mask=torch.ones_like(out.sequences[:, :-1]),
+            past_key_values=plain,
+        )
     assert held == sum(layer.keys.nbytes + layer.values.nbytes for layer in plain.layers) + sum(
         layer.nbytes() - layer.keys.nbytes - layer.values.nbytes
         for layer in cache.layers
@@ -116,34 +120,48 @@ def test_long_decode_never_grows_streaming_heads_and_bytes_follow_the_plan() -> 
     ids, mask = left_padded_batch(loaded.tokenizer, list(SAMPLE_TEXTS))
     sink, recent, steps = 2, 6, 60
     sizes = {}
-    for label, heads in (("all", [[0, 1]] * info.n_layers), ("one", [[0]] * info.n_layers), ("none", [[]] * 3)):
+    for label, heads in (
+        ("all", [[0, 1]] * info.n_layers),
+        ("one", [[0]] * info.n_layers),
+        ("none", [[]] * 3),
+    ):
         kv_plan = kv.from_heads(info, heads, sink=sink, recent=recent, compensate=True)
         seq_mask = mask
         with kv.compressed(loaded, kv_plan) as cache, torch.no_grad():
             pos = (seq_mask.cumsum(-1) - 1).clamp_min(0)
-            out = loaded.model(input_ids=ids, attention_mask=seq_mask, position_ids=pos, past_key_values=cache)
+            out = loaded.model(
+                input_ids=ids, attention_mask=seq_mask, position_ids=pos, past_key_values=cache
+            )
             streaming_bytes = set()
             for _ in range(steps):
                 token = out.logits[:, -1:].argmax(-1)  # [batch, 1]
                 seq_mask = torch.cat([seq_mask, torch.ones_like(token)], 1)
                 pos = seq_mask.sum(-1, keepdim=True) - 1
-                out = loaded.model(input_ids=token, attention_mask=seq_mask, position_ids=pos, past_key_values=cache)
+                out = loaded.model(
+                    input_ids=token, attention_mask=seq_mask, position_ids=pos, past_key_values=cache
+                )
                 for layer in cache.layers:
                     held = (layer.s_pos >= 0).sum(1) + (layer.comp_n > 0).long()  # [batch]
                     assert int(held.max()) <= sink + recent + 1
                     assert layer.keys.shape[-2] == cache.get_seq_length()
-                streaming_bytes.add(sum(layer.s_keys.nbytes + layer.s_values.nbytes for layer in cache.layers))
+                streaming_bytes.add(
+                    sum(layer.s_keys.nbytes + layer.s_values.nbytes for layer in cache.layers)
+                )
             assert len(streaming_bytes) == 1  # constant while decoding
             held_tensors = [
                 (layer.keys, layer.values, layer.s_keys, layer.s_values, layer.s_pos, layer.comp_n)
                 for layer in cache.layers
             ]
-            assert cache.nbytes() == sum(t.numel() * t.element_size() for group in held_tensors for t in group)
+            assert cache.nbytes() == sum(
+                t.numel() * t.element_size() for group in held_tensors for t in group
+            )
             assert cache.nbytes(per_layer=True) == [sum(t.nbytes for t in group) for group in held_tensors]
             sizes[label] = cache.nbytes()
     assert sizes["all"] > sizes["one"] > sizes["none"]
     tokens = ids.shape[1] + steps
-    per_kv_head = ids.shape[0] * info.head_dim * 4 * 2 * info.n_layers  # keys + values, float32, one head per layer
+    per_kv_head = (
+        ids.shape[0] * info.head_dim * 4 * 2 * info.n_layers
+    )  # keys + values, float32, one head per layer
     stream_slots = ids.shape[0] * (sink + recent + 1) * info.head_dim * 4 * 2 * info.n_layers
     assert sizes["all"] - sizes["one"] == per_kv_head * tokens - stream_slots
     assert sizes["one"] - sizes["none"] == per_kv_head * tokens - stream_slots
@@ -188,7 +206,10 @@ def test_plan_from_atlas_ranks_kv_groups_by_their_best_query_head(tmp_path) -> N
     assert p.full_heads == [[], [1], [0]]
     assert p.kv_bytes["fraction"] == pytest.approx((600 + 2 * 900) / 6000)
     assert p.kv_bytes["fraction"] <= 0.42
-    assert kv.plan(atlas, budget=420, by="retrieval", sink=sink, recent=recent, context=context).full_heads == p.full_heads
+    assert (
+        kv.plan(atlas, budget=420, by="retrieval", sink=sink, recent=recent, context=context).full_heads
+        == p.full_heads
+    )
     path = p.save(tmp_path / "plan.json")
     assert json.loads(path.read_text())["format"] == "headatlas-kv-plan"
     again = kv.Plan.load(path)
@@ -209,7 +230,9 @@ def test_plan_bad_input_is_refused_in_one_line(tmp_path) -> None:  # type: ignor
         "give one of": {},
     }
     for message, options in cases.items():
-        with pytest.raises(HeadatlasError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")) as err:
+        with pytest.raises(
+            HeadatlasError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+        ) as err:
             kv.plan(atlas, **{"by": "retrieval", **options})
         assert "\n" not in str(err.value)
     other = ha.load(BUILDERS["llama"](1), tokenizer=make_tokenizer())

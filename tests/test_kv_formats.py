@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import BUILDERS, make_tokenizer
 from typer.testing import CliRunner
 
 import headatlas as ha
@@ -15,6 +14,7 @@ from headatlas.apps import formats, kv
 from headatlas.atlas import Atlas
 from headatlas.cli import app
 from headatlas.errors import HeadatlasError
+from tiny_models import BUILDERS, make_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "duo_pattern"
 
@@ -102,7 +102,9 @@ def test_cli_plan_and_export(loaded, tmp_path) -> None:  # type: ignore[no-untyp
     result = runner.invoke(app, [*args, "--keep-fraction", "0.5", "--out", str(plan_path)])
     assert result.exit_code == 0, result.output
     assert kv.Plan.load(plan_path).full_heads == _plan(loaded.info).full_heads
-    result = runner.invoke(app, ["kv", "export", str(plan_path), "--format", "duo", "--out", str(tmp_path / "d")])
+    result = runner.invoke(
+        app, ["kv", "export", str(plan_path), "--format", "duo", "--out", str(tmp_path / "d")]
+    )
     assert result.exit_code == 0 and (tmp_path / "d" / "full_attention_heads.tsv").exists()
     for extra, message in (
         (["--keep-fraction", "0"], "--keep-fraction must be in (0, 1]"),
@@ -115,4 +117,6 @@ def test_cli_plan_and_export(loaded, tmp_path) -> None:  # type: ignore[no-untyp
         assert not out.exists()
     for command in ("kv plan", "kv eval", "kv export"):
         result = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"})
-        assert result.exit_code == 0 and "Example" in result.output and f"headatlas {command}" in result.output
+        assert (
+            result.exit_code == 0 and "Example" in result.output and f"headatlas {command}" in result.output
+        )

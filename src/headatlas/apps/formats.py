@@ -115,7 +115,9 @@ def read_headkv(path: str | Path, n_layers: int | None = None, n_heads: int | No
     out = np.full((rows, cols), np.nan)
     for (layer, head), value in cells.items():
         if layer >= rows or head >= cols:
-            raise HeadatlasError(f"{str(path)!r}: head {layer}-{head} is outside {rows} layers × {cols} heads")
+            raise HeadatlasError(
+                f"{str(path)!r}: head {layer}-{head} is outside {rows} layers × {cols} heads"
+            )
         out[layer, head] = value
     return out
 

@@ -92,13 +92,17 @@ def kv_attention(
     """
     layer = PENDING.get()
     if layer is None or layer.layer_idx != getattr(module, "layer_idx", None):
-        out, _ = _delegate(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        out, _ = _delegate(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
         return out, None
     PENDING.set(None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     batch, n_heads, q_len, _ = query.shape
     if layer.n_stream == 0:
-        out, _ = _delegate(module, query, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs)
+        out, _ = _delegate(
+            module, query, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs
+        )
         return out, None
     out = query.new_empty(batch, q_len, n_heads, value.shape[-1])  # [batch, query, head, d_head]
     if layer.n_full:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -37,7 +38,9 @@ def kv_plan(
     ] = "duo",
     sink: Annotated[int, typer.Option(help="first tokens a streaming head keeps")] = 4,
     recent: Annotated[int, typer.Option(help="last tokens a streaming head keeps")] = 256,
-    compensate: Annotated[bool, typer.Option(help="add the mean of dropped keys/values as one token")] = False,
+    compensate: Annotated[
+        bool, typer.Option(help="add the mean of dropped keys/values as one token")
+    ] = False,
     context: Annotated[int, typer.Option(help="context length the byte budget is computed at")] = 2048,
     model: Annotated[
         str | None, typer.Option(help="the atlas's model, to leave its own sliding-window layers as they are")
@@ -74,6 +77,10 @@ def kv_plan(
     )
 
 
+def _advance(progress: Any, bar: Any, done: int, _total: int) -> None:
+    progress.update(bar, completed=done)
+
+
 @kv_app.command(
     "eval",
     epilog=example(
@@ -91,7 +98,9 @@ def kv_eval(
     streaming_prefill: Annotated[
         bool, typer.Option(help="streaming heads see only sink + window during the prompt too")
     ] = False,
-    chunk: Annotated[int | None, typer.Option(help="prefill chunk length (default: the whole prompt)")] = None,
+    chunk: Annotated[
+        int | None, typer.Option(help="prefill chunk length (default: the whole prompt)")
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows as JSON")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
@@ -109,13 +118,17 @@ def kv_eval(
     loaded = load_model(model, device=device)
     run(lambda: kv_plan.check_model(loaded.info))
     if max(sizes) <= kv_plan.sink + kv_plan.recent + 1:
-        fail(f"the window (--sink + --recent + 1 = {kv_plan.sink + kv_plan.recent + 1}) is not smaller than --lengths")
-    table = Table("task", "length", "cache", "accuracy %", "KV MiB after prefill", "prefill s", "decode ms/tok")
+        fail(
+            f"the window (--sink + --recent + 1 = {kv_plan.sink + kv_plan.recent + 1}) is not smaller than --lengths"
+        )
+    table = Table(
+        "task", "length", "cache", "accuracy %", "KV MiB after prefill", "prefill s", "decode ms/tok"
+    )
     rows = []
     with progress_bar() as progress:
         for task in tasks.split(","):
             for length in sizes:
-                samples = run(lambda t=task, k=length: make_samples(loaded.tokenizer, t, k, n, seed=seed))
+                samples = run(partial(make_samples, loaded.tokenizer, task, length, n, seed=seed))
                 for label, p in (("full", None), ("plan", kv_plan)):
                     bar = progress.add_task(f"{task} {length} {label}", total=n)
                     row = evaluate.evaluate(
@@ -125,12 +138,17 @@ def kv_eval(
                         label,
                         streaming_prefill=streaming_prefill,
                         chunk=chunk,
-                        progress=lambda done, _total, b=bar: progress.update(b, completed=done),
+                        progress=partial(_advance, progress, bar),
                     )
                     rows.append({"task": task, "length": length, **row.to_dict()})
                     table.add_row(
-                        task, str(length), label, f"{row.accuracy:.1f}", f"{row.kv_bytes / 2**20:.2f}",
-                        f"{row.prefill_s:.2f}", f"{row.decode_ms:.1f}",
+                        task,
+                        str(length),
+                        label,
+                        f"{row.accuracy:.1f}",
+                        f"{row.kv_bytes / 2**20:.2f}",
+                        f"{row.prefill_s:.2f}",
+                        f"{row.decode_ms:.1f}",
                     )
     console.print(table)
     if json_out is not None:

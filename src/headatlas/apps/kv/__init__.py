@@ -63,7 +63,10 @@ def _check_replaceable(loaded: Any) -> None:
             f"cache layers cannot be replaced: pass {param('fallback', 'fallback=True')} to use the plain cache"
         )
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if set(getattr(text, "layer_types", None) or ["full_attention"]) - {"full_attention", "sliding_attention"}:
+    if set(getattr(text, "layer_types", None) or ["full_attention"]) - {
+        "full_attention",
+        "sliding_attention",
+    }:
         raise HeadatlasError(
             f"{loaded.info.name} has layer types {sorted(set(text.layer_types))} a head-wise cache cannot hold: "
             f"pass {param('fallback', 'fallback=True')} to use the plain cache"
@@ -210,7 +213,9 @@ def export(kv_plan: Plan, fmt: str, out: str | Path) -> list[Path]:
         write_duo(where, gates, kv_plan.sink, kv_plan.recent)
         return [where / DUO_TSV, where / DUO_CONFIG]
     if not kv_plan.head_scores:
-        raise HeadatlasError("this plan has no per-head scores (it was not made from an atlas): use --format duo")
+        raise HeadatlasError(
+            "this plan has no per-head scores (it was not made from an atlas): use --format duo"
+        )
     return [write_headkv(where / HEADKV_FILE, np.asarray(kv_plan.head_scores))]
 
 

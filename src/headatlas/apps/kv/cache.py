@@ -89,6 +89,7 @@ class HeadwiseLayer(CacheLayerMixin):
             new_v = value_states.index_select(1, self.full_kv.to(value_states.device))
             stream = self.stream_kv.to(key_states.device)
             self.pending = (key_states.index_select(1, stream), value_states.index_select(1, stream))
+        assert self.keys is not None and self.values is not None  # set by lazy_initialization
         self.keys = torch.cat([self.keys, new_k], dim=-2)
         self.values = torch.cat([self.values, new_v], dim=-2)
         PENDING.set(self)
@@ -121,7 +122,7 @@ class HeadwiseLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         held = (self.keys, self.values, self.s_keys, self.s_values, self.s_pos, self.comp_n)
-        return sum(t.numel() * t.element_size() for t in held)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     # --- the streaming heads, called by the attention backend ----------------------------------
     def _valid(self) -> torch.Tensor:

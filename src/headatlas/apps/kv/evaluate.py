@@ -109,7 +109,9 @@ def evaluate(
     """Run every sample through one configuration and return its :class:`Row`."""
     row = Row(label)
     for i, sample in enumerate(samples):
-        text, held, pre, dec = run_one(loaded, sample, kv_plan, streaming_prefill=streaming_prefill, chunk=chunk)
+        text, held, pre, dec = run_one(
+            loaded, sample, kv_plan, streaming_prefill=streaming_prefill, chunk=chunk
+        )
         row.n += 1
         row.correct += sample.correct(text)
         row.kv_bytes += (held - row.kv_bytes) / row.n

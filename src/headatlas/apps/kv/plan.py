@@ -75,7 +75,9 @@ class Plan:
         except (OSError, ValueError) as error:
             raise HeadatlasError(f"cannot read the KV plan {str(path)!r}: {error}") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise HeadatlasError(f"{str(path)!r} is not a headatlas KV plan: make one with `headatlas kv plan`")
+            raise HeadatlasError(
+                f"{str(path)!r} is not a headatlas KV plan: make one with `headatlas kv plan`"
+            )
         data.pop("format")
         data.pop("version", None)
         return cls(**data)
@@ -158,7 +160,9 @@ def plan(
     if not (0 < keep_fraction <= 1) or math.isnan(keep_fraction):
         raise HeadatlasError(f"{param('keep_fraction')} must be in (0, 1], got {keep_fraction:g}")
     if sink < 0 or recent < 1:
-        raise HeadatlasError(f"{param('sink')} must be ≥ 0 and {param('recent')} ≥ 1, got {sink} and {recent}")
+        raise HeadatlasError(
+            f"{param('sink')} must be ≥ 0 and {param('recent')} ≥ 1, got {sink} and {recent}"
+        )
     slots = _slots(sink, recent, compensate)
     if slots >= context:
         raise HeadatlasError(
@@ -183,7 +187,9 @@ def plan(
             f"{param('keep_fraction')} {keep_fraction:g} is below what streaming every head keeps "
             f"({fixed / total:.3f} at {context} tokens): lower {param('recent')} or raise {param('keep_fraction')}"
         )
-    ranked = [(float(scores[lyr, k]), lyr, k) for lyr in range(n_layers) for k in range(n_kv) if not sliding[lyr]]
+    ranked = [
+        (float(scores[lyr, k]), lyr, k) for lyr in range(n_layers) for k in range(n_kv) if not sliding[lyr]
+    ]
     ranked.sort(key=lambda t: (-t[0], t[1], t[2]))
     full: list[list[int]] = [[] for _ in range(n_layers)]
     for _, lyr, k in ranked[:n_promote]:
@@ -236,7 +242,9 @@ def from_heads(info: Any, full_heads: list[list[int]], **options: Any) -> Plan:
     for heads in full_heads:
         bad = [h for h in heads if not 0 <= h < info.n_kv_heads]
         if bad:
-            raise HeadatlasError(f"KV head {bad[0]} does not exist (the model has {info.n_kv_heads} per layer)")
+            raise HeadatlasError(
+                f"KV head {bad[0]} does not exist (the model has {info.n_kv_heads} per layer)"
+            )
     return Plan(
         model=info.to_dict(),
         full_heads=[sorted(set(h)) for h in full_heads],

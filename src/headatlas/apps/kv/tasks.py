@@ -14,6 +14,7 @@ A sample is correct when every expected string occurs in the generated text (RUL
 
 from __future__ import annotations
 
+import itertools
 import random
 import string
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ def _body(task: str, rng: random.Random) -> tuple[list[str], str, str, tuple[str
     if task == "vt":
         names = ["".join(rng.choices(string.ascii_uppercase, k=5)) for _ in range(5)]
         value = str(rng.randint(10_000, 99_999))
-        chain = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+        chain = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in itertools.pairwise(names)]
         question = f"Find all variables that are assigned the value {value} in the text above."
         prefix = f"Answer: According to the chain(s) of variable assignment in the text above, {len(names)} variables are assigned the value {value}, they are:"
         return chain, question, prefix, tuple(names)
@@ -68,13 +69,23 @@ def _body(task: str, rng: random.Random) -> tuple[list[str], str, str, tuple[str
         values = [_number(rng) for _ in range(4)]
         needles = [_needle(key, v) for v in values]
         question = f"What are all the special magic numbers for {key} mentioned in the provided text?"
-        return needles, question, f"The special magic numbers for {key} mentioned in the provided text are", tuple(values)
+        return (
+            needles,
+            question,
+            f"The special magic numbers for {key} mentioned in the provided text are",
+            tuple(values),
+        )
     value = _number(rng)
     needles = [_needle(key, value)]
     if task == "multikey":
         needles += [_needle(k, _number(rng)) for k in keys[1:]]
     question = f"What is the special magic number for {key} mentioned in the provided text?"
-    return needles, question, f"The special magic number for {key} mentioned in the provided text is", (value,)
+    return (
+        needles,
+        question,
+        f"The special magic number for {key} mentioned in the provided text is",
+        (value,),
+    )
 
 
 def make_samples(
