@@ -28,14 +28,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .backend_headatlas import _module_eager, needs_eager
+from .backend_headatlas import _module_eager, needs_eager, register_backends
 
 NAME = "headatlas_kv"
 EAGER_NAME = "headatlas_kv_eager"
 
 PENDING: ContextVar[Any] = ContextVar("headatlas_kv_pending", default=None)
 """The head-wise cache layer whose ``update`` ran last and whose attention is not computed yet."""
-_registered = False
 
 
 def real_tokens(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int) -> torch.Tensor:
@@ -121,17 +120,7 @@ def kv_attention(
 
 def register() -> None:
     """Register the backend with transformers' ``AttentionInterface`` and its mask functions (idempotent)."""
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
-
-    AttentionInterface.register(NAME, kv_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    AttentionInterface.register(EAGER_NAME, kv_attention)
-    AttentionMaskInterface.register(EAGER_NAME, eager_mask)
-    _registered = True
+    register_backends(NAME, kv_attention, EAGER_NAME, kv_attention)
 
 
 def backend_name(config: Any) -> str:
