@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_EXPORTS: dict[str, str | tuple[str, str]] = {
+_EXPORTS: dict[str, str | tuple[str, str | None]] = {
     "patch": ("headatlas.apps.patching", "patch_effects"),
+    "kv": ("headatlas.apps.kv", None),  # the module itself
     "Atlas": "headatlas.atlas",
     "scan": "headatlas.scanning",
     "ScanConfig": "headatlas.scanning",
@@ -47,12 +48,14 @@ __all__ = [
     "ablate",
     "attention_maps",
     "head_outputs",
+    "kv",
     "load",
     "patch",
     "scan",
 ]
 
 if TYPE_CHECKING:
+    from .apps import kv
     from .apps.patching import patch_effects as patch
     from .atlas import Atlas
     from .capture import ablate, attention_maps, head_outputs
@@ -69,7 +72,8 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         where = _EXPORTS[name]
         module, attr = where if isinstance(where, tuple) else (where, name)
-        value = getattr(importlib.import_module(module), attr)
+        found = importlib.import_module(module)
+        value = found if attr is None else getattr(found, attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'headatlas' has no attribute {name!r}")

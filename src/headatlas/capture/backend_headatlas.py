@@ -31,7 +31,7 @@ NAME = "headatlas"
 EAGER_NAME = "headatlas_eager"
 
 ACTIVE_SESSION: ContextVar[CaptureSession | None] = ContextVar("headatlas_session", default=None)
-_registered = False
+_registered_names: set[str] = set()
 
 
 def _module_eager(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, Any]]:
@@ -104,19 +104,27 @@ def headatlas_eager_attention(
     return _forward(True, module, *args, **kwargs)
 
 
-def register() -> None:
-    """Register both backends and their mask functions with transformers (idempotent)."""
-    global _registered
-    if _registered:
+def register_backends(
+    name: str, fn: Callable[..., Any], eager_name: str, eager_fn: Callable[..., Any]
+) -> None:
+    """Register attention function ``fn`` under ``name`` with SDPA's boolean mask function and
+    ``eager_fn`` under ``eager_name`` with the additive eager mask (forgetting the mask
+    registration makes transformers pass ``mask=None``, which silently drops padding). Idempotent."""
+    if name in _registered_names:
         return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-    AttentionInterface.register(NAME, headatlas_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    AttentionInterface.register(EAGER_NAME, headatlas_eager_attention)
-    AttentionMaskInterface.register(EAGER_NAME, eager_mask)
-    _registered = True
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionInterface.register(eager_name, eager_fn)
+    AttentionMaskInterface.register(eager_name, eager_mask)
+    _registered_names.add(name)
+
+
+def register() -> None:
+    """Register both backends and their mask functions with transformers (idempotent)."""
+    register_backends(NAME, headatlas_attention, EAGER_NAME, headatlas_eager_attention)
 
 
 def needs_eager(config: Any) -> bool:

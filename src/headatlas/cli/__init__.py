@@ -6,6 +6,7 @@
 - :mod:`.patch`: ``patch``, ``circuit``
 - :mod:`.zoo`: ``zoo``
 - :mod:`.interop`: ``compare``, ``export``, ``import``
+- :mod:`.kv`: ``kv plan``, ``kv eval``, ``kv export``
 - :mod:`.data`: ``data status``, ``data install``
 
 Commands only parse, call the library and print; the work lives in the library. Torch and
@@ -16,11 +17,20 @@ from __future__ import annotations
 
 import sys
 
-from . import apps, atlas, data, interop, patch, view, zoo
+from . import apps, atlas, data, interop, kv, patch, view, zoo
 from .common import app, err_console
 
 __all__ = ["app", "main"]
-_COMMANDS = (apps, atlas, data, interop, patch, view, zoo)  # imported for their @app.command registrations
+_COMMANDS = (
+    apps,
+    atlas,
+    data,
+    interop,
+    kv,
+    patch,
+    view,
+    zoo,
+)  # imported for their @app.command registrations
 
 
 def main() -> None:

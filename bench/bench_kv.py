@@ -1,0 +1,241 @@
+"""Head-wise KV caches from the atlas against the plain cache, on the same RULER-style prompts, in one run.
+
+Rows (every sample runs through every row):
+
+- ``full``: transformers' ``DynamicCache``, the model's own SDPA attention;
+- ``atlas F``: the atlas plan keeping fraction F of the KV bytes at the prompt length, the prompt
+  attended in full then compressed (kvpress's way; one full prefill is shared by these rows and
+  its time is counted for each, plus the compression);
+- ``random F``: the same number of full KV heads drawn at random (seeded), same bytes;
+- ``atlas F, streaming prefill``: DuoAttention's way, chunked prefill in which streaming heads
+  only ever see sink + window keys (its own prefill, timed on its own).
+
+Columns: exact-match accuracy, KV bytes really held after prefill (``cache.nbytes()``: tensors,
+not a formula), peak RSS during prefill and during decode (Linux ``VmHWM`` reset before each
+phase), prefill seconds, decode ms per generated token, and KV kept relative to ``full``.
+Generation stops at EOS, at the task's token limit, or once the answer holds every expected
+string (scoring only asks that they occur, so stopping then cannot change a score). Usage::
+
+    .venv/bin/python bench/bench_kv.py --atlas /tmp/kv-atlas --lengths 1024 --n 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import random
+import time
+from typing import Any
+
+import torch
+
+from benchlib import cpu_model, current_rss_mib, peak_since_reset_mib, quiet, reset_peak_rss, usable_cores
+
+
+class _Answered:
+    """Stopping criterion: the decoded new tokens already hold every expected string."""
+
+    def __init__(self, tokenizer: Any, start: int, expected: tuple[str, ...]) -> None:
+        self.tokenizer, self.start, self.expected = tokenizer, start, expected
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        text = self.tokenizer.decode(input_ids[0, self.start :], skip_special_tokens=True)
+        done = all(value in text for value in self.expected)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
+
+
+def _decode(loaded: Any, ids: torch.Tensor, cache: Any, sample: Any) -> tuple[str, float, int]:
+    from transformers import StoppingCriteriaList
+
+    start = time.perf_counter()
+    out = loaded.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        past_key_values=cache,
+        max_new_tokens=sample.max_new_tokens,
+        do_sample=False,
+        pad_token_id=loaded.tokenizer.eos_token_id,
+        stopping_criteria=StoppingCriteriaList([_Answered(loaded.tokenizer, ids.shape[1], sample.expected)]),
+    )
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1] :]
+    return loaded.tokenizer.decode(new, skip_special_tokens=True), seconds, len(new)
+
+
+def _random_plan(kv: Any, info: Any, like: Any, seed: int) -> Any:
+    rng = random.Random(seed)
+    cells = [(layer, k) for layer in range(info.n_layers) for k in range(info.n_kv_heads)]
+    chosen = rng.sample(cells, like.n_full())
+    heads: list[list[int]] = [[] for _ in range(info.n_layers)]
+    for layer, k in chosen:
+        heads[layer].append(k)
+    return kv.from_heads(info, heads, sink=like.sink, recent=like.recent, compensate=like.compensate)
+
+
+def _add(stats: dict[str, dict[str, float]], label: str, **values: float) -> None:
+    row = stats.setdefault(label, {"n": 0})
+    row["n"] += 1
+    for key, value in values.items():
+        if key.startswith("peak"):
+            row[key] = max(row.get(key, 0.0), value)
+        else:
+            row[key] = row.get(key, 0.0) + value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--atlas", default="/tmp/kv-atlas")
+    parser.add_argument("--by", default="retrieval")
+    parser.add_argument("--tasks", default="niah,multikey,multivalue,vt")
+    parser.add_argument("--lengths", default="1024")
+    parser.add_argument("--n", type=int, default=5, help="samples per task and length")
+    parser.add_argument("--fractions", default="0.5,0.25,0.125")
+    parser.add_argument("--random-fractions", default="0.25", help="fractions that get a random-plan row")
+    parser.add_argument("--sink", type=int, default=4)
+    parser.add_argument("--recent", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=256, help="prefill chunk of the streaming-prefill row")
+    parser.add_argument("--streaming-fraction", type=float, default=0.25)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    quiet()
+    torch.set_num_threads(args.threads)
+    from transformers import DynamicCache
+
+    import headatlas as ha
+    from headatlas.apps import kv
+    from headatlas.apps.kv.cache import layer_nbytes
+    from headatlas.apps.kv.evaluate import encode
+    from headatlas.apps.kv.tasks import make_samples
+    from headatlas.atlas import Atlas
+    from headatlas.datasets import ewt_sentences
+
+    loaded = ha.load(args.model)
+    atlas = Atlas.load(args.atlas)
+    haystack = ewt_sentences("train")
+    fractions = [float(f) for f in args.fractions.split(",")]
+    results: dict[str, Any] = {
+        "model": loaded.info.name,
+        "atlas": args.atlas,
+        "by": args.by,
+        "sink": args.sink,
+        "recent": args.recent,
+        "cpu": cpu_model(),
+        "cores": usable_cores(),
+        "threads": args.threads,
+        "rss_after_load_mib": current_rss_mib(),
+        "cells": {},
+    }
+    wall = time.perf_counter()
+    for length in [int(x) for x in args.lengths.split(",")]:
+        plans: dict[str, Any] = {}
+        for f in fractions:
+            plans[f"atlas {f:g}"] = kv.plan(
+                atlas, keep_fraction=f, by=args.by, sink=args.sink, recent=args.recent, context=length
+            )
+        for f in [float(x) for x in args.random_fractions.split(",") if x]:
+            plans[f"random {f:g}"] = _random_plan(kv, loaded.info, plans[f"atlas {f:g}"], args.seed)
+        stream_label = f"atlas {args.streaming_fraction:g}, streaming prefill"
+        for task in args.tasks.split(","):
+            samples = make_samples(loaded.tokenizer, task, length, args.n, seed=args.seed, haystack=haystack)
+            stats: dict[str, dict[str, float]] = {}
+            for sample in samples:
+                ids = encode(loaded.tokenizer, sample)
+                plain = ha_cache = None
+                reset_peak_rss()
+                with torch.no_grad():
+                    plain = DynamicCache(config=loaded.model.config)
+                    start = time.perf_counter()
+                    kv.prefill(loaded, plain, ids, chunk=ids.shape[1])
+                    full_prefill = time.perf_counter() - start
+                peak_prefill = peak_since_reset_mib()
+                full_bytes = sum(layer_nbytes(layer) for layer in plain.layers)
+                for label, p in [("full", None), *plans.items()]:
+                    reset_peak_rss()
+                    start = time.perf_counter()
+                    if p is None:
+                        ha_cache = copy.deepcopy(plain)
+                        ctx: Any = contextlib.nullcontext(ha_cache)
+                    else:
+                        ctx = kv.compressed(loaded, p, source=plain)
+                    with ctx as cache, torch.no_grad():
+                        compress = time.perf_counter() - start if p is not None else 0.0
+                        held = sum(layer_nbytes(layer) for layer in cache.layers)
+                        text, seconds, n_new = _decode(loaded, ids, cache, sample)
+                    _add(
+                        stats, label, correct=float(sample.correct(text)), kv_bytes=held,
+                        kept=held / full_bytes, prefill_s=full_prefill + compress,
+                        decode_ms=1000 * seconds / max(1, n_new), peak_prefill_mib=peak_prefill,
+                        peak_decode_mib=peak_since_reset_mib(),
+                    )  # fmt: skip
+                p = plans[f"atlas {args.streaming_fraction:g}"]
+                reset_peak_rss()
+                with kv.compressed(loaded, p, streaming_prefill=True) as cache, torch.no_grad():
+                    start = time.perf_counter()
+                    kv.prefill(loaded, cache, ids, chunk=args.chunk)
+                    pre = time.perf_counter() - start
+                    peak_pre = peak_since_reset_mib()
+                    held = cache.nbytes()
+                    reset_peak_rss()
+                    text, seconds, n_new = _decode(loaded, ids, cache, sample)
+                _add(
+                    stats, stream_label, correct=float(sample.correct(text)), kv_bytes=held,
+                    kept=held / full_bytes, prefill_s=pre, decode_ms=1000 * seconds / max(1, n_new),
+                    peak_prefill_mib=peak_pre, peak_decode_mib=peak_since_reset_mib(),
+                )  # fmt: skip
+                del plain, ha_cache
+            cell = {}
+            for label, row in stats.items():
+                n = row["n"]
+                cell[label] = {
+                    "n": int(n),
+                    "accuracy": round(100 * row["correct"] / n, 1),
+                    "kv_mib": round(row["kv_bytes"] / n / 2**20, 3),
+                    "kv_kept": round(row["kept"] / n, 4),
+                    "prefill_s": round(row["prefill_s"] / n, 3),
+                    "decode_ms": round(row["decode_ms"] / n, 2),
+                    "peak_prefill_mib": round(row["peak_prefill_mib"], 1),
+                    "peak_decode_mib": round(row["peak_decode_mib"], 1),
+                }
+            results["cells"][f"{task} {length}"] = cell
+            print(json.dumps({f"{task} {length}": cell}), flush=True)
+    results["wall_s"] = round(time.perf_counter() - wall, 1)
+    _summary(results)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+def _summary(results: dict[str, Any]) -> None:
+    """Print one Markdown table: per row, accuracy over all cells and means of the other columns."""
+    rows: dict[str, list[dict[str, float]]] = {}
+    for cell in results["cells"].values():
+        for label, row in cell.items():
+            rows.setdefault(label, []).append(row)
+    full = rows["full"]
+    base_decode = sum(r["decode_ms"] for r in full) / len(full)
+    print(f"\n{results['model']}, cells: {', '.join(results['cells'])}; wall {results['wall_s']} s")
+    print(
+        "| cache | n | accuracy % | KV kept | KV MiB after prefill | peak RSS prefill / decode MiB | prefill s | decode ms/token | decode vs full |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, cells in rows.items():
+        n = sum(r["n"] for r in cells)
+        acc = sum(r["accuracy"] * r["n"] for r in cells) / n
+
+        def mean(key: str, cells: list[dict[str, float]] = cells) -> float:
+            return sum(r[key] for r in cells) / len(cells)
+
+        print(
+            f"| {label} | {n} | {acc:.1f} | {100 * mean('kv_kept'):.1f} % | {mean('kv_mib'):.2f} | "
+            f"{max(r['peak_prefill_mib'] for r in cells):.0f} / {max(r['peak_decode_mib'] for r in cells):.0f} | "
+            f"{mean('prefill_s'):.2f} | {mean('decode_ms'):.1f} | {base_decode / mean('decode_ms'):.2f}× |"
+        )
+
+
+if __name__ == "__main__":
+    main()

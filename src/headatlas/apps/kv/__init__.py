@@ -1,0 +1,237 @@
+"""Head-wise KV caches from the atlas: plans (:mod:`.plan`), a cache that really holds less
+(:mod:`.cache`, attention in :mod:`headatlas.capture.backend_kv`), foreign formats
+(:mod:`headatlas.apps.formats`) and the RULER-style tasks of ``kv eval`` (:mod:`.tasks`).
+
+>>> plan = ha.kv.plan(atlas, keep_fraction=0.25)
+>>> with ha.kv.compressed(loaded, plan) as cache:
+...     loaded.model.generate(ids, past_key_values=cache, max_new_tokens=32)
+...     cache.nbytes()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...capture import backend_kv
+from ...errors import HeadatlasError, param
+from ..formats import DUO_CONFIG, DUO_TSV, check_format, read_duo, write_duo, write_headkv
+from .cache import HeadwiseCache, HeadwiseLayer, plain_layers
+from .plan import PRESETS, Plan, all_full, from_heads, head_scores, kv_scores, plan
+
+__all__ = [
+    "PRESETS",
+    "HeadwiseCache",
+    "HeadwiseLayer",
+    "Plan",
+    "all_full",
+    "build_cache",
+    "compressed",
+    "export",
+    "fill_from",
+    "from_heads",
+    "head_scores",
+    "kv_scores",
+    "layer_types",
+    "plan",
+    "plan_from_duo",
+    "prefill",
+]
+
+
+def layer_types(model: Any) -> list[str]:
+    """``"global"`` or ``"sliding"`` per layer of ``model`` (its config's ``layer_types``)."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    return ["sliding" if t == "sliding_attention" else "global" for t in types]
+
+
+def _check_replaceable(loaded: Any) -> None:
+    """Raise unless every attention layer of the model can take our backend and cache layers."""
+    model = loaded.model
+    if not loaded.info.causal:
+        raise HeadatlasError(f"{loaded.info.name} is not a causal decoder: it has no KV cache to compress")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise HeadatlasError(
+            f"{loaded.info.name} ({loaded.info.arch}) does not take custom attention functions, so its "
+            f"cache layers cannot be replaced: pass {param('fallback', 'fallback=True')} to use the plain cache"
+        )
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if set(getattr(text, "layer_types", None) or ["full_attention"]) - {
+        "full_attention",
+        "sliding_attention",
+    }:
+        raise HeadatlasError(
+            f"{loaded.info.name} has layer types {sorted(set(text.layer_types))} a head-wise cache cannot hold: "
+            f"pass {param('fallback', 'fallback=True')} to use the plain cache"
+        )
+
+
+def fill_from(cache: HeadwiseCache, source: Any, attention_mask: torch.Tensor | None = None) -> HeadwiseCache:
+    """Fill an empty head-wise ``cache`` from a prefilled plain ``source`` cache (full attention, then
+    compressed: kvpress's way); ``attention_mask [batch, seq]`` marks real tokens. Returns ``cache``."""
+    for i, (src, dst) in enumerate(zip(source.layers, cache.layers, strict=True)):
+        if not isinstance(dst, HeadwiseLayer):
+            cache.layers[i] = copy.deepcopy(src)  # the model's own sliding window
+            continue
+        keys, values = src.keys, src.values  # [batch, kv_head, seq, d_head]
+        real = (
+            torch.ones(keys.shape[0], keys.shape[-2], dtype=torch.bool)
+            if attention_mask is None
+            else attention_mask.bool().cpu()
+        )
+        dst.update(keys, values)
+        if dst.n_stream:
+            dst.streaming_keys(real)
+            dst.commit(real)
+    backend_kv.PENDING.set(None)
+    return cache
+
+
+def build_cache(loaded: Any, kv_plan: Plan | None, *, streaming_prefill: bool = False) -> HeadwiseCache:
+    """A :class:`HeadwiseCache` for ``kv_plan`` (``None``: transformers' plain dynamic layers)."""
+    info = loaded.info
+    if kv_plan is None:
+        return HeadwiseCache(plain_layers(loaded.model.config))
+    kv_plan.check_model(info)
+    plain = plain_layers(loaded.model.config)
+    layers: list[Any] = []
+    for i, kind in enumerate(layer_types(loaded.model)):
+        if kind == "sliding":
+            layers.append(plain[i])  # the model's own window, left as it is
+            continue
+        layers.append(
+            HeadwiseLayer(
+                i,
+                info.n_kv_heads,
+                info.group_size,
+                kv_plan.full_heads[i],
+                kv_plan.sink,
+                kv_plan.recent,
+                kv_plan.compensate,
+                streaming_prefill=streaming_prefill,
+            )
+        )
+    return HeadwiseCache(layers)
+
+
+@contextlib.contextmanager
+def compressed(
+    loaded: Any,
+    kv_plan: Plan | None,
+    *,
+    streaming_prefill: bool = False,
+    fallback: bool = False,
+    source: Any = None,
+    attention_mask: torch.Tensor | None = None,
+) -> Iterator[HeadwiseCache]:
+    """Yield a fresh head-wise cache for ``kv_plan`` with the model switched to the
+    ``headatlas_kv`` attention backend; restore the model's backend on exit.
+
+    ``streaming_prefill``: streaming heads see only sink + window keys during the prompt too
+    (DuoAttention) instead of the full prompt compressed afterwards (kvpress). ``fallback``: on a
+    model whose cache layers cannot be replaced, yield the plain cache instead of raising.
+    ``source``: a prefilled plain cache (``attention_mask`` its real tokens) to compress into the
+    new cache (:func:`fill_from`), so one full prefill serves several plans.
+    """
+    try:
+        _check_replaceable(loaded)
+    except HeadatlasError:
+        if not fallback:
+            raise
+        yield HeadwiseCache(plain_layers(loaded.model.config))
+        return
+    cache = build_cache(loaded, kv_plan, streaming_prefill=streaming_prefill)
+    if source is not None:
+        fill_from(cache, source, attention_mask)
+    backend_kv.register()
+    model = loaded.model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(backend_kv.backend_name(model.config))
+    try:
+        yield cache
+    finally:
+        backend_kv.PENDING.set(None)
+        model.set_attn_implementation(previous)
+
+
+def prefill(
+    loaded: Any,
+    cache: HeadwiseCache,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    chunk: int = 512,
+) -> torch.Tensor:
+    """Run the prompt (all but its last token) through ``cache`` in chunks of ``chunk`` tokens;
+    return the last chunk's logits ``[batch, query, vocab]``. ``model.generate`` on the whole
+    prompt then continues from the cache. With ``streaming_prefill`` caches this is DuoAttention's
+    chunked prefill: streaming heads never attend beyond sink + window."""
+    if chunk < 1:
+        raise HeadatlasError(f"{param('chunk')} must be positive, got {chunk}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # [batch, seq]
+    logits = torch.empty(0)
+    end = input_ids.shape[1] - 1
+    with torch.no_grad():
+        for start in range(0, end, chunk):
+            stop = min(start + chunk, end)
+            out = loaded.model(
+                input_ids=input_ids[:, start:stop],
+                attention_mask=attention_mask[:, :stop],
+                position_ids=positions[:, start:stop],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = out.logits
+    return logits
+
+
+HEADKV_FILE = "head_scores.json"
+
+
+def export(kv_plan: Plan, fmt: str, out: str | Path) -> list[Path]:
+    """Write ``kv_plan`` in a foreign format into directory ``out``; return the files written.
+
+    ``duo``: DuoAttention's ``full_attention_heads.tsv`` (1.0 = full KV head, 0.0 = streaming) and
+    ``config.json`` (sink and recent sizes), read by duo-attention and kvpress's DuoAttentionPress.
+    ``headkv``: ``head_scores.json`` ``{"L-H": [score]}`` per query head, the plan's ranking scores,
+    read by Retrieval_Head and HeadKV.
+    """
+    spec = check_format(fmt)
+    where = Path(out)
+    if spec.name == "duo":
+        gates = np.zeros((len(kv_plan.full_heads), kv_plan.n_kv_heads))  # [layer, kv_head]
+        for layer, heads in enumerate(kv_plan.full_heads):
+            gates[layer, heads] = 1.0
+        write_duo(where, gates, kv_plan.sink, kv_plan.recent)
+        return [where / DUO_TSV, where / DUO_CONFIG]
+    if not kv_plan.head_scores:
+        raise HeadatlasError(
+            "this plan has no per-head scores (it was not made from an atlas): use --format duo"
+        )
+    return [write_headkv(where / HEADKV_FILE, np.asarray(kv_plan.head_scores))]
+
+
+def plan_from_duo(info: Any, directory: str | Path, threshold: float = 0.5) -> Plan:
+    """A :class:`Plan` from a DuoAttention pattern directory: KV heads whose gate is ≥ ``threshold``
+    keep full KV; sink and recent sizes from its ``config.json``."""
+    pattern = read_duo(directory)
+    if pattern.gates.shape != (info.n_layers, info.n_kv_heads):
+        raise HeadatlasError(
+            f"the DuoAttention pattern is {pattern.gates.shape[0]} layers × {pattern.gates.shape[1]} KV heads, "
+            f"the model {info.n_layers} × {info.n_kv_heads}"
+        )
+    return from_heads(
+        info,
+        pattern.full_heads(threshold),
+        sink=pattern.sink,
+        recent=pattern.recent,
+        rule={"by": ["duo-pattern"], "source": str(directory), "threshold": threshold},
+    )

@@ -1,0 +1,254 @@
+"""Head-wise KV-cache plans from an atlas: which KV heads keep every token, which stream.
+
+A KV group's score is the max over its query heads (RazorAttention, Tang et al. 2024); the
+highest-scoring KV heads keep full KV, every other one keeps ``sink`` first tokens plus the
+``recent`` last (DuoAttention, Xiao et al. 2024), sized so that the KV bytes at ``context``
+tokens are at most ``keep_fraction`` of the full cache's (or ``budget`` tokens per KV head).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...atlas import Atlas
+from ...errors import HeadatlasError, param
+from ...scores import SCORES
+from ...storage import atomic_path
+
+FORMAT = "headatlas-kv-plan"
+PRESETS: dict[str, tuple[str, ...]] = {
+    "duo": ("retrieval", "induction"),
+    "razor": ("duplicate_token", "induction"),
+}
+"""Named score combinations for ``by``: ``duo`` keeps heads that retrieve or copy from far back
+(DuoAttention's retrieval heads), ``razor`` RazorAttention's echo + induction heads."""
+
+
+@dataclass
+class Plan:
+    """A head-wise KV plan: per layer, the KV heads that keep every token (see module docstring)."""
+
+    model: dict[str, Any]
+    full_heads: list[list[int]]
+    sink: int = 4
+    recent: int = 256
+    compensate: bool = False
+    context: int = 2048
+    rule: dict[str, Any] = field(default_factory=dict)
+    atlas: dict[str, Any] = field(default_factory=dict)
+    layer_types: list[str] = field(default_factory=list)
+    scores: list[list[float]] = field(default_factory=list)
+    head_scores: list[list[float]] = field(default_factory=list)
+    kv_bytes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_kv_heads(self) -> int:
+        """KV heads per layer."""
+        return int(self.model["n_kv_heads"])
+
+    def n_full(self) -> int:
+        """KV heads kept full over all global layers."""
+        return sum(len(h) for t, h in zip(self.layer_types, self.full_heads, strict=True) if t != "sliding")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as a JSON-ready dict (with ``format`` and ``version``)."""
+        return {"format": FORMAT, "version": 1, **asdict(self)}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as JSON through ``atomic_path``; return the path."""
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        """Read a plan written by :meth:`save`; a one-line error for anything else."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise HeadatlasError(f"cannot read the KV plan {str(path)!r}: {error}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise HeadatlasError(
+                f"{str(path)!r} is not a headatlas KV plan: make one with `headatlas kv plan`"
+            )
+        data.pop("format")
+        data.pop("version", None)
+        return cls(**data)
+
+    def check_model(self, info: Any) -> None:
+        """Refuse a model other than the plan's (weights sha256, then layer/KV-head shape)."""
+        theirs, ours = self.model.get("sha256"), info.sha256
+        if theirs != ours and (theirs or ours):
+            raise HeadatlasError(
+                f"the KV plan was made for another model (sha256 {str(theirs)[:12]}… ≠ {str(ours)[:12]}…): "
+                "make a plan from this model's atlas"
+            )
+        if (self.model.get("n_layers"), self.n_kv_heads) != (info.n_layers, info.n_kv_heads):
+            raise HeadatlasError(
+                f"the KV plan has {self.model.get('n_layers')} layers × {self.n_kv_heads} KV heads, the model "
+                f"{info.n_layers} × {info.n_kv_heads}: make a plan from this model's atlas"
+            )
+
+
+def kv_scores(atlas: Atlas, by: str | list[str]) -> tuple[np.ndarray, list[str]]:
+    """Return ``([layer, kv_head] scores, score names)``: each score's max over a KV group's query
+    heads, divided by its max over the model; several scores combine by their max."""
+    heads, names = head_scores(atlas, by)
+    n_layers, n_heads = heads.shape
+    n_kv = int(atlas.meta.get("model", {}).get("n_kv_heads") or n_heads)
+    return heads.reshape(n_layers, n_kv, n_heads // n_kv).max(-1), names
+
+
+def head_scores(atlas: Atlas, by: str | list[str]) -> tuple[np.ndarray, list[str]]:
+    """Return ``([layer, head] scores, score names)``: each score divided by its max over the
+    model (NaN counts as 0); several scores combine by their max."""
+    names = PRESETS.get(by, (by,)) if isinstance(by, str) else tuple(by)
+    names = tuple(n for part in names for n in str(part).split(",") if n)
+    combined = np.zeros(atlas.shape)
+    for name in names:
+        if name not in atlas.score_columns:
+            spec = SCORES.get(name)
+            hint = f"scan with --probes {spec.battery} --add" if spec is not None else "pick a score it has"
+            raise HeadatlasError(
+                f"the atlas has no score {name!r} for {param('by')}: {hint} "
+                f"(it has {', '.join(atlas.score_columns[:8]) or 'no scores'})"
+            )
+        values = np.nan_to_num(atlas.matrix(name), nan=0.0)  # [layer, head]
+        top = float(np.abs(values).max()) or 1.0
+        combined = np.maximum(combined, values / top)
+    return combined, list(names)
+
+
+def _slots(sink: int, recent: int, compensate: bool) -> int:
+    return sink + recent + 1  # the buffer always has the compensation slot
+
+
+def plan(
+    atlas: Atlas,
+    *,
+    keep_fraction: float | None = None,
+    budget: int | None = None,
+    by: str | list[str] = "duo",
+    sink: int = 4,
+    recent: int = 256,
+    compensate: bool = False,
+    context: int = 2048,
+    layer_types: list[str] | None = None,
+    atlas_path: str | None = None,
+) -> Plan:
+    """Return the :class:`Plan` keeping the best-scoring KV heads full within the byte budget.
+
+    ``keep_fraction`` (0, 1] is the share of the full cache's KV bytes at ``context`` tokens;
+    ``budget`` the mean tokens held per KV head (the same thing as ``budget / context``).
+    ``layer_types`` (``"global"``/``"sliding"`` per layer) marks the model's own sliding layers,
+    which are left as they are. Heads are ranked by :func:`kv_scores`.
+    """
+    if (keep_fraction is None) == (budget is None):
+        raise HeadatlasError(f"give one of {param('keep_fraction')} or {param('budget')}")
+    if context < 1:
+        raise HeadatlasError(f"{param('context')} must be positive, got {context}")
+    if budget is not None:
+        keep_fraction = budget / context
+    assert keep_fraction is not None
+    if not (0 < keep_fraction <= 1) or math.isnan(keep_fraction):
+        raise HeadatlasError(f"{param('keep_fraction')} must be in (0, 1], got {keep_fraction:g}")
+    if sink < 0 or recent < 1:
+        raise HeadatlasError(
+            f"{param('sink')} must be ≥ 0 and {param('recent')} ≥ 1, got {sink} and {recent}"
+        )
+    slots = _slots(sink, recent, compensate)
+    if slots >= context:
+        raise HeadatlasError(
+            f"the window ({param('sink')} + {param('recent')} + 1 = {slots} tokens) is not smaller than the "
+            f"context ({param('context')} {context}): lower {param('recent')}"
+        )
+    scores, names = kv_scores(atlas, by)
+    per_head, _ = head_scores(atlas, by)
+    n_layers, n_kv = scores.shape
+    model = dict(atlas.meta.get("model", {}))
+    window = int(model.get("sliding_window") or 0)
+    types = list(layer_types or ["global"] * n_layers)
+    sliding = [t == "sliding" for t in types]
+    per_sliding = min(context, window) if window else context
+    total = n_kv * sum(per_sliding if s else context for s in sliding)
+    fixed = n_kv * sum(per_sliding if s else slots for s in sliding)  # all global heads streaming
+    extra = context - slots  # a streaming head promoted to full
+    n_global = n_kv * sum(not s for s in sliding)
+    n_promote = min(n_global, math.floor((keep_fraction * total - fixed) / extra + 1e-9))
+    if n_promote < 0:
+        raise HeadatlasError(
+            f"{param('keep_fraction')} {keep_fraction:g} is below what streaming every head keeps "
+            f"({fixed / total:.3f} at {context} tokens): lower {param('recent')} or raise {param('keep_fraction')}"
+        )
+    ranked = [
+        (float(scores[lyr, k]), lyr, k) for lyr in range(n_layers) for k in range(n_kv) if not sliding[lyr]
+    ]
+    ranked.sort(key=lambda t: (-t[0], t[1], t[2]))
+    full: list[list[int]] = [[] for _ in range(n_layers)]
+    for _, lyr, k in ranked[:n_promote]:
+        full[lyr].append(k)
+    for lyr in range(n_layers):
+        full[lyr] = list(range(n_kv)) if sliding[lyr] else sorted(full[lyr])
+    held = fixed + n_promote * extra
+    per_token = 2 * int(model.get("head_dim") or 0) * 4  # float32 keys + values per KV head
+    rule = {"by": names, "keep_fraction": keep_fraction, "budget": budget}
+    return Plan(
+        model=model,
+        full_heads=full,
+        sink=sink,
+        recent=recent,
+        compensate=compensate,
+        context=context,
+        rule=rule,
+        atlas={"path": atlas_path, "weights_sha256": model.get("sha256")},
+        layer_types=types,
+        scores=np.round(scores, 6).tolist(),
+        head_scores=np.round(per_head, 6).tolist(),
+        kv_bytes={
+            "context": context,
+            "full": total * per_token,
+            "plan": held * per_token,
+            "fraction": held / total,
+            "dtype": "float32",
+            "kv_heads_full": n_promote,
+            "kv_heads_streaming": n_global - n_promote,
+        },
+    )
+
+
+def all_full(info: Any, sink: int = 4, recent: int = 256) -> Plan:
+    """A plan that keeps every KV head full (the plain cache's content, for tests and baselines)."""
+    return Plan(
+        model=info.to_dict(),
+        full_heads=[list(range(info.n_kv_heads)) for _ in range(info.n_layers)],
+        sink=sink,
+        recent=recent,
+        layer_types=["global"] * info.n_layers,
+        rule={"by": ["all-full"]},
+    )
+
+
+def from_heads(info: Any, full_heads: list[list[int]], **options: Any) -> Plan:
+    """A plan with the given full KV heads per layer (random baselines, hand-made plans, imports)."""
+    if len(full_heads) != info.n_layers:
+        raise HeadatlasError(f"{param('full_heads')} needs {info.n_layers} layers, got {len(full_heads)}")
+    for heads in full_heads:
+        bad = [h for h in heads if not 0 <= h < info.n_kv_heads]
+        if bad:
+            raise HeadatlasError(
+                f"KV head {bad[0]} does not exist (the model has {info.n_kv_heads} per layer)"
+            )
+    return Plan(
+        model=info.to_dict(),
+        full_heads=[sorted(set(h)) for h in full_heads],
+        layer_types=options.pop("layer_types", ["global"] * info.n_layers),
+        rule=options.pop("rule", {"by": ["given"]}),
+        **options,
+    )

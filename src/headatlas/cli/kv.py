@@ -1,0 +1,176 @@
+"""``headatlas kv plan|eval|export``: head-wise KV-cache plans from an atlas, measured and exported."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from .common import DeviceOpt, ModelArg, app, console, example, fail, load_model, progress_bar, run
+
+kv_app = typer.Typer(
+    help="Head-wise KV caches: full KV for retrieval heads, sink + recent window for the rest.",
+    no_args_is_help=True,
+)
+app.add_typer(kv_app, name="kv")
+
+
+@kv_app.command(
+    "plan",
+    epilog=example(
+        "headatlas kv plan atlas --keep-fraction 0.25 --out plan.json",
+        "headatlas kv plan atlas --budget 512 --by retrieval,induction --recent 128 --compensate --out plan.json",
+    ),
+)
+def kv_plan(
+    atlas_dir: Annotated[Path, typer.Argument(help="atlas directory (from headatlas scan)")],
+    out: Annotated[Path, typer.Option(help="plan JSON to write")] = Path("plan.json"),
+    keep_fraction: Annotated[
+        float | None, typer.Option(help="share of the full cache's KV bytes to keep at --context, in (0, 1]")
+    ] = None,
+    budget: Annotated[int | None, typer.Option(help="mean tokens held per KV head at --context")] = None,
+    by: Annotated[
+        str, typer.Option(help="score(s) ranking KV heads: retrieval, induction, duo, razor, or score,score")
+    ] = "duo",
+    sink: Annotated[int, typer.Option(help="first tokens a streaming head keeps")] = 4,
+    recent: Annotated[int, typer.Option(help="last tokens a streaming head keeps")] = 256,
+    compensate: Annotated[
+        bool, typer.Option(help="add the mean of dropped keys/values as one token")
+    ] = False,
+    context: Annotated[int, typer.Option(help="context length the byte budget is computed at")] = 2048,
+    model: Annotated[
+        str | None, typer.Option(help="the atlas's model, to leave its own sliding-window layers as they are")
+    ] = None,
+) -> None:
+    """Make a KV plan: the best-scoring KV heads keep every token, the rest stream."""
+    from ..apps import kv
+    from ..atlas import Atlas
+
+    if keep_fraction is None and budget is None:
+        keep_fraction = 0.25
+    atlas = run(lambda: Atlas.load(atlas_dir))
+    types = kv.layer_types(load_model(model).model) if model else None
+    plan = run(
+        lambda: kv.plan(
+            atlas,
+            keep_fraction=keep_fraction,
+            budget=budget,
+            by=by.split(",") if "," in by else by,
+            sink=sink,
+            recent=recent,
+            compensate=compensate,
+            context=context,
+            layer_types=types,
+            atlas_path=str(atlas_dir),
+        )
+    )
+    plan.save(out)
+    b = plan.kv_bytes
+    console.print(
+        f"{b['kv_heads_full']} of {b['kv_heads_full'] + b['kv_heads_streaming']} KV heads full "
+        f"(by {', '.join(plan.rule['by'])}); KV at {context} tokens: {b['plan'] / 2**20:.1f} of "
+        f"{b['full'] / 2**20:.1f} MiB ({100 * b['fraction']:.1f} %) → {out}"
+    )
+
+
+def _advance(progress: Any, bar: Any, done: int, _total: int) -> None:
+    progress.update(bar, completed=done)
+
+
+@kv_app.command(
+    "eval",
+    epilog=example(
+        "headatlas kv eval default --plan plan.json --tasks niah,vt --lengths 512,1024 --n 10",
+        "headatlas kv eval default --plan plan.json --streaming-prefill --chunk 256",
+    ),
+)
+def kv_eval(
+    model: ModelArg = "default",
+    plan: Annotated[Path, typer.Option(help="plan JSON from headatlas kv plan")] = Path("plan.json"),
+    tasks: Annotated[str, typer.Option(help="comma-separated: niah, multikey, multivalue, vt")] = "niah,vt",
+    lengths: Annotated[str, typer.Option(help="comma-separated prompt lengths in tokens")] = "1024",
+    n: Annotated[int, typer.Option(help="samples per task and length")] = 10,
+    seed: Annotated[int, typer.Option(help="seed of the generated samples")] = 0,
+    streaming_prefill: Annotated[
+        bool, typer.Option(help="streaming heads see only sink + window during the prompt too")
+    ] = False,
+    chunk: Annotated[
+        int | None, typer.Option(help="prefill chunk length (default: the whole prompt)")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows as JSON")] = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Compare a KV plan with the plain cache on RULER-style tasks (same prompts, one run)."""
+    from ..apps import kv
+    from ..apps.kv import evaluate
+    from ..apps.kv.tasks import make_samples
+    from ..storage import atomic_path
+
+    kv_plan = run(lambda: kv.Plan.load(plan))
+    try:
+        sizes = [int(x) for x in lengths.split(",") if x.strip()]
+    except ValueError:
+        fail(f"--lengths must be comma-separated integers, got {lengths!r}")
+    loaded = load_model(model, device=device)
+    run(lambda: kv_plan.check_model(loaded.info))
+    if max(sizes) <= kv_plan.sink + kv_plan.recent + 1:
+        fail(
+            f"the window (--sink + --recent + 1 = {kv_plan.sink + kv_plan.recent + 1}) is not smaller than --lengths"
+        )
+    table = Table(
+        "task", "length", "cache", "accuracy %", "KV MiB after prefill", "prefill s", "decode ms/tok"
+    )
+    rows = []
+    with progress_bar() as progress:
+        for task in tasks.split(","):
+            for length in sizes:
+                samples = run(partial(make_samples, loaded.tokenizer, task, length, n, seed=seed))
+                for label, p in (("full", None), ("plan", kv_plan)):
+                    bar = progress.add_task(f"{task} {length} {label}", total=n)
+                    row = evaluate.evaluate(
+                        loaded,
+                        samples,
+                        p,
+                        label,
+                        streaming_prefill=streaming_prefill,
+                        chunk=chunk,
+                        progress=partial(_advance, progress, bar),
+                    )
+                    rows.append({"task": task, "length": length, **row.to_dict()})
+                    table.add_row(
+                        task,
+                        str(length),
+                        label,
+                        f"{row.accuracy:.1f}",
+                        f"{row.kv_bytes / 2**20:.2f}",
+                        f"{row.prefill_s:.2f}",
+                        f"{row.decode_ms:.1f}",
+                    )
+    console.print(table)
+    if json_out is not None:
+        with atomic_path(json_out) as tmp:
+            tmp.write_text(json.dumps(rows, indent=1))
+
+
+@kv_app.command(
+    "export",
+    epilog=example(
+        "headatlas kv export plan.json --format duo --out duo_pattern",
+        "headatlas kv export plan.json --format headkv --out headkv",
+    ),
+)
+def kv_export(
+    plan: Annotated[Path, typer.Argument(help="plan JSON from headatlas kv plan")],
+    format: Annotated[str, typer.Option("--format", help="duo (DuoAttention / kvpress) or headkv")] = "duo",
+    out: Annotated[Path, typer.Option(help="directory to write into")] = Path("kv_export"),
+) -> None:
+    """Write a KV plan in the files DuoAttention, kvpress's DuoAttentionPress or HeadKV read."""
+    from ..apps import kv
+
+    kv_plan = run(lambda: kv.Plan.load(plan))
+    for path in run(lambda: kv.export(kv_plan, format, out)):
+        console.print(f"wrote {path}")
