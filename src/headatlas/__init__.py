@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str | tuple[str, str]] = {
     "patch": ("headatlas.apps.patching", "patch_effects"),
+    "probe": ("headatlas.apps.headprobe", "probe"),
     "Atlas": "headatlas.atlas",
     "scan": "headatlas.scanning",
     "ScanConfig": "headatlas.scanning",
@@ -49,10 +50,14 @@ __all__ = [
     "head_outputs",
     "load",
     "patch",
+    "probe",
     "scan",
+    "steer",
 ]
 
 if TYPE_CHECKING:
+    from .apps import steer
+    from .apps.headprobe import probe
     from .apps.patching import patch_effects as patch
     from .atlas import Atlas
     from .capture import ablate, attention_maps, head_outputs
@@ -66,6 +71,10 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "steer":
+        value = importlib.import_module("headatlas.apps.steer")
+        globals()[name] = value
+        return value
     if name in _EXPORTS:
         where = _EXPORTS[name]
         module, attr = where if isinstance(where, tuple) else (where, name)
