@@ -139,7 +139,9 @@ def test_truth_facts_are_balanced_and_split_by_fact() -> None:
     for items in task.splits.values():
         labels = [item.labels[0] for item in items]
         assert labels.count("true") == labels.count("false")
-    prompts = {split: {item.types[0].rsplit(" ", 1)[0] for item in items} for split, items in task.splits.items()}
+    prompts = {
+        split: {item.types[0].rsplit(" ", 1)[0] for item in items} for split, items in task.splits.items()
+    }
     assert not prompts["train"] & prompts["test"] and not prompts["dev"] & prompts["test"]
     assert all(false_answer(f) != f.answer for f in FACTS)
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,7 +103,9 @@ def test_lm_eval_file_holds_the_shift_through_w_o(
     for name, entry in config.items():
         assert entry["action"] == "add" and entry["steering_vector"].shape == (1, 64)
 
-        def add(_m: torch.nn.Module, _i: object, output: torch.Tensor, v: torch.Tensor = entry["steering_vector"]) -> torch.Tensor:
+        def add(
+            _m: torch.nn.Module, _i: object, output: torch.Tensor, v: torch.Tensor = entry["steering_vector"]
+        ) -> torch.Tensor:
             return output + v
 
         hooks.append(modules[name].register_forward_hook(add))
@@ -135,3 +141,40 @@ def test_evaluate_sweeps_alpha_for_probe_and_random_heads(
     assert (zero["kl"].abs() < 1e-6).all() and zero["ce"].nunique() == 1
     assert (table[table["alpha"] == 30.0]["kl"] > 1e-4).all()
     assert table["mc_accuracy"].between(0, 1).all() and (table["n_facts"] > 0).all()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(Path(ha.__file__).parents[1])}
+    return subprocess.run(
+        [sys.executable, "-m", "headatlas.cli", *args], capture_output=True, text=True, env=env
+    )
+
+
+def _one_line(result: subprocess.CompletedProcess[str], needle: str) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert needle in lines[0], lines[0]
+
+
+def test_cli_bad_input_is_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = str(tiny_model_dir)
+    _one_line(_cli("probe", model, "--task", "nope", "--out", str(tmp_path / "a")), "unknown --task 'nope'")
+    one = tmp_path / "one.jsonl"
+    one.write_text("\n".join(json.dumps({"text": f"row {i}", "label": "x"}) for i in range(12)))
+    _one_line(_cli("probe", model, "--task", str(one), "--out", str(tmp_path / "a")), "one class")
+    _one_line(_cli("steer", "fit", model, "--k", "99", "--out", str(tmp_path / "s")), "--k 99 is larger")
+    other = ha.load(BUILDERS["llama"](1), tokenizer=make_tokenizer())
+    ha.steer.fit(other, task="truth", k=2).save(tmp_path / "other")
+    _one_line(_cli("steer", "generate", model, "--steer", str(tmp_path / "other")), "fitted on another model")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "s").exists()
+
+
+def test_cli_probe_writes_columns_and_figures(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "atlas"
+    result = _cli(
+        "probe", str(tiny_model_dir), "--task", "truth", "--seeds", "1", "--no-random-init", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    atlas = ha.Atlas.load(out)
+    assert {"probe_truth", "probe_truth_selectivity"} <= set(atlas.table)
+    assert (out / "probes.parquet").exists() and (out / "figures" / "scores" / "probe_truth.png").exists()

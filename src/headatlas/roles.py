@@ -123,7 +123,12 @@ RULES: tuple[Rule, ...] = (
             f"a linear probe on its output beats the {task} control task by ≥ "
             f"{PROBE_SELECTIVITY * 100:g} points of test accuracy",
         )
-        for column, task in (("upos", "upos"), ("deprel", "deprel"), ("word_start", "word-start"), ("truth", "truth"))
+        for column, task in (
+            ("upos", "upos"),
+            ("deprel", "deprel"),
+            ("word_start", "word-start"),
+            ("truth", "truth"),
+        )
     ),
 )
 """Every role. Each rule's score has a :class:`~headatlas.scores.ScoreSpec` (tested)."""

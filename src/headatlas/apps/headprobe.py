@@ -44,9 +44,7 @@ SIDE_TABLE = "probes"
 """Side table of every probe run: ``DIR/probes.parquet``."""
 
 
-def collect_features(
-    loaded: LoadedModel, items: Sequence[ProbeItem], batch_size: int = 16
-) -> torch.Tensor:
+def collect_features(loaded: LoadedModel, items: Sequence[ProbeItem], batch_size: int = 16) -> torch.Tensor:
     """Return every head's output at the items' labelled positions, ``[layer * head, n, d_head]``
     (float32, group index ``layer * n_heads + head``; ``n`` = positions in item order)."""
     info = loaded.info
@@ -81,7 +79,8 @@ def random_init_copy(loaded: LoadedModel, seed: int) -> LoadedModel:
     """Return a randomly initialised model of ``loaded``'s architecture and config (weights from
     ``torch.manual_seed(seed)``), with the same tokenizer: the baseline of probing controls."""
     torch.manual_seed(seed)
-    fresh = type(loaded.model)(loaded.model.config).to(loaded.device, next(loaded.model.parameters()).dtype)
+    fresh: Any = type(loaded.model)(loaded.model.config)
+    fresh = fresh.to(device=loaded.device, dtype=next(loaded.model.parameters()).dtype)
     return load(fresh.eval(), tokenizer=loaded.tokenizer)
 
 
@@ -102,7 +101,9 @@ class SplitFeatures:
 
 def features(loaded: LoadedModel, task: ProbeTask, batch_size: int = 16) -> SplitFeatures:
     """Collect and standardise (on train) every head's features for each split of ``task``."""
-    raw = {split: collect_features(loaded, task.splits[split], batch_size) for split in ("train", "dev", "test")}
+    raw = {
+        split: collect_features(loaded, task.splits[split], batch_size) for split in ("train", "dev", "test")
+    }
     scaler = standardise(raw["train"])
     return SplitFeatures(scaler(raw["train"]), scaler(raw["dev"]), scaler(raw["test"]), scaler)
 
@@ -151,7 +152,9 @@ def probe_seed(
     if random_init:
         other = random_init_copy(loaded, seed)
         rfeats = features(other, task, batch_size)
-        random_acc = fit_logreg(rfeats.train, ys["train"], n_classes, l2, max_iter).accuracy(rfeats.test, ys["test"])
+        random_acc = fit_logreg(rfeats.train, ys["train"], n_classes, l2, max_iter).accuracy(
+            rfeats.test, ys["test"]
+        )
         del other, rfeats
     else:
         random_acc = torch.full((feats.train.shape[0],), float("nan"))
@@ -259,6 +262,7 @@ def write_probes(atlas: Any, result: ProbeResult) -> list[str]:
     table (other tasks' rows kept), the parameters to ``meta["probe"][task]``; reassign roles.
     Returns the columns written."""
     n_layers, n_heads = atlas.shape
+
     def grid(name: str) -> np.ndarray:
         return result.table[name].to_numpy(dtype=float).reshape(n_layers, n_heads)  # [layer, head]
 

@@ -81,9 +81,9 @@ def fit_logreg(
         init: a previous fit to start from (warm start along an l2 path).
     """
     groups, n, d = x.shape
-    weight = (
-        init.weight.clone() if init is not None else x.new_zeros(groups, d, n_classes)
-    ).requires_grad_(True)  # [group, d, class]
+    weight = (init.weight.clone() if init is not None else x.new_zeros(groups, d, n_classes)).requires_grad_(
+        True
+    )  # [group, d, class]
     bias = (init.bias.clone() if init is not None else x.new_zeros(groups, n_classes)).requires_grad_(
         True
     )  # [group, class]

@@ -247,7 +247,7 @@ def treebank_task(tokenizer: Any, task: str, n_sentences: int, seed: int = 0) ->
 
 def _bad_row(path: Path, lineno: int, why: str) -> HeadatlasError:
     return HeadatlasError(
-        f"{path} line {lineno}: {why}; each line must be {{\"text\", \"label\"}} or {{\"tokens\", \"labels\"}}"
+        f'{path} line {lineno}: {why}; each line must be {{"text", "label"}} or {{"tokens", "labels"}}'
     )
 
 
@@ -276,7 +276,7 @@ def _user_item(tokenizer: Any, path: Path, lineno: int, row: dict[str, Any], lev
     if level == "sentence":
         text, label = row.get("text"), row.get("label")
         if not isinstance(text, str) or not text.strip() or label is None or isinstance(label, (list, dict)):
-            raise _bad_row(path, lineno, "a sentence row needs a non-empty \"text\" and a scalar \"label\"")
+            raise _bad_row(path, lineno, 'a sentence row needs a non-empty "text" and a scalar "label"')
         return _sentence_item(tokenizer, text, str(label))
     tokens, labels = row.get("tokens"), row.get("labels")
     if (
@@ -286,7 +286,7 @@ def _user_item(tokenizer: Any, path: Path, lineno: int, row: dict[str, Any], lev
         or len(tokens) != len(labels)
         or not all(isinstance(t, str) and t.strip() for t in tokens)
     ):
-        raise _bad_row(path, lineno, "a token row needs \"tokens\" (strings) and as many \"labels\"")
+        raise _bad_row(path, lineno, 'a token row needs "tokens" (strings) and as many "labels"')
     n = len(tokens)
     sentence = Sentence(str(lineno), " ".join(tokens), tuple(tokens), (0,) * n, ("_",) * n, ("_",) * n)
     encoded = encode_sentence(tokenizer, sentence, causal=False)
@@ -317,19 +317,28 @@ def jsonl_task(tokenizer: Any, path: str | Path, seed: int = 0) -> ProbeTask:
 # ---------------------------------------------------------------- building and checking
 
 
+def check_task_name(task: str) -> None:
+    """Raise :class:`HeadatlasError` unless ``task`` is a built-in task or an existing ``.jsonl`` file."""
+    if task in BUILTIN_TASKS:
+        return
+    if not task.endswith(".jsonl"):
+        raise HeadatlasError(
+            f"unknown {param('task')} {task!r}: use one of {', '.join(BUILTIN_TASKS)} or a .jsonl file"
+        )
+    if not Path(task).is_file():
+        raise HeadatlasError(f"{param('task')} file {task} does not exist")
+
+
 def build_probe_task(tokenizer: Any, task: str, n_sentences: int = 400, seed: int = 0) -> ProbeTask:
     """Return probing task ``task`` (a name in :data:`BUILTIN_TASKS` or a ``.jsonl`` path), checked
     (:func:`check_task`)."""
+    check_task_name(task)
     if task in ("upos", "deprel", "word-start"):
         built = treebank_task(tokenizer, task, n_sentences, seed)
     elif task == "truth":
         built = truth_task(tokenizer, seed)
-    elif task.endswith(".jsonl"):
-        built = jsonl_task(tokenizer, task, seed)
     else:
-        raise HeadatlasError(
-            f"unknown {param('task')} {task!r}: use one of {', '.join(BUILTIN_TASKS)} or a .jsonl file"
-        )
+        built = jsonl_task(tokenizer, task, seed)
     check_task(built)
     return built
 
@@ -354,7 +363,9 @@ def control_labels(types: Sequence[str], train_labels: Sequence[str], seed: int)
     classes = sorted(counts)
     cdf = np.cumsum([counts[c] for c in classes]) / len(train_labels)  # [class]
     return [
-        classes[min(int(np.searchsorted(cdf, _unit(f"control\0{seed}\0{t}"), side="right")), len(classes) - 1)]
+        classes[
+            min(int(np.searchsorted(cdf, _unit(f"control\0{seed}\0{t}"), side="right")), len(classes) - 1)
+        ]
         for t in types
     ]
 
@@ -366,4 +377,6 @@ def with_controls(task: ProbeTask, seed: int) -> ProbeTask:
         split: [replace(item, labels=tuple(control_labels(item.types, train, seed))) for item in items]
         for split, items in task.splits.items()
     }
-    return ProbeTask(f"{task.name}-control", task.level, splits, task.classes, {**task.params, "control": True})
+    return ProbeTask(
+        f"{task.name}-control", task.level, splits, task.classes, {**task.params, "control": True}
+    )

@@ -138,7 +138,9 @@ def load_steering(directory: str | Path, loaded: LoadedModel | None = None) -> S
         )
     shift = HeadShift([parse_head(h) for h in meta["heads"]], tensors["directions"], tensors["sigma"])
     control = HeadShift(
-        [parse_head(h) for h in meta["control_heads"]], tensors["control_directions"], tensors["control_sigma"]
+        [parse_head(h) for h in meta["control_heads"]],
+        tensors["control_directions"],
+        tensors["control_sigma"],
     )
     return Steering(
         meta["model_sha256"], meta["model_name"], meta["n_layers"], meta["n_heads"], meta["task"],
@@ -152,7 +154,7 @@ def positive_class(task: ProbeTask) -> int:
     if len(task.classes) != 2:
         raise HeadatlasError(
             f"steering needs a task with two classes, {task.name!r} has {len(task.classes)}: "
-            "use truth or a JSONL file of {\"text\", \"label\"} rows with two labels"
+            'use truth or a JSONL file of {"text", "label"} rows with two labels'
         )
     return task.classes.index("true") if "true" in task.classes else 1
 

@@ -17,7 +17,7 @@ import copy
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -99,7 +99,9 @@ def evaluate(
     NaN otherwise), ``mc_margin`` (mean log-prob margin), ``ce`` and ``kl`` (nats per token on
     ``n_text`` EWT test sentences) and ``n_facts``, ``n_tokens`` — Li et al. 2023's table."""
     if not loaded.info.causal:
-        raise HeadatlasError("steer eval scores completions and next-token loss: give a causal (decoder) model")
+        raise HeadatlasError(
+            "steer eval scores completions and next-token loss: give a causal (decoder) model"
+        )
     configs: list[Config] = [(kind, float(a)) for kind in ("probe", "random") for a in alphas]
     facts = split_facts(int(steering.params.get("seed", 0) if seed is None else seed))["test"]
     mc: dict[Config, torch.Tensor] = {}
@@ -146,11 +148,18 @@ def sweep_figure(table: pd.DataFrame, title: str, out: str | Path) -> Path:
     from ..report.figures import save_figure
 
     fig = Figure(figsize=(8.0, 3.2))
-    for index, (metric, label) in enumerate((("mc_accuracy", "MC accuracy (held-out facts)"), ("kl", "KL to unsteered (nats/token)"))):
+    for index, (metric, label) in enumerate(
+        (("mc_accuracy", "MC accuracy (held-out facts)"), ("kl", "KL to unsteered (nats/token)"))
+    ):
         ax = fig.add_subplot(1, 2, index + 1)
         for kind, style in (("probe", "-o"), ("random", "--s")):
             part = table[table["kind"] == kind].sort_values("alpha")
-            ax.plot(part["alpha"], part[metric], style, label="top-k probe heads" if kind == "probe" else "random heads, random directions")
+            ax.plot(
+                part["alpha"],
+                part[metric],
+                style,
+                label="top-k probe heads" if kind == "probe" else "random heads, random directions",
+            )
         ax.set_xlabel("α", fontsize=9)
         ax.set_ylabel(label, fontsize=9)
         ax.tick_params(labelsize=7)
@@ -161,18 +170,23 @@ def sweep_figure(table: pd.DataFrame, title: str, out: str | Path) -> Path:
 
 
 def generate(
-    loaded: LoadedModel, steering: Steering | None, prompt: str, alpha: float | None = None, max_new_tokens: int = 40
+    loaded: LoadedModel,
+    steering: Steering | None,
+    prompt: str,
+    alpha: float | None = None,
+    max_new_tokens: int = 40,
 ) -> str:
     """Return the greedy continuation of ``prompt`` with ``steering`` applied at ``alpha`` (none: unsteered)."""
     ids, _ = encode_text(loaded.tokenizer, prompt)
     inputs = torch.tensor([ids], device=loaded.device)  # [1, seq]
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad_id(loaded.tokenizer)}
+    model: Any = loaded.model
     with torch.no_grad():
         if steering is None:
-            out = loaded.model.generate(inputs, attention_mask=torch.ones_like(inputs), **kwargs)
+            out = model.generate(inputs, attention_mask=torch.ones_like(inputs), **kwargs)
         else:
             with applied(loaded, steering, alpha):
-                out = loaded.model.generate(inputs, attention_mask=torch.ones_like(inputs), **kwargs)
+                out = model.generate(inputs, attention_mask=torch.ones_like(inputs), **kwargs)
     return str(loaded.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
 
 
@@ -204,19 +218,22 @@ def export_bake(loaded: LoadedModel, steering: Steering, alpha: float, out: str 
             )
         config = copy.deepcopy(model.config)
         config.attention_bias = True
-        baked = type(model)(config).to(next(model.parameters()).dtype)
+        baked: Any = type(model)(config)
+        baked = baked.to(dtype=next(model.parameters()).dtype)
         missing = baked.load_state_dict(model.state_dict(), strict=False).missing_keys
         with torch.no_grad():
             for name in missing:
                 if not name.endswith(".bias"):
-                    raise HeadatlasError(f"cannot bake into {loaded.info.arch}: weight {name} has no counterpart")
+                    raise HeadatlasError(
+                        f"cannot bake into {loaded.info.arch}: weight {name} has no counterpart"
+                    )
                 baked.get_parameter(name).zero_()
     else:
         baked = copy.deepcopy(model)
     baked_loaded = LoadedModel(baked, loaded.tokenizer, loaded.info)
     with torch.no_grad():
         for layer, shift in shifts.items():
-            bias = output_projections(baked_loaded)[layer].bias
+            bias = cast(torch.Tensor, output_projections(baked_loaded)[layer].bias)
             bias += shift.to(bias)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -257,6 +274,6 @@ def export_lm_eval(loaded: LoadedModel, steering: Steering, alpha: float, out: s
 def summary_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
     """Return the sweep as JSON-ready rows (floats rounded to 4 places)."""
     return [
-        {k: (round(float(v), 4) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()}
+        {str(k): (round(float(v), 4) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()}
         for row in table.to_dict("records")
     ]

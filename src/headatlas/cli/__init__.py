@@ -4,6 +4,8 @@
 - :mod:`.view`: ``report``, ``serve``
 - :mod:`.apps`: ``importance``, ``redundancy``, ``prune``, ``prune-curve``, ``verify``
 - :mod:`.patch`: ``patch``, ``circuit``
+- :mod:`.probe`: ``probe``
+- :mod:`.steer`: ``steer fit``, ``steer eval``, ``steer generate``, ``steer export``
 - :mod:`.zoo`: ``zoo``
 - :mod:`.data`: ``data status``, ``data install``
 
@@ -15,11 +17,20 @@ from __future__ import annotations
 
 import sys
 
-from . import apps, atlas, data, patch, view, zoo
+from . import apps, atlas, data, patch, probe, steer, view, zoo
 from .common import app, err_console
 
 __all__ = ["app", "main"]
-_COMMANDS = (apps, atlas, data, patch, view, zoo)  # imported for their @app.command registrations
+_COMMANDS = (
+    apps,
+    atlas,
+    data,
+    patch,
+    probe,
+    steer,
+    view,
+    zoo,
+)  # imported for their @app.command registrations
 
 
 def main() -> None:
