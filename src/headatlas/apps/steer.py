@@ -29,7 +29,7 @@ import torch
 from ..capture import head_outputs
 from ..errors import HeadatlasError, check_choice, param
 from ..heads import head_name, parse_head
-from ..loading import LoadedModel
+from ..loading import LoadedModel, reload_spec
 from ..storage import atomic_path, write_json
 from .headprobe import bad_heads, collect_features
 from .logreg import L2_GRID, choose_l2, raw_direction, standardise
@@ -217,6 +217,7 @@ def fit(
         val_accuracy=[round(float(v), 4) for v in val[order]],
         params={
             **built.params,
+            "model_spec": reload_spec(loaded.info),
             "k": k,
             "positive_class": built.classes[positive],
             "l2": probe.l2,

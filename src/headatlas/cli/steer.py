@@ -149,7 +149,10 @@ def steer_export(
     if format not in ("bake", "lm-eval"):
         fail(f"unknown --format {format!r}: use bake or lm-eval")
     saved = run(lambda: load_steering(steer))
-    loaded = load_model(model or saved.model_name)
+    spec = model or saved.params.get("model_spec")
+    if not spec:
+        fail(f"{steer} does not say how to load its model ({saved.model_name}): give --model")
+    loaded = load_model(spec)
     steering = run(lambda: load_steering(steer, loaded))
     used = steering.alpha if alpha is None else alpha
     writer = export_bake if format == "bake" else export_lm_eval
