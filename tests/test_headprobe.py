@@ -168,3 +168,23 @@ def test_bad_probe_input_is_a_one_line_error(tmp_path: Path) -> None:
     bad.write_text('{"text": "fine", "label": 1}\n{"text": 3}\n')
     with pytest.raises(HeadatlasError, match="line 2"):
         build_probe_task(tokenizer, str(bad))
+
+
+def test_treebank_labels_sit_on_first_pieces_and_fold_subtypes() -> None:
+    from headatlas.apps.probe_tasks import treebank_item
+    from headatlas.datasets import Sentence
+
+    tokenizer = make_tokenizer()
+    words = ("Archaeologists", "discovered", "pottery", ".")
+    sentence = Sentence("s1", " ".join(words), words, (2, 0, 2, 2), ("nsubj:pass", "root", "obj", "punct"),
+                        ("NOUN", "VERB", "NOUN", "PUNCT"))  # fmt: skip
+    upos = treebank_item(tokenizer, sentence, "upos")
+    deprel = treebank_item(tokenizer, sentence, "deprel")
+    starts = treebank_item(tokenizer, sentence, "word-start")
+    assert upos is not None and deprel is not None and starts is not None
+    assert upos.labels == ("NOUN", "VERB", "NOUN", "PUNCT") and upos.types == words
+    assert deprel.labels == ("nsubj", "root", "obj", "punct") and deprel.positions == upos.positions
+    pieces = starts.positions
+    assert len(pieces) > len(words)  # the tiny tokenizer splits the long words
+    assert [p for p, lab in zip(pieces, starts.labels, strict=True) if lab == "start"] == list(upos.positions)
+    assert upos.ids[0] == tokenizer.bos_token_id and 0 not in pieces  # the frame token carries no label
