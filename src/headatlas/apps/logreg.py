@@ -4,7 +4,7 @@ Head induction analysis trains a linear classifier on each head's output to see 
 represents (Hewitt & Liang 2019, "Designing and Interpreting Probes with Control Tasks"; Li et al.
 2023, "Inference-Time Intervention", who fit one ``LogisticRegression`` per head). Here the
 ``G`` problems (G = layers × heads) share their labels and differ only in features, so they are
-solved at once: parameters ``W [group, d, class]`` and ``b [group, class]``, the objective the sum
+solved together as batched tensor problems (blocks of :data:`HEAD_CHUNK` heads): parameters ``W [group, d, class]`` and ``b [group, class]``, the objective the sum
 over groups of ``mean_n CE(x_gn W_g + b_g, y_n) + (l2 / 2) ‖W_g‖²`` (the intercept is not
 penalised, as in scikit-learn), minimised by L-BFGS. The groups are independent, so the minimum
 of the sum is every group's own minimum. scikit-learn's ``LogisticRegression(C=c)`` solves the
@@ -62,6 +62,12 @@ class LogReg:
         return (self.logits(x).argmax(-1) == y[None]).float().mean(1)  # [group]
 
 
+HEAD_CHUNK = 16
+"""Groups solved per L-BFGS problem. On CPU the whole problem is memory-bound (every evaluation
+streams all features); blocks of 16 heads stay in cache and were 1.5× faster than all 270 heads at
+once on SmolLM2-sized features (3000 × 64, 17 classes; this 2-core machine, one thread)."""
+
+
 def fit_logreg(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -69,8 +75,10 @@ def fit_logreg(
     l2: float,
     max_iter: int = 100,
     init: LogReg | None = None,
+    chunk: int = HEAD_CHUNK,
 ) -> LogReg:
-    """Fit every group's L2-regularised multinomial logistic regression at once and return them.
+    """Fit every group's L2-regularised multinomial logistic regression and return them, ``chunk``
+    groups per batched L-BFGS problem (each group's minimum does not depend on the chunking).
 
     Args:
         x: standardised features ``[group, n, d]`` (float32 or float64).
@@ -79,7 +87,21 @@ def fit_logreg(
         l2: strength of ``(l2 / 2) ‖W‖²`` next to the mean cross-entropy.
         max_iter: L-BFGS iterations.
         init: a previous fit to start from (warm start along an l2 path).
+        chunk: groups per problem.
     """
+    parts = []
+    for start in range(0, x.shape[0], chunk):
+        part = slice(start, start + chunk)
+        warm = LogReg(init.weight[part], init.bias[part], init.l2) if init is not None else None
+        parts.append(_fit_block(x[part], y, n_classes, l2, max_iter, warm))
+    weight = torch.cat([p.weight for p in parts])  # [group, d, class]
+    return LogReg(weight, torch.cat([p.bias for p in parts]), l2)
+
+
+def _fit_block(
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, max_iter: int, init: LogReg | None
+) -> LogReg:
+    """One batched L-BFGS problem over the groups of ``x [group, n, d]``."""
     groups, n, d = x.shape
     weight = (init.weight.clone() if init is not None else x.new_zeros(groups, d, n_classes)).requires_grad_(
         True
