@@ -20,12 +20,64 @@ from pathlib import Path
 from benchlib import quiet
 
 POSITIVE = frozenset(
-    "good great wonderful happy love loved lovely excellent amazing beautiful best delightful joy joyful "
-    "perfect fantastic brilliant kind pleasant nice enjoy enjoyed glad fun warm friendly delicious".split()
+    [
+        "good",
+        "great",
+        "wonderful",
+        "happy",
+        "love",
+        "loved",
+        "lovely",
+        "excellent",
+        "amazing",
+        "beautiful",
+        "best",
+        "delightful",
+        "joy",
+        "joyful",
+        "perfect",
+        "fantastic",
+        "brilliant",
+        "kind",
+        "pleasant",
+        "nice",
+        "enjoy",
+        "enjoyed",
+        "glad",
+        "fun",
+        "warm",
+        "friendly",
+        "delicious",
+    ]
 )
 NEGATIVE = frozenset(
-    "bad terrible awful sad hate hated horrible worst ugly boring miserable angry disappointed poor "
-    "nasty dreadful disgusting rude dirty broken failure wrong annoying gloomy cold".split()
+    [
+        "bad",
+        "terrible",
+        "awful",
+        "sad",
+        "hate",
+        "hated",
+        "horrible",
+        "worst",
+        "ugly",
+        "boring",
+        "miserable",
+        "angry",
+        "disappointed",
+        "poor",
+        "nasty",
+        "dreadful",
+        "disgusting",
+        "rude",
+        "dirty",
+        "broken",
+        "failure",
+        "wrong",
+        "annoying",
+        "gloomy",
+        "cold",
+    ]
 )
 PROMPTS = (
     "The restaurant on the corner",
