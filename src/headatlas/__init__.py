@@ -18,6 +18,8 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str | tuple[str, str | None]] = {
     "patch": ("headatlas.apps.patching", "patch_effects"),
     "kv": ("headatlas.apps.kv", None),  # the module itself
+    "probe": ("headatlas.apps.headprobe", "probe"),
+    "steer": ("headatlas.apps.steer", None),  # the module itself
     "Atlas": "headatlas.atlas",
     "scan": "headatlas.scanning",
     "ScanConfig": "headatlas.scanning",
@@ -51,11 +53,14 @@ __all__ = [
     "kv",
     "load",
     "patch",
+    "probe",
     "scan",
+    "steer",
 ]
 
 if TYPE_CHECKING:
-    from .apps import kv
+    from .apps import kv, steer
+    from .apps.headprobe import probe
     from .apps.patching import patch_effects as patch
     from .atlas import Atlas
     from .capture import ablate, attention_maps, head_outputs

@@ -15,6 +15,13 @@ from typing import Any
 
 from .scores import LOCAL_WINDOW
 
+PROBE_SELECTIVITY = 0.15
+"""Selectivity (probe − control accuracy) a head needs for a ``probe-<task>`` role. The control
+task of a head that carries nothing scores within a few points of the task on a test of a few
+hundred examples (2σ of a difference of two accuracies near 0.5 at n = 500 is ~0.06; the max over
+hundreds of heads adds more), so 15 points.
+"""
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -107,6 +114,21 @@ RULES: tuple[Rule, ...] = (
         "ioi_previous_token",
         0.05,
         "IOI previous-token head: ≥ 5% runs through the induction / duplicate heads' keys",
+    ),
+    *(
+        Rule(
+            f"probe-{task}",
+            f"probe_{column}_selectivity",
+            PROBE_SELECTIVITY,
+            f"a linear probe on its output beats the {task} control task by ≥ "
+            f"{PROBE_SELECTIVITY * 100:g} points of test accuracy",
+        )
+        for column, task in (
+            ("upos", "upos"),
+            ("deprel", "deprel"),
+            ("word_start", "word-start"),
+            ("truth", "truth"),
+        )
     ),
 )
 """Every role. Each rule's score has a :class:`~headatlas.scores.ScoreSpec` (tested)."""

@@ -43,6 +43,7 @@ class ScoreSpec:
 
 
 _CLARK = "Clark et al. 2019, What Does BERT Look At?"
+_HEWITT = "Hewitt & Liang 2019, Designing and Interpreting Probes with Control Tasks"
 _SPECS = (
     ScoreSpec(
         "previous_token", "previous token", "prev", "mean A[i, i−1]: attention on the token just before",
@@ -156,6 +157,27 @@ _SPECS = (
             ("fv_capitalize", "fv:capitalize", None, "Todd et al. 2024, Function Vectors in Large Language Models"),
             ("fv_country_capital", "fv:country-capital", None, "Todd et al. 2024, Function Vectors in Large Language Models"),
             ("fv_translate", "fv:translate", None, "Todd et al. 2024, Function Vectors in Large Language Models"),
+        )
+    ),
+    *(
+        spec
+        for column, task, short, what in (
+            ("upos", "upos", "p_upos", "universal POS tag of the word (UD EWT, first piece)"),
+            ("deprel", "deprel", "p_dep", "dependency relation of the word to its head (UD EWT, subtypes folded)"),
+            ("word_start", "word-start", None, "whether the token starts a word (UD EWT)"),
+            ("truth", "truth", "p_truth", "whether a short factual statement is true (last token)"),
+        )
+        for spec in (
+            ScoreSpec(
+                f"probe_{column}", f"probe accuracy ({task})", short,
+                f"test accuracy of a linear probe on the head's output predicting the {what}",
+                "probe", _HEWITT,
+            ),
+            ScoreSpec(
+                f"probe_{column}_selectivity", f"probe selectivity ({task})", None,
+                f"probe accuracy − control-task accuracy (Hewitt & Liang 2019) on the {task} task",
+                "probe", _HEWITT, signed=True,
+            ),
         )
     ),
 )  # fmt: skip

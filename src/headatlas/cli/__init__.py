@@ -4,6 +4,8 @@
 - :mod:`.view`: ``report``, ``serve``
 - :mod:`.apps`: ``importance``, ``redundancy``, ``prune``, ``prune-curve``, ``verify``
 - :mod:`.patch`: ``patch``, ``circuit``
+- :mod:`.probe`: ``probe``
+- :mod:`.steer`: ``steer fit``, ``steer eval``, ``steer generate``, ``steer export``
 - :mod:`.zoo`: ``zoo``
 - :mod:`.interop`: ``compare``, ``export``, ``import``
 - :mod:`.kv`: ``kv plan``, ``kv eval``, ``kv export``
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import sys
 
-from . import apps, atlas, data, interop, kv, patch, view, zoo
+from . import apps, atlas, data, interop, kv, patch, probe, steer, view, zoo
 from .common import app, err_console
 
 __all__ = ["app", "main"]
@@ -28,6 +30,8 @@ _COMMANDS = (
     interop,
     kv,
     patch,
+    probe,
+    steer,
     view,
     zoo,
 )  # imported for their @app.command registrations

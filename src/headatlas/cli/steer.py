@@ -1,0 +1,160 @@
+"""``headatlas steer``: inference-time intervention on the heads whose probes work best (Li et al. 2023)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .common import DeviceOpt, ModelArg, app, console, example, fail, floats, load_model, quiet_libraries, run
+
+steer_app = typer.Typer(
+    help="Inference-time intervention: fit, evaluate, generate with and export head-output steering.",
+    no_args_is_help=True,
+)
+app.add_typer(steer_app, name="steer")
+SteerDir = Annotated[
+    Path, typer.Option("--steer", help="steering directory written by `headatlas steer fit`")
+]
+
+
+@steer_app.command(
+    "fit", epilog=example("headatlas steer fit default --task truth --k 16 --alpha 15 --out steer-truth")
+)
+def steer_fit(
+    model: ModelArg = "default",
+    task: Annotated[
+        str, typer.Option(help='truth, or a JSONL file of {"text", "label"} rows with two labels')
+    ] = "truth",
+    k: Annotated[int, typer.Option(help="heads to steer (top k by validation accuracy)")] = 16,
+    alpha: Annotated[float, typer.Option(help="default strength α (shift α·σ·θ̂)")] = 15.0,
+    direction: Annotated[str, typer.Option(help="mass-mean or probe")] = "mass-mean",
+    seed: Annotated[int, typer.Option(help="seed of the fact split and of the random control")] = 0,
+    out: Annotated[Path, typer.Option(help="steering directory to write")] = Path("steer"),
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Probe every head on the task, keep the top k, and save their directions and σ."""
+    quiet_libraries(False)
+    from ..apps.probe_tasks import check_task_name
+    from ..apps.steer import DIRECTIONS, fit
+    from ..errors import check_choice
+    from ..storage import check_output_dir
+
+    run(lambda: check_task_name(task))
+    run(lambda: check_choice("direction", direction, DIRECTIONS))
+    run(lambda: check_output_dir(out))
+    loaded = load_model(model, device)
+    steering = run(lambda: fit(loaded, task, k, direction, alpha, seed))
+    steering.save(out)
+    heads = ", ".join(
+        f"L{layer}H{head} ({acc:.2f})"
+        for (layer, head), acc in zip(steering.shift.heads, steering.val_accuracy, strict=True)
+    )
+    console.print(f"{steering.task}: top {k} heads by validation accuracy: {heads}", highlight=False)
+    console.print(f"→ {out} (steer.json, steer.safetensors)", highlight=False)
+
+
+@steer_app.command(
+    "eval", epilog=example("headatlas steer eval default --steer steer-truth --alphas 0,5,10,15,20")
+)
+def steer_eval(
+    model: ModelArg = "default",
+    steer: SteerDir = Path("steer"),
+    alphas: Annotated[str, typer.Option(help="comma-separated strengths α to sweep")] = "0,5,10,15,20",
+    n_text: Annotated[int, typer.Option(help="EWT test sentences for the CE / KL cost")] = 32,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Multiple-choice accuracy on held-out facts and CE / KL on EWT text at each α, against random directions."""
+    quiet_libraries(False)
+    from ..apps.steer import load_steering
+    from ..apps.steer_eval import evaluate, summary_rows, sweep_figure
+    from ..storage import write_json
+
+    values = floats(alphas, "--alphas")
+    loaded = load_model(model, device)
+    steering = run(lambda: load_steering(steer, loaded))
+    table = run(lambda: evaluate(loaded, steering, values, n_text))
+    write_json(steer / "eval.json", summary_rows(table))
+    figure = sweep_figure(
+        table,
+        f"{loaded.info.name} — ITI on {steering.task}, k = {len(steering.shift.heads)}",
+        steer / "sweep.png",
+    )
+    shown = Table(
+        title=f"α sweep ({int(table['n_facts'].max())} held-out facts, {int(table['n_tokens'].max())} EWT tokens)",
+        title_justify="left",
+    )
+    for name in ("heads", "α", "MC accuracy", "MC margin", "CE", "KL"):
+        shown.add_column(name, justify="left" if name == "heads" else "right")
+    for row in table.itertuples():
+        shown.add_row(
+            "top-k probe" if row.kind == "probe" else "random",
+            f"{row.alpha:g}", f"{row.mc_accuracy:.3f}", f"{row.mc_margin:+.3f}", f"{row.ce:.4f}", f"{row.kl:.4f}",
+        )  # fmt: skip
+    console.print(shown)
+    console.print(f"→ {steer / 'eval.json'}, {figure}", highlight=False)
+
+
+@steer_app.command(
+    "generate",
+    epilog=example(
+        'headatlas steer generate default --steer steer-truth --prompt "The capital of Spain is" --alpha 15'
+    ),
+)
+def steer_generate(
+    model: ModelArg = "default",
+    steer: SteerDir = Path("steer"),
+    prompt: Annotated[str, typer.Option(help="text to continue")] = "The capital of Spain is",
+    alpha: Annotated[float | None, typer.Option(help="strength α (default: the steering's)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate (greedy)")] = 40,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Continue a prompt greedily, unsteered and steered."""
+    quiet_libraries(False)
+    from ..apps.steer import load_steering
+    from ..apps.steer_eval import generate
+
+    loaded = load_model(model, device)
+    steering = run(lambda: load_steering(steer, loaded))
+    used = steering.alpha if alpha is None else alpha
+    console.print(f"[bold]unsteered:[/] {generate(loaded, None, prompt, None, max_new_tokens)!r}")
+    console.print(f"[bold]α = {used:g}:[/] {generate(loaded, steering, prompt, used, max_new_tokens)!r}")
+
+
+@steer_app.command(
+    "export",
+    epilog=example(
+        "headatlas steer export steer-truth --format bake --out baked-model",
+        "headatlas steer export steer-truth --format lm-eval --out steer-truth/lm-eval",
+    ),
+)
+def steer_export(
+    steer: Annotated[Path, typer.Argument(help="steering directory written by `headatlas steer fit`")],
+    format: Annotated[
+        str, typer.Option("--format", help="bake (a checkpoint) or lm-eval (steer.pt)")
+    ] = "bake",
+    out: Annotated[Path, typer.Option(help="directory to write")] = Path("steered-model"),
+    model: Annotated[
+        str | None, typer.Option(help="the model (default: the one named in steer.json)")
+    ] = None,
+    alpha: Annotated[float | None, typer.Option(help="strength α (default: the steering's)")] = None,
+) -> None:
+    """Fold the shift into the output projections' biases (bake) or write lm-evaluation-harness's steering file."""
+    quiet_libraries(False)
+    from ..apps.steer import load_steering
+    from ..apps.steer_eval import export_bake, export_lm_eval
+
+    if format not in ("bake", "lm-eval"):
+        fail(f"unknown --format {format!r}: use bake or lm-eval")
+    saved = run(lambda: load_steering(steer))
+    spec = model or saved.params.get("model_spec")
+    if not spec:
+        fail(f"{steer} does not say how to load its model ({saved.model_name}): give --model")
+    loaded = load_model(spec)
+    steering = run(lambda: load_steering(steer, loaded))
+    used = steering.alpha if alpha is None else alpha
+    writer = export_bake if format == "bake" else export_lm_eval
+    path = run(lambda: writer(loaded, steering, used, out))
+    console.print(f"α = {used:g}, {len(steering.shift.heads)} heads → {path}", highlight=False)

@@ -1,0 +1,180 @@
+"""ITI steering: fit, the hook (α = 0 is the model), save/load checks, bake == hook, lm-eval export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import headatlas as ha
+from headatlas.apps.steer import load_steering
+from headatlas.errors import HeadatlasError
+from tiny_models import BUILDERS, make_tokenizer
+
+TEXT = "The capital of France is Paris and the dog ran."
+
+
+@pytest.fixture(scope="module")
+def steering(tiny_loaded: ha.LoadedModel) -> ha.steer.Steering:
+    return ha.steer.fit(tiny_loaded, task="truth", k=3)
+
+
+def _logits(loaded: ha.LoadedModel) -> torch.Tensor:
+    enc = loaded.tokenizer(TEXT, return_tensors="pt")
+    with torch.no_grad():
+        return loaded.model(**enc).logits
+
+
+def test_fit_keeps_the_top_k_heads_by_validation_accuracy(steering: ha.steer.Steering) -> None:
+    assert len(steering.shift.heads) == 3 and len(set(steering.shift.heads)) == 3
+    assert steering.val_accuracy == sorted(steering.val_accuracy, reverse=True)
+    norms = steering.shift.directions.norm(dim=-1)
+    assert torch.allclose(norms, torch.ones(3), atol=1e-5)
+    assert (steering.shift.sigma > 0).all() and (steering.control.sigma > 0).all()
+    assert steering.params["positive_class"] == "true"
+
+
+def test_alpha_zero_is_bitwise_the_model_and_alpha_changes_it(
+    tiny_loaded: ha.LoadedModel, steering: ha.steer.Steering
+) -> None:
+    plain = _logits(tiny_loaded)
+    with ha.steer.applied(tiny_loaded, steering, alpha=0.0):
+        zero = _logits(tiny_loaded)
+    with ha.steer.applied(tiny_loaded, steering, alpha=15.0):
+        steered = _logits(tiny_loaded)
+    assert torch.equal(plain, zero)
+    assert not torch.allclose(plain, steered, atol=1e-3)
+    assert torch.equal(plain, _logits(tiny_loaded))  # the hook is gone after the block
+
+
+def test_steering_applies_while_generating(tiny_loaded: ha.LoadedModel, steering: ha.steer.Steering) -> None:
+    plain = ha.steer.generate(tiny_loaded, None, "The capital of", max_new_tokens=4)
+    assert ha.steer.generate(tiny_loaded, steering, "The capital of", alpha=0.0, max_new_tokens=4) == plain
+    big = ha.steer.generate(tiny_loaded, steering, "The capital of", alpha=400.0, max_new_tokens=4)
+    assert big != plain
+
+
+def test_saved_steering_round_trips_and_refuses_another_model(
+    tiny_loaded: ha.LoadedModel, steering: ha.steer.Steering, tmp_path: Path
+) -> None:
+    steering.save(tmp_path / "s")
+    again = load_steering(tmp_path / "s", tiny_loaded)
+    assert again.shift.heads == steering.shift.heads
+    assert torch.equal(again.shift.directions, steering.shift.directions)
+    other = ha.load(BUILDERS["llama"](1), tokenizer=make_tokenizer())
+    with pytest.raises(HeadatlasError, match="fitted on another model") as err:
+        load_steering(tmp_path / "s", other)
+    assert "\n" not in str(err.value)
+    with pytest.raises(HeadatlasError, match="not a steering directory"):
+        load_steering(tmp_path / "nothing", tiny_loaded)
+
+
+def test_baked_checkpoint_equals_the_hook(
+    tiny_loaded: ha.LoadedModel, steering: ha.steer.Steering, tmp_path: Path
+) -> None:
+    out = ha.steer.export_bake(tiny_loaded, steering, 15.0, tmp_path / "baked")
+    from transformers import AutoModelForCausalLM
+
+    baked = AutoModelForCausalLM.from_pretrained(out).float().eval()
+    enc = tiny_loaded.tokenizer(TEXT, return_tensors="pt")
+    with torch.no_grad():
+        from_bake = baked(**enc).logits
+    with ha.steer.applied(tiny_loaded, steering, alpha=15.0):
+        from_hook = _logits(tiny_loaded)
+    assert not torch.allclose(from_bake, _logits(tiny_loaded), atol=1e-3)
+    torch.testing.assert_close(from_bake, from_hook, atol=1e-5, rtol=1e-5)
+
+
+def test_lm_eval_file_holds_the_shift_through_w_o(
+    tiny_loaded: ha.LoadedModel, steering: ha.steer.Steering, tmp_path: Path
+) -> None:
+    path = ha.steer.export_lm_eval(tiny_loaded, steering, 15.0, tmp_path)
+    config = torch.load(path, weights_only=True)
+    layers = {layer for layer, _ in steering.shift.heads}
+    assert len(config) == len(layers)
+    modules = dict(tiny_loaded.model.named_modules())
+    enc = tiny_loaded.tokenizer(TEXT, return_tensors="pt")
+    hooks = []
+    for name, entry in config.items():
+        assert entry["action"] == "add" and entry["steering_vector"].shape == (1, 64)
+
+        def add(
+            _m: torch.nn.Module, _i: object, output: torch.Tensor, v: torch.Tensor = entry["steering_vector"]
+        ) -> torch.Tensor:
+            return output + v
+
+        hooks.append(modules[name].register_forward_hook(add))
+    try:
+        with torch.no_grad():
+            via_file = tiny_loaded.model(**enc).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with ha.steer.applied(tiny_loaded, steering, alpha=15.0):
+        via_hook = _logits(tiny_loaded)
+    torch.testing.assert_close(via_file, via_hook, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_steering_input_is_a_one_line_error(tiny_loaded: ha.LoadedModel) -> None:
+    with pytest.raises(HeadatlasError, match="larger than the model's 12 heads"):
+        ha.steer.fit(tiny_loaded, task="truth", k=13)
+    with pytest.raises(HeadatlasError, match="unknown direction"):
+        ha.steer.fit(tiny_loaded, task="truth", direction="mean")
+    with pytest.raises(HeadatlasError, match="two classes"):
+        ha.steer.fit(tiny_loaded, task="upos", k=2)
+
+
+def test_evaluate_sweeps_alpha_for_probe_and_random_heads(
+    tiny_loaded: ha.LoadedModel, steering: ha.steer.Steering, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import headatlas.apps.steer_eval as steer_eval
+
+    monkeypatch.setattr(steer_eval, "ewt_sentences", lambda split, limit: [TEXT, "A cat sat on the mat."])
+    table = ha.steer.evaluate(tiny_loaded, steering, alphas=(0.0, 30.0), n_text=2)
+    assert list(table["kind"]) == ["probe", "probe", "random", "random"]
+    zero = table[table["alpha"] == 0.0]
+    assert (zero["kl"].abs() < 1e-6).all() and zero["ce"].nunique() == 1
+    assert (table[table["alpha"] == 30.0]["kl"] > 1e-4).all()
+    assert table["mc_accuracy"].between(0, 1).all() and (table["n_facts"] > 0).all()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(Path(ha.__file__).parents[1])}
+    return subprocess.run(
+        [sys.executable, "-m", "headatlas.cli", *args], capture_output=True, text=True, env=env
+    )
+
+
+def _one_line(result: subprocess.CompletedProcess[str], needle: str) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert needle in lines[0], lines[0]
+
+
+def test_cli_bad_input_is_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = str(tiny_model_dir)
+    _one_line(_cli("probe", model, "--task", "nope", "--out", str(tmp_path / "a")), "unknown --task 'nope'")
+    one = tmp_path / "one.jsonl"
+    one.write_text("\n".join(json.dumps({"text": f"row {i}", "label": "x"}) for i in range(12)))
+    _one_line(_cli("probe", model, "--task", str(one), "--out", str(tmp_path / "a")), "one class")
+    _one_line(_cli("steer", "fit", model, "--k", "99", "--out", str(tmp_path / "s")), "--k 99 is larger")
+    other = ha.load(BUILDERS["llama"](1), tokenizer=make_tokenizer())
+    ha.steer.fit(other, task="truth", k=2).save(tmp_path / "other")
+    _one_line(_cli("steer", "generate", model, "--steer", str(tmp_path / "other")), "fitted on another model")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "s").exists()
+
+
+def test_cli_probe_writes_columns_and_figures(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "atlas"
+    result = _cli(
+        "probe", str(tiny_model_dir), "--task", "truth", "--seeds", "1", "--no-random-init", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    atlas = ha.Atlas.load(out)
+    assert {"probe_truth", "probe_truth_selectivity"} <= set(atlas.table)
+    assert (out / "probes.parquet").exists() and (out / "figures" / "scores" / "probe_truth.png").exists()
