@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str | tuple[str, str]] = {
     "patch": ("headatlas.apps.patching", "patch_effects"),
     "Atlas": "headatlas.atlas",
+    "Guard": "headatlas.apps.guard",
     "scan": "headatlas.scanning",
     "ScanConfig": "headatlas.scanning",
     "head_outputs": "headatlas.capture",
@@ -38,6 +39,7 @@ __all__ = [
     "RULES",
     "SCORES",
     "Atlas",
+    "Guard",
     "HeadStats",
     "HeadatlasError",
     "LoadedModel",
@@ -53,6 +55,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .apps.guard import Guard
     from .apps.patching import patch_effects as patch
     from .atlas import Atlas
     from .capture import ablate, attention_maps, head_outputs

@@ -5,6 +5,7 @@
 - :mod:`.apps`: ``importance``, ``redundancy``, ``prune``, ``prune-curve``, ``verify``
 - :mod:`.patch`: ``patch``, ``circuit``
 - :mod:`.zoo`: ``zoo``
+- :mod:`.guard`: ``guard fit``, ``guard score``, ``guard eval``
 - :mod:`.data`: ``data status``, ``data install``
 
 Commands only parse, call the library and print; the work lives in the library. Torch and
@@ -15,11 +16,11 @@ from __future__ import annotations
 
 import sys
 
-from . import apps, atlas, data, patch, view, zoo
+from . import apps, atlas, data, guard, patch, view, zoo
 from .common import app, err_console
 
 __all__ = ["app", "main"]
-_COMMANDS = (apps, atlas, data, patch, view, zoo)  # imported for their @app.command registrations
+_COMMANDS = (apps, atlas, data, guard, patch, view, zoo)  # imported for their @app.command registrations
 
 
 def main() -> None:
