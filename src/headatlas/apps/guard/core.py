@@ -18,7 +18,7 @@ import numpy as np
 
 from ...errors import HeadatlasError, param
 from ...heads import head_name
-from ...loading import LoadedModel
+from ...loading import LoadedModel, reload_spec
 from ...storage import atomic_path
 from . import fitting
 from .features import Features, encode, extract
@@ -131,7 +131,12 @@ class Guard:
         config = json.loads(path.read_text(encoding="utf-8"))
         if config.get("format") != FORMAT:
             raise HeadatlasError(f"{str(path)!r} is not a headatlas guard ({FORMAT})")
-        loaded = _loaded(model if model is not None else config["model"])
+        spec = config.get("model_spec")
+        if model is None and not spec:
+            raise HeadatlasError(
+                f"the guard in {str(directory)!r} was fitted on an in-memory model: pass {param('model')}"
+            )
+        loaded = _loaded(model if model is not None else spec)
         if model_fingerprint(loaded) != config["model_sha256"]:
             raise HeadatlasError(
                 f"the guard in {str(directory)!r} was fitted on {config['model']} "
@@ -247,6 +252,7 @@ def fit_config(
     config: dict[str, Any] = {
         "format": FORMAT,
         "model": loaded.info.name,
+        "model_spec": reload_spec(loaded.info),
         "model_sha256": model_fingerprint(loaded),
         "important_heads": [list(h) for h in heads],
         "important_head_names": [head_name(*h) for h in heads],
