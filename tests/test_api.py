@@ -27,6 +27,7 @@ def test_all_imports_are_exported() -> None:
         "HeadatlasError",
         "patch",
         "head_outputs",
+        "Guard",
     }
     assert callable(headatlas.load) and callable(headatlas.scan) and callable(headatlas.ablate)
 

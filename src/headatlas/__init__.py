@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str | tuple[str, str | None]] = {
     "probe": ("headatlas.apps.headprobe", "probe"),
     "steer": ("headatlas.apps.steer", None),  # the module itself
     "Atlas": "headatlas.atlas",
+    "Guard": "headatlas.apps.guard",
     "scan": "headatlas.scanning",
     "ScanConfig": "headatlas.scanning",
     "head_outputs": "headatlas.capture",
@@ -41,6 +42,7 @@ __all__ = [
     "RULES",
     "SCORES",
     "Atlas",
+    "Guard",
     "HeadStats",
     "HeadatlasError",
     "LoadedModel",
@@ -60,6 +62,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .apps import kv, steer
+    from .apps.guard import Guard
     from .apps.headprobe import probe
     from .apps.patching import patch_effects as patch
     from .atlas import Atlas

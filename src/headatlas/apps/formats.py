@@ -135,12 +135,16 @@ TRACKER_PROVIDER = "attn-hf"
 
 
 def write_attention_tracker(
-    path: str | Path, heads: list[tuple[int, int]], name: str, model_id: str | None = None
+    path: str | Path,
+    heads: list[tuple[int, int]],
+    name: str,
+    model_id: str | None = None,
+    threshold: float | None = None,
 ) -> Path:
     """Write ``heads`` as an Attention-Tracker model config (Hung et al. 2024): JSON with
     ``model_info`` (provider, name, model id) and ``params.important_heads`` ``[[layer, head], ...]``;
     return the path."""
-    config = {
+    config: dict[str, dict[str, Any]] = {
         "model_info": {"provider": TRACKER_PROVIDER, "name": name, "model_id": model_id or name},
         "params": {
             "temperature": 0.1,
@@ -148,6 +152,8 @@ def write_attention_tracker(
             "important_heads": [[int(layer), int(head)] for layer, head in heads],
         },
     }
+    if threshold is not None:  # a calibrated focus threshold (headatlas guard), not in the original configs
+        config["params"]["threshold"] = float(threshold)
     target = Path(path)
     with atomic_path(target) as tmp:
         tmp.write_text(json.dumps(config, indent=4) + "\n")

@@ -42,6 +42,10 @@ class AttentionView(Protocol):
         """Return the row entropy −Σ_j A log A in nats, ``[batch, head, query]``."""
         ...
 
+    def last_row(self) -> torch.Tensor:
+        """Return the probabilities of this view's last query row, ``[batch, head, key]``."""
+        ...
+
 
 def _offset_index(
     q_index: torch.Tensor, distances: Sequence[int], n_key: int
@@ -81,6 +85,9 @@ class DenseView:
     def entropy(self) -> torch.Tensor:
         p = self.probs
         return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [batch, head, query]
+
+    def last_row(self) -> torch.Tensor:
+        return self.probs[:, :, -1]  # [batch, head, key]
 
 
 class LseView:
@@ -215,3 +222,16 @@ class LseView:
         dot = (self.query * ak).sum(-1) * self.scaling  # [batch, head, query]
         ent = self.lse - dot  # [batch, head, query]
         return torch.where(torch.isfinite(ent), ent, torch.zeros_like(ent)).clamp_min(0.0)
+
+    def last_row(self) -> torch.Tensor:
+        """``A[last, j] = exp(scale · q_last·k_j − LSE_last)`` for every key: one row, no T×T buffer."""
+        batch, heads, _, _ = self.query.shape
+        q = self._grouped_query()[:, :, :, -1]  # [batch, kv_head, group, d_head]
+        logits = torch.einsum("bkgd,bktd->bkgt", q, self.key).reshape(batch, heads, -1)  # [batch, head, key]
+        probs = torch.exp(logits * self.scaling - self.lse[:, :, -1, None])  # [batch, head, key]
+        if self.allowed is not None:
+            probs = torch.where(self.allowed[:, :1, -1], probs, torch.zeros_like(probs))
+        elif self.causal:
+            keys = torch.arange(self.key.shape[2], device=probs.device)  # [key]
+            probs = torch.where(keys <= self.q_index[-1], probs, torch.zeros_like(probs))
+        return torch.nan_to_num(probs, nan=0.0)

