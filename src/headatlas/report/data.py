@@ -42,6 +42,10 @@ ROLE_COLORS: dict[str, str] = {
     "s-inhibition": "#756bb1",
     "ioi-duplicate": "#fd8d3c",
     "ioi-previous-token": "#9e9ac8",
+    "probe-upos": "#a1d99b",
+    "probe-deprel": "#fdae6b",
+    "probe-word-start": "#c6dbef",
+    "probe-truth": "#fa9fb5",
 }
 """One colour per role, in drawing priority: a head with several roles shows them in this order."""
 NO_ROLE_COLOR = "#eeeeee"
