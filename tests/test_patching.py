@@ -221,7 +221,8 @@ def test_the_command_line(tiny_model_dir: Path, tmp_path: Path) -> None:
         and (out / "figures" / "scores" / "patch_pairs.png").exists()
     )
     res = CliRunner().invoke(
-        app, ["patch", str(tiny_model_dir), "--task", str(pairs), "--position", "everywhere"]
+        app,
+        ["patch", str(tiny_model_dir), "--task", str(pairs), "--position", "everywhere", "--out", str(out)],
     )
     assert res.exit_code == 2 and "--position" in res.output
 

@@ -18,11 +18,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..atlas import Atlas
-from ..errors import HeadatlasError, check_at_least, param
+from ..errors import HeadatlasError, check_at_least
 from ..heads import head_name
 from ..report.figures import save_figure
 from ..roles import RULES
-from ..storage import atomic_path, write_json
+from ..storage import atomic_path, check_output_dir, write_json
 
 SCORES_FILE = "compare_scores.csv"
 ROLES_FILE = "compare_roles.csv"
@@ -177,8 +177,7 @@ def write_comparison(result: Comparison, out: str | Path, figure: bool = True) -
     """Write ``compare_scores.csv``, ``compare_roles.csv``, ``compare.json`` (both tables and the
     meta) and, with ``figure``, ``compare.png`` into ``out``; return the paths."""
     directory = Path(out)
-    if directory.exists() and not directory.is_dir():
-        raise HeadatlasError(f"{param('out')} {str(directory)!r} is a file, not a directory")
+    check_output_dir(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for frame, name in ((result.scores, SCORES_FILE), (result.roles, ROLES_FILE)):

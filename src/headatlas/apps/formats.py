@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import HeadatlasError
+from ..errors import HeadatlasError, param
 from ..storage import atomic_path
 
 DUO_TSV = "full_attention_heads.tsv"
@@ -264,5 +264,5 @@ FORMATS: dict[str, Format] = {
 def check_format(name: str) -> Format:
     """Return the :class:`Format` called ``name``; a one-line error naming the known ones otherwise."""
     if name not in FORMATS:
-        raise HeadatlasError(f"unknown format {name!r}: use one of {', '.join(FORMATS)}")
+        raise HeadatlasError(f"unknown {param('format')} {name!r}: use one of {', '.join(FORMATS)}")
     return FORMATS[name]

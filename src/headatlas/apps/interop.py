@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 
 from ..atlas import Atlas
-from ..errors import HeadatlasError, check_at_least, check_choice, param
+from ..errors import HeadatlasError, check_at_least, param
 from ..scores import SCORES
 from ..storage import check_output_dir, check_output_file
 from .formats import (
+    FORMATS,
+    check_format,
     read_attention_tracker,
     read_duo,
     read_headkv,
@@ -31,7 +33,7 @@ from .formats import (
     write_scores_csv,
 )
 
-FORMAT_NAMES = ("retrieval-head", "headkv", "duo", "attention-tracker", "csv")
+FORMAT_NAMES = tuple(FORMATS)
 """Formats ``export`` writes and ``import`` reads."""
 DEFAULT_LIKE = {"retrieval-head": "retrieval", "headkv": "retrieval", "duo": "retrieval"}
 """The atlas score whose task measures an imported column, by format (``verify`` runs that task)."""
@@ -69,7 +71,7 @@ def top_heads(atlas: Atlas, score: str, k: int | None, threshold: float | None) 
 def check_export_target(fmt: str, out: str | Path) -> None:
     """Raise :class:`HeadatlasError` unless ``out`` can take format ``fmt`` (a directory for
     ``duo``, a ``.json`` or ``.csv`` file otherwise), before any work."""
-    check_choice("format", fmt, FORMAT_NAMES)
+    check_format(fmt)
     if fmt == "duo":
         check_output_dir(out)
     else:
@@ -92,7 +94,7 @@ def export_atlas(
     ``attention-tracker``: the heads of :func:`top_heads` (``k`` or ``threshold``); the others: one
     score per head.
     """
-    check_choice("format", fmt, FORMAT_NAMES)
+    check_format(fmt)
     atlas.check_score(score)
     model = atlas.meta.get("model", {})
     if fmt == "duo":
@@ -118,7 +120,7 @@ def _file_sha256(path: Path) -> str:
 def read_annotation(path: str | Path, fmt: str, n_layers: int, n_heads: int, n_kv_heads: int) -> np.ndarray:
     """Return the foreign file ``path`` as ``[layer, head]`` values for a model of that shape (KV
     formats expanded to query heads; a head list as 1.0 for listed heads, 0.0 for the others)."""
-    check_choice("format", fmt, FORMAT_NAMES)
+    check_format(fmt)
     where = str(path)
     if fmt == "duo":
         gates = read_duo(path).gates  # [layer, kv_head]

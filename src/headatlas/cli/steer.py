@@ -46,7 +46,8 @@ def steer_fit(
     run(lambda: check_choice("direction", direction, DIRECTIONS))
     run(lambda: check_output_dir(out))
     loaded = load_model(model, device)
-    steering = run(lambda: fit(loaded, task, k, direction, alpha, seed))
+    with console.status(f"fitting probes on every head for {task} …"):
+        steering = run(lambda: fit(loaded, task, k, direction, alpha, seed))
     steering.save(out)
     heads = ", ".join(
         f"L{layer}H{head} ({acc:.2f})"
@@ -75,7 +76,8 @@ def steer_eval(
     values = floats(alphas, "--alphas")
     loaded = load_model(model, device)
     steering = run(lambda: load_steering(steer, loaded))
-    table = run(lambda: evaluate(loaded, steering, values, n_text))
+    with console.status(f"evaluating {len(values)} α values, steered and random …"):
+        table = run(lambda: evaluate(loaded, steering, values, n_text))
     write_json(steer / "eval.json", summary_rows(table))
     figure = sweep_figure(
         table,
