@@ -309,7 +309,7 @@ STAGES = [
     {"errors", "storage", "heads", "scores", "sequences", "datasets", "archs"},
     {"loading", "surgery", "parallel"},
     {"capture"},
-    {"stats", "detectors", "probes", "roles", "atlas", "atlas_schema"},
+    {"stats", "detectors", "alignment", "probes", "pairs", "roles", "atlas", "atlas_schema"},
     {"functional"},
     {"streaming", "scanning"},
     {"report", "serve"},

@@ -5,6 +5,10 @@ says where a layer's attention output projection lives (the module whose *input*
 concatenation of per-head outputs, used by :func:`headatlas.ablate`) and whether attention is
 bidirectional. Unknown ``model_type`` values fall back to :data:`GENERIC`, which tries the
 common spellings in order.
+
+Encoder–decoder families (T5, BART, Marian, ...) have three kinds of attention layer, and the
+atlas numbers them in one sequence (:func:`attention_stacks`): the encoder's self-attention layers
+first, then the decoder's self-attention layers, then its cross-attention layers.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ class ArchSpec:
             output before it joins the residual stream (Gemma 2/3's sandwich norm), else ``None``.
         final_norm: attribute names, on ``model.base_model``, of the norm before the LM head
             (the first that exists is used by direct-logit scores).
+        cross_attention: for encoder–decoder families, the attribute name of a decoder layer's
+            cross-attention module (``encoder_attn``, T5's ``EncDecAttention``), else ``None``.
     """
 
     o_proj: tuple[str, ...]
@@ -36,6 +42,7 @@ class ArchSpec:
     attn_proj: tuple[str, str, str, str] | None = None
     attn_out_norm: str | None = None
     final_norm: tuple[str, ...] = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
+    cross_attention: str | None = None
 
 
 _SELF_ATTN_O = r"(?:^|\.)(\d+)\.self_attn\.o_proj$"
@@ -62,6 +69,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "roberta": ArchSpec((_BERT_DENSE,), causal=False),
     "opt": ArchSpec((_OUT_PROJ,)),
     "phi": ArchSpec((_DENSE,)),
+    # Encoder–decoder families: their attention modules call transformers' attention interface
+    # (checked against eager in tests/test_seq2seq.py); head ablation and pruning do not cover them.
+    **{name: ArchSpec((), cross_attention="EncDecAttention") for name in ("t5", "mt5", "umt5")},
+    **{
+        name: ArchSpec((), cross_attention="encoder_attn")
+        for name in ("bart", "mbart", "marian", "pegasus", "m2m_100", "whisper")
+    },
 }
 
 GENERIC = ArchSpec((_SELF_ATTN_O, _GPT2_C_PROJ, _BERT_DENSE, _OUT_PROJ, _DENSE))
@@ -79,3 +93,59 @@ def match_layer(patterns: tuple[str, ...], module_name: str) -> int | None:
         if found:
             return int(found.group(1))
     return None
+
+
+ATTN_KINDS = ("encoder", "decoder", "cross")
+"""Kinds of attention layer (the atlas's ``attn_kind`` column): an encoder's self-attention, a
+decoder's (causal) self-attention, and a decoder's cross-attention over the encoder's output."""
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """One attention module of an encoder–decoder model: its kind, its layer within its stack,
+    its atlas layer index and its module name."""
+
+    kind: str
+    stack_layer: int
+    layer: int
+    name: str
+
+
+def _is_attention(module: object) -> bool:
+    """An attention module is one named ``*Attention`` with no ``*Attention`` module inside it
+    (T5's ``T5LayerSelfAttention`` wraps the ``T5Attention`` that computes)."""
+    if not type(module).__name__.endswith("Attention"):
+        return False
+    children: list[object] = list(getattr(module, "children", list)())
+    return not any(type(c).__name__.endswith("Attention") for c in children)
+
+
+def attention_stacks(model: object) -> list[AttentionLayer] | None:
+    """Return the attention layers of an encoder–decoder ``model`` in atlas order, or ``None`` for a
+    model with one stack (decoder-only or encoder-only).
+
+    Atlas layer ``l`` is encoder layer ``l`` for ``l < E``, decoder self-attention layer ``l − E``
+    for ``E ≤ l < E + D``, and cross-attention layer ``l − E − D`` after that. A decoder module is
+    cross-attention when its attribute name is the family's :attr:`ArchSpec.cross_attention`.
+    """
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return None
+    cross = arch_spec(str(getattr(config, "model_type", ""))).cross_attention
+    names = {id(m): n for n, m in model.named_modules()}  # type: ignore[attr-defined]
+    found: dict[str, list[tuple[int, str]]] = {kind: [] for kind in ATTN_KINDS}
+    for kind, stack in (("encoder", model.get_encoder()), ("decoder", model.get_decoder())):  # type: ignore[attr-defined]
+        for name, module in stack.named_modules():
+            if not _is_attention(module):
+                continue
+            number = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+            if number is None:
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            is_cross = kind == "decoder" and (leaf == cross if cross else "cross" in leaf.lower())
+            found["cross" if is_cross else kind].append((int(number.group(1)), names[id(module)]))
+    out: list[AttentionLayer] = []
+    for kind in ATTN_KINDS:
+        for stack_layer, name in sorted(found[kind]):
+            out.append(AttentionLayer(kind, stack_layer, len(out), name))
+    return out

@@ -48,7 +48,7 @@ _FORCE = param(RESCAN, "scan(..., force=True)")
 """What to do about a damaged atlas: make it again (shown as the full command on the command line)."""
 REQUIRED_COLUMNS = ("layer", "head", "kv_head", "roles")
 """Columns every atlas table has."""
-NOT_SCORES = frozenset({"layer", "head", "kv_head", "cluster"})
+NOT_SCORES = frozenset({"layer", "head", "kv_head", "cluster", "stack_layer"})
 """Numeric columns that identify or group heads; they never rank them."""
 OWNED_FILES = ("report.html", "redundancy_js.npy", "redundancy_cos.npy")
 """Files an atlas dir may hold besides the table, side tables, examples, ``verify-*.json`` and
@@ -118,9 +118,19 @@ def _validate(table: pd.DataFrame, meta: Any, where: Path) -> None:
         )
 
 
-def _head_grid(n_layers: int, n_heads: int, group_size: int) -> dict[str, np.ndarray]:
-    layers, heads = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
-    return {"layer": layers.ravel(), "head": heads.ravel(), "kv_head": heads.ravel() // group_size}
+def _head_grid(info: ModelInfo) -> dict[str, Any]:
+    """The identifier columns: ``layer, head, kv_head``, and for an encoder–decoder model
+    ``attn_kind`` (``encoder``/``decoder``/``cross``) and ``stack_layer`` (the layer in its stack)."""
+    layers, heads = np.meshgrid(np.arange(info.n_layers), np.arange(info.n_heads), indexing="ij")
+    grid: dict[str, Any] = {
+        "layer": layers.ravel(),
+        "head": heads.ravel(),
+        "kv_head": heads.ravel() // info.group_size,
+    }
+    if info.attn_kinds is not None:
+        grid["attn_kind"] = [info.kind(int(layer)) for layer in grid["layer"]]
+        grid["stack_layer"] = np.asarray([info.stack_layer(int(layer)) for layer in grid["layer"]])
+    return grid
 
 
 class Atlas:
@@ -145,7 +155,7 @@ class Atlas:
     def from_stats(cls, stats: HeadStats, info: ModelInfo, meta: dict[str, Any] | None = None) -> Atlas:
         """Build the table from per-head statistics: ``layer, head, kv_head``, then per score
         ``<score>``, ``<score>_std``, ``<score>_n``, vector scores as list columns, and ``roles``."""
-        table: dict[str, Any] = _head_grid(info.n_layers, info.n_heads, info.group_size)
+        table: dict[str, Any] = _head_grid(info)
         names = [n for n in ordered(stats.names) if n not in VECTOR_SCORES]
         for name in names:
             table[name] = stats.mean(name).ravel()
@@ -166,7 +176,7 @@ class Atlas:
     @classmethod
     def minimal(cls, info: ModelInfo) -> Atlas:
         """An atlas with one row per head and no scores yet (apps write their columns into it)."""
-        table = pd.DataFrame(_head_grid(info.n_layers, info.n_heads, info.group_size))
+        table = pd.DataFrame(_head_grid(info))
         table["roles"] = [""] * len(table)
         return cls(table, {"model": info.to_dict(), "versions": versions()})
 

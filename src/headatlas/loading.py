@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 
-from .archs import arch_spec
+from .archs import arch_spec, attention_stacks
 from .datasets import (
     PACKAGED_MODELS,
     PackagedModel,
@@ -71,6 +71,27 @@ class ModelInfo:
     causal: bool
     context_length: int | None
     sliding_window: int | None = None
+    attn_kinds: tuple[str, ...] | None = None
+    """Encoder–decoder models: the kind of each atlas layer (``encoder``, ``decoder``, ``cross``;
+    :func:`headatlas.archs.attention_stacks`), and ``n_layers`` counts all of them. ``None`` for a
+    model with one stack, whose layers are all ``decoder`` (causal) or all ``encoder``."""
+
+    @property
+    def encoder_decoder(self) -> bool:
+        """Whether the model has an encoder and a decoder (and so cross-attention)."""
+        return self.attn_kinds is not None
+
+    def kind(self, layer: int) -> str:
+        """Return the kind of atlas layer ``layer``: ``encoder``, ``decoder`` or ``cross``."""
+        if self.attn_kinds is not None:
+            return self.attn_kinds[layer]
+        return "decoder" if self.causal else "encoder"
+
+    def stack_layer(self, layer: int) -> int:
+        """Return atlas layer ``layer``'s index within its own stack (encoder, decoder self, cross)."""
+        if self.attn_kinds is None:
+            return layer
+        return self.attn_kinds[:layer].count(self.attn_kinds[layer])
 
     @property
     def group_size(self) -> int:
@@ -82,8 +103,22 @@ class ModelInfo:
         return head // self.group_size
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the fields as a JSON-ready dict."""
-        return asdict(self)
+        """Return the fields as a JSON-ready dict (``attn_kinds`` only for encoder–decoder models)."""
+        out = asdict(self)
+        if self.attn_kinds is None:
+            del out["attn_kinds"]
+        else:
+            out["attn_kinds"] = list(self.attn_kinds)
+        return out
+
+    def require_one_stack(self, what: str) -> None:
+        """Raise :class:`HeadatlasError` when ``what`` (a command or battery) cannot run on an
+        encoder–decoder model."""
+        if self.encoder_decoder:
+            raise HeadatlasError(
+                f"{what} works on decoder-only and encoder-only models; {self.name} ({self.arch}) is "
+                "encoder–decoder: scan it with the natural, repeat and align batteries"
+            )
 
 
 @dataclass
@@ -120,7 +155,10 @@ def model_info(model: PreTrainedModel, name: str, source: str, sha256: str | Non
         )
     n_kv = _config_int(config, "num_key_value_heads", "n_kv_heads") or n_heads
     hidden = _config_int(config, "hidden_size", "n_embd", "d_model") or 0
-    head_dim = _config_int(config, "head_dim") or hidden // n_heads
+    head_dim = _config_int(config, "head_dim", "d_kv") or hidden // n_heads
+    stacks = attention_stacks(model)
+    if stacks is not None:
+        n_layers = _encoder_decoder_layers(config, name, len(stacks), n_heads)
     attn_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "is_causal")]
     causal = (
         any(bool(m.is_causal) for m in attn_modules) if attn_modules else arch_spec(config.model_type).causal
@@ -138,7 +176,31 @@ def model_info(model: PreTrainedModel, name: str, source: str, sha256: str | Non
         causal=causal,
         context_length=_config_int(config, "max_position_embeddings", "n_positions"),
         sliding_window=window,
+        attn_kinds=None if stacks is None else tuple(layer.kind for layer in stacks),
     )
+
+
+def _encoder_decoder_layers(config: Any, name: str, found: int, n_heads: int) -> int:
+    """Return the number of atlas layers of an encoder–decoder model (encoder + 2 × decoder), after
+    checking that the modules found match the config and every stack has ``n_heads`` heads."""
+    encoder = _config_int(config, "encoder_layers", "num_layers") or 0
+    decoder = _config_int(config, "decoder_layers", "num_decoder_layers") or encoder
+    if found != encoder + 2 * decoder:
+        raise HeadatlasError(
+            f"model {name!r} ({config.model_type}): found {found} attention modules, its config says "
+            f"{encoder} encoder + 2 × {decoder} decoder layers; headatlas cannot number its layers"
+        )
+    heads = {
+        _config_int(config, "encoder_attention_heads", "num_heads"),
+        _config_int(config, "decoder_attention_heads", "num_heads"),
+    }
+    heads.discard(None)
+    if heads and heads != {n_heads}:
+        raise HeadatlasError(
+            f"model {name!r} has different head counts in its encoder and decoder ({sorted(heads)}): "  # type: ignore[type-var]
+            "an atlas needs one head count for every layer"
+        )
+    return encoder + 2 * decoder
 
 
 def file_sha256(paths: list[Path]) -> str:
@@ -257,6 +319,12 @@ def _auto_class(config: Any) -> Any:
     import transformers
 
     archs = list(getattr(config, "architectures", None) or [])
+    if getattr(config, "is_encoder_decoder", False):
+        try:
+            transformers.AutoModelForSeq2SeqLM._model_mapping[type(config)]
+            return transformers.AutoModelForSeq2SeqLM
+        except KeyError:
+            pass
     if any(a.endswith("ForMaskedLM") for a in archs):
         return transformers.AutoModelForMaskedLM
     if (

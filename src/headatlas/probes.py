@@ -9,6 +9,8 @@
   induction battery (its ``evals.induction_loss`` draws tokens in [100, 20000); we draw in
   [min(100, V/10), min(20000, V)) minus special ids).
 - ``texts``: exactly the given texts, one sequence each, as the tokenizer encodes them.
+- ``align`` (encoder–decoder models): source–target pairs with gold word alignments from a file
+  (:mod:`headatlas.pairs`).
 
 Everything is seeded: the same seed gives the same sequences, so a resumed scan sees exactly
 the batches an uninterrupted one would.
@@ -30,7 +32,7 @@ from .sequences import encode_words, read_utf8, sequence_frame
 
 logger = logging.getLogger(__name__)
 
-BATTERIES = ("natural", "repeat")
+BATTERIES = ("natural", "repeat", "align")
 BATTERY_DETECTORS: dict[str, tuple[str, ...]] = {
     "natural": ("positional", "entropy", "subword", "distance"),
     "repeat": ("repeat",),
@@ -40,10 +42,18 @@ BATTERY_DETECTORS: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class ProbeSequence:
-    """One sequence: token ids and, where known, a word id per token (-1 = not part of a word)."""
+    """One sequence: token ids and, where known, a word id per token (-1 = not part of a word).
+
+    For encoder–decoder models a sequence may carry its own decoder ``target`` (else the source
+    is copied, :mod:`headatlas.pairs`), the target's word ids, and gold word ``links``
+    ``(source word, target word, sure)``.
+    """
 
     ids: tuple[int, ...]
     word_ids: tuple[int, ...] | None = None
+    target: tuple[int, ...] | None = None
+    target_word_ids: tuple[int, ...] | None = None
+    links: tuple[tuple[int, int, bool], ...] | None = None
 
 
 @dataclass
@@ -56,6 +66,9 @@ class Battery:
     params: dict[str, Any] = field(default_factory=dict)
     period: int | None = None
     repeat_start: int = 1
+    cross_detectors: tuple[str, ...] = ("cross_positional", "cross_entropy")
+    """Detectors run on the cross-attention layers of encoder–decoder models
+    (:data:`headatlas.alignment.CROSS_DETECTORS`)."""
 
     @property
     def n_tokens(self) -> int:

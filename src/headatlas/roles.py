@@ -77,6 +77,18 @@ RULES: tuple[Rule, ...] = (
         "attends from the i-th translated word to the i-th source word ≥ half the time",
     ),
     Rule(
+        "diagonal",
+        "diagonal",
+        0.5,
+        "cross-attention: ≥ half of a target token's attention near the source's monotonic diagonal",
+    ),
+    Rule(
+        "alignment",
+        "alignment",
+        0.5,
+        "cross-attention: its most-attended source word is a gold link of the target word ≥ half the time",
+    ),
+    Rule(
         "syntactic",
         "syntactic",
         0.2,

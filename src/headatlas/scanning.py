@@ -38,6 +38,7 @@ from .errors import HeadatlasError, check_at_least, param
 from .functional import FUNCTIONAL_BATTERIES, FunctionalConfig
 from .functional.runner import run_functional
 from .loading import LoadedModel, load, reload_spec
+from .pairs import align_battery
 from .probes import (
     BATTERIES,
     Battery,
@@ -83,6 +84,7 @@ class ScanConfig:
         seed: seed of every random choice (text order, random tokens, functional prompts).
         n_functional: prompts / trials / sentences per functional battery (``None``: each one's default).
         max_len: longest needle prompt in tokens (``None``: the battery's default).
+        align_file: the ``align`` battery's pairs with gold word alignments (:mod:`headatlas.pairs`).
     """
 
     probes: tuple[str, ...] = ("natural", "repeat")
@@ -94,6 +96,7 @@ class ScanConfig:
     seed: int = 0
     n_functional: int | None = None
     max_len: int | None = None
+    align_file: str | None = None
 
     def __post_init__(self) -> None:
         check_at_least("n_prompts", self.n_prompts, 1)
@@ -117,6 +120,10 @@ class ScanConfig:
                 f"{param('n_prompts')} {self.n_prompts:,} is over {MAX_PROMPTS:,} sequences per battery: "
                 "scan in parts into separate atlases, or lower it"
             )
+        if ("align" in self.probes) != (self.align_file is not None):
+            raise HeadatlasError(
+                f"the align battery and {param('align_file')} go together: give both or neither"
+            )
         for given, name in ((self.text_file, "text_file"), (self.texts, "texts")):
             if given is not None and "natural" not in self.probes:
                 raise HeadatlasError(
@@ -129,6 +136,7 @@ class ScanConfig:
         probes: Sequence[str],
         texts: Sequence[str] | None = None,
         text_file: str | Path | None = None,
+        align_file: str | Path | None = None,
         **settings: Any,
     ) -> ScanConfig:
         """Build a config from lists and paths as callers hold them (tuples and strings inside)."""
@@ -136,6 +144,7 @@ class ScanConfig:
             probes=tuple(probes),
             texts=None if texts is None else tuple(texts),
             text_file=None if text_file is None else str(text_file),
+            align_file=None if align_file is None else str(align_file),
             **settings,
         )
 
@@ -157,15 +166,24 @@ def build_batteries(
     n_prompts: int,
     seq_len: int,
     seed: int,
+    align_file: str | Path | None = None,
 ) -> list[Battery]:
-    """Return the attention batteries to run. ``texts`` replaces ``natural`` by exactly those texts.
+    """Return the attention batteries to run. ``texts`` replaces ``natural`` by exactly those texts;
+    ``align`` (encoder–decoder models) reads the pairs of ``align_file``.
 
     Names of functional batteries (:data:`headatlas.functional.FUNCTIONAL_BATTERIES`) are accepted
     and skipped here: they do not stream through detectors (see :func:`scan`).
     """
     info = loaded.info
-    ScanConfig(tuple(probes), n_prompts=n_prompts, seq_len=seq_len)  # the same checks as a scan's
-    if info.context_length is not None and seq_len > info.context_length:
+    align = None if align_file is None else str(align_file)
+    ScanConfig(tuple(probes), n_prompts=n_prompts, seq_len=seq_len, align_file=align)  # a scan's checks
+    if "align" in probes and not info.encoder_decoder:
+        raise HeadatlasError(
+            f"the align battery scores cross-attention, which {info.name} ({info.arch}) has not: "
+            "give an encoder–decoder model (T5, BART, Marian, ...)"
+        )
+    packed = "repeat" in probes or ("natural" in probes and texts is None)
+    if packed and info.context_length is not None and seq_len > info.context_length:
         raise HeadatlasError(
             f"{param('seq_len')} {seq_len} is beyond {info.name}'s context of {info.context_length} tokens: "
             "use a smaller one"
@@ -186,6 +204,8 @@ def build_batteries(
         elif name == "repeat":
             vocab = int(loaded.model.get_input_embeddings().weight.shape[0])  # type: ignore[index]
             out.append(repeat_battery(tok, vocab, n_prompts, seq_len, seed))
+        elif name == "align" and align is not None:
+            out.append(align_battery(tok, align, info.context_length))
     return out
 
 
@@ -203,7 +223,11 @@ EXAMPLE_PERIOD = 12
 
 
 def collect_examples(loaded: LoadedModel, batteries: list[Battery]) -> list[Example]:
-    """Return one short :class:`Example` per battery (its first sequence, cut to EXAMPLE_TOKENS tokens)."""
+    """Return one short :class:`Example` per battery (its first sequence, cut to EXAMPLE_TOKENS tokens).
+
+    Encoder–decoder models get none: an example holds one token axis, their cross-attention two."""
+    if loaded.info.encoder_decoder:
+        return []
     examples = []
     for battery in batteries:
         ids = list(battery.sequences[0].ids)
@@ -241,6 +265,7 @@ def scan(
     config: ScanConfig | None = None,
     ray: str | None = None,
     workers: int | None = None,
+    align_file: str | Path | None = None,
 ) -> Atlas:
     """Scan every head of ``model`` with the chosen probe batteries and return an :class:`Atlas`.
 
@@ -261,6 +286,12 @@ def scan(
     ``add=True`` adds the chosen batteries' columns to the atlas already in ``out`` (made from the
     same model): its other columns, tables and examples stay, roles are reassigned from every score.
 
+    An encoder–decoder model (T5, BART, Marian, ...) is scanned through its encoder's and
+    decoder's self-attention and its cross-attention (the atlas's ``attn_kind`` column); the
+    ``natural`` and ``repeat`` batteries copy the source as the decoder's target, and ``align``
+    scores cross-attention against the gold word alignments of ``align_file``
+    (:mod:`headatlas.pairs`, :mod:`headatlas.alignment`).
+
     ``ray="auto"`` (or a cluster address) shards the batches and functional batteries over
     ``workers`` Ray actors (:mod:`headatlas.parallel`) that load the model themselves; the driver
     merges them and writes the checkpoint, and the atlas equals an in-process one up to the order
@@ -271,6 +302,7 @@ def scan(
             probes,
             texts,
             text_file,
+            align_file,
             n_prompts=n_prompts,
             seq_len=seq_len,
             batch_size=batch_size,
@@ -330,7 +362,14 @@ def _scan(
 ) -> Atlas:
     started = time.perf_counter()
     batteries = build_batteries(
-        loaded, config.probes, config.texts, config.text_file, config.n_prompts, config.seq_len, config.seed
+        loaded,
+        config.probes,
+        config.texts,
+        config.text_file,
+        config.n_prompts,
+        config.seq_len,
+        config.seed,
+        config.align_file,
     )
     scan_key = fingerprint(loaded, config, batteries)
     if out_dir is not None and force and not resume and has_partial(out_dir):

@@ -114,6 +114,21 @@ _SPECS = (
         "Olsson et al. 2022, In-context Learning and Induction Heads (translation); argmax readout of Clark et al. 2019",
     ),
     ScoreSpec(
+        "diagonal", "monotonic diagonal", "diag",
+        "cross-attention mass within ±max(1, 0.1·T_src) source tokens of j/T_src ≈ i/T_tgt",
+        "natural", "Bahdanau et al. 2015, Neural Machine Translation by Jointly Learning to Align and Translate",
+    ),
+    ScoreSpec(
+        "alignment", "alignment (argmax)", "align",
+        "gold word alignments: the source word a cross-attention head attends to most is a gold link",
+        "align", "Garg et al. 2019, Jointly Learning to Align and Translate with Transformer Models",
+    ),
+    ScoreSpec(
+        "alignment_error", "alignment error rate", "aer",
+        "AER of the head's argmax word alignment, 1 − (|A∩S| + |A∩P|)/(|A| + |S|); lower is better",
+        "align", "Och & Ney 2003, A Systematic Comparison of Various Statistical Alignment Models",
+    ),
+    ScoreSpec(
         "syntactic", "syntactic", "syntax",
         "best margin over the fixed-offset baseline on a dependency relation (Clark et al. 2019)",
         "syntax", _CLARK, signed=True,

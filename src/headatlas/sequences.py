@@ -185,6 +185,32 @@ def encode_words(tokenizer: Any, text: str) -> tuple[list[int], list[int] | None
     return ids, [-1 if w is None else int(w) for w in words]
 
 
+def encode_split_words(tokenizer: Any, words: list[str], target: bool = False) -> tuple[list[int], list[int]]:
+    """Return the token ids (no special tokens) of a text already split into ``words`` and the
+    index of the word each token belongs to.
+
+    A fast tokenizer encodes the words together (``is_split_into_words``); otherwise each word is
+    encoded on its own, after a space unless it is the first (for SentencePiece, as in Marian and
+    T5, and for byte-level BPE that is the joint encoding). ``target=True`` encodes as a decoder
+    target (``text_target``: Marian's target vocabulary).
+    """
+    key = "text_target" if target else "text"
+    if getattr(tokenizer, "is_fast", False):
+        try:
+            enc = tokenizer(**{key: words}, is_split_into_words=True, add_special_tokens=False)
+            ids = [int(i) for i in enc["input_ids"]]
+            return ids, [-1 if w is None else int(w) for w in enc.word_ids()]
+        except (ValueError, TypeError):  # byte-level BPE without add_prefix_space refuses split words
+            pass
+    ids, word_ids = [], []
+    for index, word in enumerate(words):
+        text = word if index == 0 else " " + word
+        piece = [int(i) for i in tokenizer(**{key: text}, add_special_tokens=False)["input_ids"]]
+        ids += piece
+        word_ids += [index] * len(piece)
+    return ids, word_ids
+
+
 def encode_text(tokenizer: Any, text: str) -> tuple[list[int], list[int] | None]:
     """Return ``text`` framed as the tokenizer frames it, and word ids (frame tokens −1)."""
     ids, words = encode_words(tokenizer, text)

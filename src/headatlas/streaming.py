@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .alignment import CROSS_DETECTORS, CrossContext
 from .capture import AttentionView, capture
 from .detectors import DETECTORS, Context
 from .errors import HeadatlasError, check_at_least, param
 from .loading import LoadedModel
+from .pairs import decoder_start, make_target_batch
 from .probes import Battery, ProbeSequence, make_batch, pad_id
 from .stats import HeadStats
 from .storage import PARTIAL_DIR, PROGRESS_FILE, STATS_FILE, write_json
@@ -83,6 +85,8 @@ def battery_fingerprint(loaded: LoadedModel, batteries: list[Battery], batch_siz
         digest.update(json.dumps(battery.params, sort_keys=True, default=str).encode())
         for s in battery.sequences:
             digest.update(np.asarray(s.ids, dtype=np.int64).tobytes())
+            if s.target is not None:
+                digest.update(np.asarray(s.target, dtype=np.int64).tobytes())
     return digest.hexdigest()
 
 
@@ -101,10 +105,71 @@ def _accumulate(stats: HeadStats, detectors: tuple[str, ...], view: AttentionVie
             stats.add(score, view.layer, result.values, result.valid)
 
 
+def _encoder_decoder_batch(
+    loaded: LoadedModel, battery: Battery, index: int, seqs: list[ProbeSequence], mode: str
+) -> BatchStats:
+    """One batch of an encoder–decoder model: the source through the encoder, the target (or a
+    copy of the source) through the decoder by teacher forcing (:mod:`headatlas.pairs`); encoder
+    and decoder self-attention layers get the battery's detectors, cross-attention layers its
+    :attr:`~headatlas.probes.Battery.cross_detectors`."""
+    info = loaded.info
+    stats = HeadStats(info.n_layers, info.n_heads)
+    pad = pad_id(loaded.tokenizer)
+    source = make_batch(seqs, pad)
+    target = make_target_batch(seqs, pad, decoder_start(loaded.model))
+    device = loaded.device
+    shift = 1 if battery.period is not None else 0  # the decoder reads the copy one step later
+    contexts = {
+        "encoder": Context(
+            source.positions.to(device),
+            None if source.word_ids is None else source.word_ids.to(device),
+            battery.period,
+            battery.repeat_start,
+        ),
+        "decoder": Context(
+            target.positions.to(device),
+            target.input_words.to(device),
+            battery.period,
+            battery.repeat_start + shift,
+        ),
+    }
+    cross = CrossContext(
+        source.positions.to(device),
+        target.positions.to(device),
+        None if source.word_ids is None else source.word_ids.to(device),
+        target.predicted_words.to(device),
+        None if target.sure is None else target.sure.to(device),
+        None if target.possible is None else target.possible.to(device),
+    )
+
+    def on_view(view: AttentionView) -> None:
+        kind = info.kind(view.layer)
+        if kind != "cross":
+            _accumulate(stats, battery.detectors, view, contexts[kind])
+            return
+        for name in battery.cross_detectors:
+            for score, result in CROSS_DETECTORS[name](view, cross).items():
+                stats.add(score, view.layer, result.values, result.valid)
+
+    started = time.perf_counter()
+    with capture(loaded, on_view, mode=mode) as session:
+        session.run(
+            source.input_ids,
+            source.attention_mask,
+            with_head=False,
+            decoder_input_ids=target.input_ids,
+            decoder_attention_mask=target.attention_mask,
+        )
+    tokens = int(source.attention_mask.sum() + target.attention_mask.sum())
+    return BatchStats(battery.name, index, stats, tokens, time.perf_counter() - started)
+
+
 def scan_batch(
     loaded: LoadedModel, battery: Battery, index: int, seqs: list[ProbeSequence], mode: str = "auto"
 ) -> BatchStats:
     """Return the statistics of one batch of ``battery`` (its detectors over ``seqs``)."""
+    if loaded.info.encoder_decoder:
+        return _encoder_decoder_batch(loaded, battery, index, seqs, mode)
     info = loaded.info
     stats = HeadStats(info.n_layers, info.n_heads)
     batch = make_batch(seqs, pad_id(loaded.tokenizer))

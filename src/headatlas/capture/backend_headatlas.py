@@ -65,7 +65,8 @@ def _forward(
         replaced = session.on_qkv(session.layer_of(module), query, key, value, session.context)
         if replaced is not None:
             query, key, value = replaced
-    if session is not None and not use_eager and kwargs.get("s_aux") is None and dropout == 0.0:
+    exact_fast = kwargs.get("s_aux") is None and kwargs.get("position_bias") is None and dropout == 0.0
+    if session is not None and not use_eager and exact_fast:
         fast = session.attend_fast(module, query, key, value, attention_mask, scale)
         if fast is not None:
             return fast, None
@@ -88,6 +89,7 @@ def _forward(
             scale,
             softcap=kwargs.get("softcap"),
             sinks=kwargs.get("s_aux"),
+            bias=kwargs.get("position_bias"),
         )
     return out, None
 

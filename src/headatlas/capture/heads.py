@@ -88,6 +88,7 @@ def head_outputs(
     included (outputs are per query head), and with gradients (a replacement may depend on
     tensors that require grad). Raises :class:`HeadatlasError` for a layer without a projection.
     """
+    loaded.info.require_one_stack("reading or writing head outputs (ablation, importance, patching, probes)")
     projections = output_projections(loaded)
     chosen = sorted(projections) if layers is None else sorted(set(layers))
     missing = [layer for layer in chosen if layer not in projections]

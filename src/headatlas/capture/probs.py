@@ -53,6 +53,7 @@ def attention_probs(
     scaling: float,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return attention probabilities ``[batch, head, query, key]`` in fp32.
 
@@ -65,6 +66,8 @@ def attention_probs(
         softcap: Gemma-2 style logit soft-capping ``cap * tanh(logit / cap)``, if the model uses it.
         sinks: per-head learned sink logits ``[head]`` (gpt-oss); they take probability mass but
             are not a key, so rows then sum to less than 1.
+        bias: an additive logit bias ``[1 | batch, head, query, key]`` added after scaling (T5's
+            relative position bias, which T5 does not scale).
 
     Rows with no allowed key (left-padding queries) are all zeros.
     """
@@ -77,6 +80,8 @@ def attention_probs(
     logits = logits.reshape(batch, n_heads, n_query, -1)  # [batch, head, query, key]
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
+    if bias is not None:
+        logits = logits + bias.float()  # [batch, head, query, key]
     logits = logits.masked_fill(~allowed, float("-inf"))  # [batch, head, query, key]
     if sinks is not None:
         sink = sinks.float().reshape(1, n_heads, 1, 1).expand(batch, n_heads, n_query, 1)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..archs import arch_spec, attention_stacks
 from . import backend_eager
 from . import backend_headatlas as backend
 from .probs import allowed_keys, attention_probs, block_rows
@@ -59,6 +60,13 @@ class CaptureSession:
         self.mode = mode
         self.layers_seen: set[int] = set()
         self._module_layer: dict[int, int] = {}
+        stacks = attention_stacks(loaded.model) if loaded.info.encoder_decoder else None
+        self._cross_layers: set[int] = set()
+        if stacks is not None:
+            # encoder–decoder: atlas layers number encoder, decoder self and cross layers in turn
+            modules = dict(loaded.model.named_modules())
+            self._module_layer = {id(modules[a.name]): a.layer for a in stacks}
+            self._cross_layers = {a.layer for a in stacks if a.kind == "cross"}
         self.on_qkv: QKVCallback | None = None
         """Optional: receives ``(layer, query, key, value, context)`` of each attention layer —
         ``query [batch, head, query, d_head]`` after rotary embeddings, ``key``/``value``
@@ -73,6 +81,8 @@ class CaptureSession:
         return self._layer_of(module)
 
     def _layer_of(self, module: torch.nn.Module) -> int:
+        if self._cross_layers:
+            return self._module_layer[id(module)]
         layer = getattr(module, "layer_idx", None)
         if isinstance(layer, int):
             return layer
@@ -88,11 +98,14 @@ class CaptureSession:
         scaling: float,
         softcap: float | None = None,
         sinks: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> None:
         """Compute one layer's probabilities block by block and pass them to ``on_block``.
 
         ``query [batch, head, query, d_head]``, ``key [batch, kv_head, key, d_head]``,
-        ``attention_mask`` as the model passed it (see :func:`allowed_keys`).
+        ``attention_mask`` as the model passed it (see :func:`allowed_keys`), ``bias`` an additive
+        logit bias ``[1 | batch, head, query, key]`` (T5's relative position bias). A
+        cross-attention view's ``q_index`` counts target rows from 0 (its keys are the source).
         """
         layer = self._layer_of(module)
         self.layers_seen.add(layer)
@@ -101,16 +114,24 @@ class CaptureSession:
         batch, n_heads, n_query, _ = query.shape
         n_key = key.shape[2]
         causal = bool(getattr(module, "is_causal", self.loaded.info.causal))
+        shift = 0 if layer in self._cross_layers else n_key - n_query
         with torch.no_grad():
             allowed = allowed_keys(attention_mask, batch, n_query, n_key, causal, query.device)
             n_keys = allowed[:, 0].sum(-1)  # [batch, query]
             rows = block_rows(batch, n_heads, n_query, n_key)
             for q0 in range(0, n_query, rows):
                 q1 = min(n_query, q0 + rows)
+                block_bias = None if bias is None else bias[:, :, q0:q1]  # [1 | batch, head, block, key]
                 probs = attention_probs(
-                    query[:, :, q0:q1], key, allowed[:, :, q0:q1], scaling, softcap=softcap, sinks=sinks
+                    query[:, :, q0:q1],
+                    key,
+                    allowed[:, :, q0:q1],
+                    scaling,
+                    softcap=softcap,
+                    sinks=sinks,
+                    bias=block_bias,
                 )  # [batch, head, block, key]
-                self.on_view(DenseView(layer, probs, q0 + n_key - n_query, n_keys[:, q0:q1]))
+                self.on_view(DenseView(layer, probs, q0 + shift, n_keys[:, q0:q1]))
 
     def attend_fast(
         self,
@@ -131,6 +152,7 @@ class CaptureSession:
         n_key = key.shape[2]
         if (
             self.mode != "auto"
+            or self._layer_of(module) in self._cross_layers  # cross detectors read whole rows
             or query.device.type != "cpu"
             or value.shape[-1] != d_head
             or (attention_mask is None and n_query != n_key)
@@ -171,10 +193,14 @@ class CaptureSession:
         attention_mask: torch.Tensor,
         with_head: bool = True,
         context: Any = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run one forward pass (no grad) over ``input_ids [batch, seq]``.
 
-        ``attention_mask [batch, seq]`` is 1 for real tokens, 0 for padding. ``context`` becomes
+        ``attention_mask [batch, seq]`` is 1 for real tokens, 0 for padding. An encoder–decoder
+        model reads ``input_ids`` as the source and takes ``decoder_input_ids [batch, target]``
+        (teacher forcing; right-padded, with ``decoder_attention_mask``). ``context`` becomes
         :attr:`context` for this pass (callbacks read it instead of sharing mutable state). Returns the logits
         ``[batch, seq, vocab]``; with ``with_head=False`` only the transformer body runs (scores
         do not need the LM head, which at 49k vocab is a fifth of SmolLM2's compute and
@@ -185,13 +211,17 @@ class CaptureSession:
         device = self.loaded.device
         input_ids = input_ids.to(device)
         attention_mask = attention_mask.to(device)
+        extra = padded_positions(model, attention_mask)
+        if decoder_input_ids is not None:
+            extra["decoder_input_ids"] = decoder_input_ids.to(device)
+            if decoder_attention_mask is not None:
+                extra["decoder_attention_mask"] = decoder_attention_mask.to(device)
+        elif self.loaded.info.encoder_decoder:
+            raise ValueError("an encoder–decoder model needs decoder_input_ids")
         with torch.no_grad():
             if self.fallback:
                 out = model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    output_attentions=True,
-                    **padded_positions(model, attention_mask),
+                    input_ids=input_ids, attention_mask=attention_mask, output_attentions=True, **extra
                 )
                 for view in backend_eager.views(out.attentions, attention_mask, self.loaded.info.causal):
                     self.layers_seen.add(view.layer)
@@ -199,11 +229,7 @@ class CaptureSession:
             else:
                 token = backend.ACTIVE_SESSION.set(self)
                 try:
-                    out = model(
-                        input_ids=input_ids,
-                        attention_mask=attention_mask,
-                        **padded_positions(model, attention_mask),
-                    )
+                    out = model(input_ids=input_ids, attention_mask=attention_mask, **extra)
                 finally:
                     backend.ACTIVE_SESSION.reset(token)
         result = getattr(out, "logits", None)
@@ -240,7 +266,11 @@ def padded_positions(model: torch.nn.Module, attention_mask: torch.Tensor) -> di
 
 
 def supports_backend(loaded: LoadedModel) -> bool:
-    """Return whether the model can swap attention backends (transformers ``_supports_attention_backend``)."""
+    """Return whether the model can swap attention backends: transformers'
+    ``_supports_attention_backend``, or an encoder–decoder family of :data:`headatlas.archs.ARCHITECTURES`
+    (their attention modules call the attention interface, but transformers does not flag them)."""
+    if arch_spec(loaded.info.arch).cross_attention is not None and loaded.info.encoder_decoder:
+        return True
     return bool(getattr(type(loaded.model), "_supports_attention_backend", False))
 
 
@@ -279,11 +309,16 @@ def attention_maps(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     layers: set[int] | None = None,
+    decoder_input_ids: torch.Tensor | None = None,
+    decoder_attention_mask: torch.Tensor | None = None,
 ) -> dict[int, torch.Tensor]:
     """Return full attention probabilities ``{layer: [batch, head, query, key]}`` (CPU, fp32).
 
     Uses the same capture path as scanning. Holds the requested layers in memory, so pass
-    ``layers`` for long inputs.
+    ``layers`` for long inputs. An encoder–decoder model also takes the decoder's input
+    (``decoder_input_ids [batch, target]``): its atlas layers are the encoder's
+    ``[batch, head, source, source]``, the decoder's ``[batch, head, target, target]`` and the
+    cross-attention's ``[batch, head, target, source]`` (:attr:`ModelInfo.attn_kinds`).
     """
     blocks: dict[int, list[torch.Tensor]] = {}
 
@@ -292,5 +327,11 @@ def attention_maps(
             blocks.setdefault(view.layer, []).append(view.probs.cpu())
 
     with capture(loaded, keep, mode="dense") as session:
-        session.run(input_ids, attention_mask, with_head=False)  # no map needs the logits
+        session.run(  # no map needs the logits
+            input_ids,
+            attention_mask,
+            with_head=False,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+        )
     return {layer: torch.cat(parts, dim=2) for layer, parts in sorted(blocks.items())}

@@ -38,6 +38,7 @@ from .common import (
     epilog=example(
         "headatlas scan default --out atlas",
         "headatlas scan default --out atlas --add --probes needle,copy --n-functional 12",
+        "headatlas scan ./opus-mt-en-de --probes natural,align --align-file gold.txt --out mt",
     )
 )
 def scan(
@@ -45,8 +46,8 @@ def scan(
     probes: Annotated[
         str,
         typer.Option(
-            help="comma-separated batteries: natural, repeat (attention), needle, ordinal, copy, "
-            "translate, syntax (functional)"
+            help="comma-separated batteries: natural, repeat, align (attention; align for "
+            "encoder–decoder models), needle, ordinal, copy, translate, syntax (functional)"
         ),
     ] = "natural,repeat",
     out: Annotated[Path, typer.Option(help="directory for atlas.parquet + atlas.json")] = Path("atlas"),
@@ -65,6 +66,12 @@ def scan(
     seed: Annotated[int, typer.Option(help="seed for text order and random tokens")] = 0,
     text_file: Annotated[
         Path | None, typer.Option(help="your own text (one passage per line) instead of EWT")
+    ] = None,
+    align_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="pairs 'source ||| target ||| i-j links' with gold word alignments, for the align battery"
+        ),
     ] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -93,6 +100,7 @@ def scan(
     config = scan_config(
         probes,
         text_file=text_file,
+        align_file=align_file,
         n_prompts=n_prompts,
         seq_len=seq_len,
         batch_size=batch_size,
@@ -253,7 +261,9 @@ def show(
         + (f", by {by}" if by else ""),
         title_justify="left",
     )
-    for col, label in (("layer", "layer"), ("head", "head"), ("kv", "kv"), *shown, ("roles", "roles")):
+    kinds = "attn_kind" in table.columns  # encoder–decoder: say which stack a layer is in, not its KV head
+    third = ("kind", "kind (layer)") if kinds else ("kv", "kv")
+    for col, label in (("layer", "layer"), ("head", "head"), third, *shown, ("roles", "roles")):
         out.add_column(
             label,
             justify="left" if col == "roles" else "right",
@@ -264,7 +274,7 @@ def show(
         out.add_row(
             str(row.layer),
             str(row.head),
-            str(row.kv_head),
+            f"{row.attn_kind} {row.stack_layer}" if kinds else str(row.kv_head),
             *[_fmt(float(getattr(row, name))) for name, _ in shown],
             str(row.roles),
         )

@@ -230,6 +230,13 @@ def load_model(
 def describe_model(loaded: Any) -> None:
     """Print the one-line summary of a loaded model."""
     info = loaded.info
+    if info.attn_kinds is not None:
+        counts = ", ".join(f"{info.attn_kinds.count(k)} {k}" for k in ("encoder", "decoder", "cross"))
+        console.print(
+            f"[bold]{info.name}[/] ({info.arch}): encoder–decoder, {info.n_layers} attention layers "
+            f"({counts}) × {info.n_heads} heads"
+        )
+        return
     console.print(
         f"[bold]{info.name}[/] ({info.arch}): {info.n_layers} layers × {info.n_heads} heads "
         f"({info.n_kv_heads} KV heads), {'causal' if info.causal else 'bidirectional'}"

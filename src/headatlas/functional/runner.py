@@ -115,6 +115,8 @@ def run_functional(
     With ``pool`` the batteries run on its Ray workers, one battery per shard.
     """
     info = loaded.info
+    if names:
+        info.require_one_stack(f"the functional batteries ({', '.join(names)})")
     out = FunctionalRun(HeadStats(info.n_layers, info.n_heads))
     ordered = list(dict.fromkeys(names))
     results: dict[str, FunctionalResult] = {}

@@ -36,6 +36,8 @@ ROLE_COLORS: dict[str, str] = {
     "copying": "#8c564b",
     "copy-suppression": "#393b79",
     "translation": "#bcbd22",
+    "alignment": "#e7298a",
+    "diagonal": "#66a61e",
     "syntactic": "#637939",
     "name-mover": "#31a354",
     "negative-name-mover": "#de2d26",

@@ -183,12 +183,23 @@ def grid_figure(
     return save_figure(fig, out, dpi=dpi)
 
 
-def _heads_axes(fig: Figure, n_layers: int, n_heads: int) -> Axes:
+_KIND_TICK = {"encoder": "enc", "decoder": "dec", "cross": "x"}
+
+
+def _heads_axes(fig: Figure, n_layers: int, n_heads: int, kinds: list[str] | None = None) -> Axes:
+    """Axes for a layer × head grid; encoder–decoder ``kinds`` label each layer by its stack
+    (``enc 0``, ``dec 0``, ``x 0`` for cross-attention) and draw a line between stacks."""
     ax = fig.add_subplot()
-    ax.set_xlabel("layer", fontsize=9)
+    ax.set_xlabel("attention layer (enc = encoder, dec = decoder, x = cross)" if kinds else "layer", fontsize=9)
     ax.set_ylabel("head", fontsize=9)
     step = max(1, math.ceil(n_layers / 40))
-    ax.set_xticks(range(0, n_layers, step), [str(i) for i in range(0, n_layers, step)], fontsize=7)
+    labels = [str(i) for i in range(n_layers)]
+    if kinds and len(kinds) == n_layers:
+        labels = [f"{_KIND_TICK.get(k, k)} {kinds[:i].count(k)}" for i, k in enumerate(kinds)]
+        for i in range(1, n_layers):
+            if kinds[i] != kinds[i - 1]:
+                ax.axvline(i - 0.5, color="white", linewidth=2.5)
+    ax.set_xticks(range(0, n_layers, step), labels[::step], fontsize=7)
     hstep = max(1, math.ceil(n_heads / 32))
     ax.set_yticks(range(0, n_heads, hstep), [str(i) for i in range(0, n_heads, hstep)], fontsize=7)
     return ax
@@ -204,7 +215,7 @@ def score_figure(atlas: Atlas, score: str, out: str | Path) -> Path:
     values = atlas.matrix(score)  # [layer, head]
     n_layers, n_heads = values.shape
     fig = Figure(figsize=_grid_size(n_layers, n_heads))
-    ax = _heads_axes(fig, n_layers, n_heads)
+    ax = _heads_axes(fig, n_layers, n_heads, atlas.meta.get("model", {}).get("attn_kinds"))
     finite = np.isfinite(values).any()
     spec = score_spec(score)
     if spec.signed:
@@ -240,7 +251,7 @@ def role_figure(atlas: Atlas, out: str | Path) -> Path:
     roles = grid_roles(atlas)
     n_layers, n_heads = len(roles), len(roles[0]) if roles else 0
     fig = Figure(figsize=_grid_size(n_layers, n_heads))
-    ax = _heads_axes(fig, n_layers, n_heads)
+    ax = _heads_axes(fig, n_layers, n_heads, atlas.meta.get("model", {}).get("attn_kinds"))
     counts: dict[str, int] = {}
     for layer in range(n_layers):
         for head in range(n_heads):
