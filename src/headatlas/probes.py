@@ -11,6 +11,8 @@
 - ``texts``: exactly the given texts, one sequence each, as the tokenizer encodes them.
 - ``align`` (encoder–decoder models): source–target pairs with gold word alignments from a file
   (:mod:`headatlas.pairs`).
+- ``speech`` (speech encoder–decoders: Whisper): synthetic speech with word timings known by
+  construction (:mod:`headatlas.speech`).
 
 Everything is seeded: the same seed gives the same sequences, so a resumed scan sees exactly
 the batches an uninterrupted one would.
@@ -32,7 +34,7 @@ from .sequences import encode_words, read_utf8, sequence_frame
 
 logger = logging.getLogger(__name__)
 
-BATTERIES = ("natural", "repeat", "align")
+BATTERIES = ("natural", "repeat", "align", "speech")
 BATTERY_DETECTORS: dict[str, tuple[str, ...]] = {
     "natural": ("positional", "entropy", "subword", "distance"),
     "repeat": ("repeat",),
@@ -54,6 +56,9 @@ class ProbeSequence:
     target: tuple[int, ...] | None = None
     target_word_ids: tuple[int, ...] | None = None
     links: tuple[tuple[int, int, bool], ...] | None = None
+    features: np.ndarray | None = field(default=None, compare=False)
+    """The encoder's input when it is not token ids: a speech encoder's log-mel features
+    ``[mel, frame]`` (:mod:`headatlas.speech`); ``ids`` then stand for its real frames."""
 
 
 @dataclass

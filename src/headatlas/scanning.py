@@ -51,6 +51,7 @@ from .probes import (
     text_battery,
 )
 from .sequences import sequence_frame, token_strings
+from .speech import speech_battery, speech_model
 from .stats import HeadStats
 from .storage import directory_lock, discard_partial, has_partial
 from .streaming import BatchDone, ScanResult, battery_fingerprint, run_scan
@@ -177,11 +178,20 @@ def build_batteries(
     info = loaded.info
     align = None if align_file is None else str(align_file)
     ScanConfig(tuple(probes), n_prompts=n_prompts, seq_len=seq_len, align_file=align)  # a scan's checks
-    if "align" in probes and not info.encoder_decoder:
+    if ("align" in probes or "speech" in probes) and not info.encoder_decoder:
         raise HeadatlasError(
-            f"the align battery scores cross-attention, which {info.name} ({info.arch}) has not: "
-            "give an encoder–decoder model (T5, BART, Marian, ...)"
+            f"the align and speech batteries score cross-attention, which {info.name} ({info.arch}) has "
+            "not: give an encoder–decoder model (T5, BART, Marian, Whisper, ...)"
         )
+    speech = speech_model(loaded.model)
+    text_only = [p for p in probes if p in ("natural", "repeat", "align")]
+    if speech and text_only:
+        raise HeadatlasError(
+            f"{info.name} reads audio: the {', '.join(text_only)} batteries feed its encoder text; "
+            "use the speech battery"
+        )
+    if "speech" in probes and not speech:
+        raise HeadatlasError(f"the speech battery feeds audio, and {info.name} reads text: use align")
     packed = "repeat" in probes or ("natural" in probes and texts is None)
     if packed and info.context_length is not None and seq_len > info.context_length:
         raise HeadatlasError(
@@ -206,6 +216,8 @@ def build_batteries(
             out.append(repeat_battery(tok, vocab, n_prompts, seq_len, seed))
         elif name == "align" and align is not None:
             out.append(align_battery(tok, align, info.context_length))
+        elif name == "speech":
+            out.append(speech_battery(loaded))
     return out
 
 
@@ -288,9 +300,10 @@ def scan(
 
     An encoder–decoder model (T5, BART, Marian, ...) is scanned through its encoder's and
     decoder's self-attention and its cross-attention (the atlas's ``attn_kind`` column); the
-    ``natural`` and ``repeat`` batteries copy the source as the decoder's target, and ``align``
+    ``natural`` and ``repeat`` batteries copy the source as the decoder's target, ``align``
     scores cross-attention against the gold word alignments of ``align_file``
-    (:mod:`headatlas.pairs`, :mod:`headatlas.alignment`).
+    (:mod:`headatlas.pairs`, :mod:`headatlas.alignment`), and ``speech`` scores a Whisper-style
+    model's cross-attention against word timings known by construction (:mod:`headatlas.speech`).
 
     ``ray="auto"`` (or a cluster address) shards the batches and functional batteries over
     ``workers`` Ray actors (:mod:`headatlas.parallel`) that load the model themselves; the driver

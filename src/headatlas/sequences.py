@@ -185,27 +185,35 @@ def encode_words(tokenizer: Any, text: str) -> tuple[list[int], list[int] | None
     return ids, [-1 if w is None else int(w) for w in words]
 
 
-def encode_split_words(tokenizer: Any, words: list[str], target: bool = False) -> tuple[list[int], list[int]]:
-    """Return the token ids (no special tokens) of a text already split into ``words`` and the
-    index of the word each token belongs to.
+def encode_split_words(
+    tokenizer: Any, words: list[str], target: bool = False, leading_space: bool = False
+) -> tuple[list[int], list[int]]:
+    """Return the token ids (no special tokens) of ``words`` joined by spaces, as the tokenizer
+    encodes that text, and the index of the word each token belongs to (−1 for none).
 
-    A fast tokenizer encodes the words together (``is_split_into_words``); otherwise each word is
-    encoded on its own, after a space unless it is the first (for SentencePiece, as in Marian and
-    T5, and for byte-level BPE that is the joint encoding). ``target=True`` encodes as a decoder
-    target (``text_target``: Marian's target vocabulary).
+    A fast tokenizer encodes the joined text once and its character offsets say which word each
+    token covers (the token's last character decides); a slow one encodes each word on its own
+    after a space (for SentencePiece, as in Marian and T5, that is the joint encoding).
+    ``target=True`` encodes as a decoder target (``text_target``: Marian's target vocabulary);
+    ``leading_space`` puts a space before the first word (Whisper's transcripts start so).
     """
     key = "text_target" if target else "text"
+    text = (" " if leading_space else "") + " ".join(words)
     if getattr(tokenizer, "is_fast", False):
-        try:
-            enc = tokenizer(**{key: words}, is_split_into_words=True, add_special_tokens=False)
-            ids = [int(i) for i in enc["input_ids"]]
-            return ids, [-1 if w is None else int(w) for w in enc.word_ids()]
-        except (ValueError, TypeError):  # byte-level BPE without add_prefix_space refuses split words
-            pass
+        ends, at = [], len(text) - len(" ".join(words))
+        for word in words:
+            ends.append((at, at + len(word)))
+            at += len(word) + 1
+        enc = tokenizer(**{key: text}, add_special_tokens=False, return_offsets_mapping=True)
+        ids, word_ids = [int(i) for i in enc["input_ids"]], []
+        for first, last in enc["offset_mapping"]:
+            inside = [w for w, (a, b) in enumerate(ends) if a <= last - 1 < b] if last > first else []
+            word_ids.append(inside[0] if inside else -1)
+        return ids, word_ids
     ids, word_ids = [], []
     for index, word in enumerate(words):
-        text = word if index == 0 else " " + word
-        piece = [int(i) for i in tokenizer(**{key: text}, add_special_tokens=False)["input_ids"]]
+        piece_text = word if index == 0 and not leading_space else " " + word
+        piece = [int(i) for i in tokenizer(**{key: piece_text}, add_special_tokens=False)["input_ids"]]
         ids += piece
         word_ids += [index] * len(piece)
     return ids, word_ids

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from .alignment import CROSS_DETECTORS, CrossContext
 from .capture import AttentionView, capture
@@ -30,6 +31,7 @@ from .errors import HeadatlasError, check_at_least, param
 from .loading import LoadedModel
 from .pairs import decoder_start, make_target_batch
 from .probes import Battery, ProbeSequence, make_batch, pad_id
+from .speech import speech_source
 from .stats import HeadStats
 from .storage import PARTIAL_DIR, PROGRESS_FILE, STATS_FILE, write_json
 
@@ -87,6 +89,8 @@ def battery_fingerprint(loaded: LoadedModel, batteries: list[Battery], batch_siz
             digest.update(np.asarray(s.ids, dtype=np.int64).tobytes())
             if s.target is not None:
                 digest.update(np.asarray(s.target, dtype=np.int64).tobytes())
+            if s.features is not None:
+                digest.update(np.ascontiguousarray(s.features).tobytes())
     return digest.hexdigest()
 
 
@@ -115,14 +119,28 @@ def _encoder_decoder_batch(
     info = loaded.info
     stats = HeadStats(info.n_layers, info.n_heads)
     pad = pad_id(loaded.tokenizer)
-    source = make_batch(seqs, pad)
     target = make_target_batch(seqs, pad, decoder_start(loaded.model))
+    words: torch.Tensor | None
+    if seqs[0].features is not None:  # a speech encoder: features in, frames as positions
+        n_frames = int(loaded.model.config.max_source_positions)
+        source_input, positions, words = speech_source(seqs, n_frames)
+        source_mask = torch.ones(positions.shape, dtype=torch.long)  # [batch, frame]: unused by Whisper
+        tokens = int((positions >= 0).sum())
+    else:
+        source = make_batch(seqs, pad)
+        source_input, source_mask, positions, words = (
+            source.input_ids,
+            source.attention_mask,
+            source.positions,
+            source.word_ids,
+        )
+        tokens = int(source.attention_mask.sum())
     device = loaded.device
     shift = 1 if battery.period is not None else 0  # the decoder reads the copy one step later
     contexts = {
         "encoder": Context(
-            source.positions.to(device),
-            None if source.word_ids is None else source.word_ids.to(device),
+            positions.to(device),
+            None if words is None else words.to(device),
             battery.period,
             battery.repeat_start,
         ),
@@ -134,9 +152,9 @@ def _encoder_decoder_batch(
         ),
     }
     cross = CrossContext(
-        source.positions.to(device),
+        positions.to(device),
         target.positions.to(device),
-        None if source.word_ids is None else source.word_ids.to(device),
+        None if words is None else words.to(device),
         target.predicted_words.to(device),
         None if target.sure is None else target.sure.to(device),
         None if target.possible is None else target.possible.to(device),
@@ -154,13 +172,13 @@ def _encoder_decoder_batch(
     started = time.perf_counter()
     with capture(loaded, on_view, mode=mode) as session:
         session.run(
-            source.input_ids,
-            source.attention_mask,
+            source_input,
+            source_mask,
             with_head=False,
             decoder_input_ids=target.input_ids,
             decoder_attention_mask=target.attention_mask,
         )
-    tokens = int(source.attention_mask.sum() + target.attention_mask.sum())
+    tokens += int(target.attention_mask.sum())
     return BatchStats(battery.name, index, stats, tokens, time.perf_counter() - started)
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..archs import arch_spec, attention_stacks
+from ..errors import HeadatlasError
 from . import backend_eager
 from . import backend_headatlas as backend
 from .probs import allowed_keys, attention_probs, block_rows
@@ -200,7 +201,8 @@ class CaptureSession:
 
         ``attention_mask [batch, seq]`` is 1 for real tokens, 0 for padding. An encoder–decoder
         model reads ``input_ids`` as the source and takes ``decoder_input_ids [batch, target]``
-        (teacher forcing; right-padded, with ``decoder_attention_mask``). ``context`` becomes
+        (teacher forcing; right-padded, with ``decoder_attention_mask``); a speech encoder's
+        source is float ``input_features [batch, mel, frame]`` (Whisper: no mask). ``context`` becomes
         :attr:`context` for this pass (callbacks read it instead of sharing mutable state). Returns the logits
         ``[batch, seq, vocab]``; with ``with_head=False`` only the transformer body runs (scores
         do not need the LM head, which at 49k vocab is a fifth of SmolLM2's compute and
@@ -211,25 +213,33 @@ class CaptureSession:
         device = self.loaded.device
         input_ids = input_ids.to(device)
         attention_mask = attention_mask.to(device)
-        extra = padded_positions(model, attention_mask)
+        # a speech encoder (Whisper) reads log-mel features, padded to its fixed window, unmasked
+        speech = input_ids.is_floating_point()
+        source = (
+            {"input_features": input_ids}
+            if speech
+            else {"input_ids": input_ids, "attention_mask": attention_mask}
+        )
+        extra = {} if speech else padded_positions(model, attention_mask)
         if decoder_input_ids is not None:
             extra["decoder_input_ids"] = decoder_input_ids.to(device)
             if decoder_attention_mask is not None:
                 extra["decoder_attention_mask"] = decoder_attention_mask.to(device)
         elif self.loaded.info.encoder_decoder:
-            raise ValueError("an encoder–decoder model needs decoder_input_ids")
+            raise HeadatlasError(
+                f"{self.loaded.info.name} is encoder–decoder: this command feeds one sequence; "
+                "scan it (headatlas scan MODEL --probes natural,align or speech)"
+            )
         with torch.no_grad():
             if self.fallback:
-                out = model(
-                    input_ids=input_ids, attention_mask=attention_mask, output_attentions=True, **extra
-                )
+                out = model(**source, output_attentions=True, **extra)
                 for view in backend_eager.views(out.attentions, attention_mask, self.loaded.info.causal):
                     self.layers_seen.add(view.layer)
                     self.on_view(view)
             else:
                 token = backend.ACTIVE_SESSION.set(self)
                 try:
-                    out = model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+                    out = model(**source, **extra)
                 finally:
                     backend.ACTIVE_SESSION.reset(token)
         result = getattr(out, "logits", None)

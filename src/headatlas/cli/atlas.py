@@ -39,6 +39,7 @@ from .common import (
         "headatlas scan default --out atlas",
         "headatlas scan default --out atlas --add --probes needle,copy --n-functional 12",
         "headatlas scan ./opus-mt-en-de --probes natural,align --align-file gold.txt --out mt",
+        "headatlas scan whisper-tiny-en --probes speech --out whisper",
     )
 )
 def scan(
@@ -46,8 +47,8 @@ def scan(
     probes: Annotated[
         str,
         typer.Option(
-            help="comma-separated batteries: natural, repeat, align (attention; align for "
-            "encoder–decoder models), needle, ordinal, copy, translate, syntax (functional)"
+            help="comma-separated batteries: natural, repeat (attention), align (text encoder–decoders), "
+            "speech (Whisper), needle, ordinal, copy, translate, syntax (functional)"
         ),
     ] = "natural,repeat",
     out: Annotated[Path, typer.Option(help="directory for atlas.parquet + atlas.json")] = Path("atlas"),

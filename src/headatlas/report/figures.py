@@ -190,7 +190,9 @@ def _heads_axes(fig: Figure, n_layers: int, n_heads: int, kinds: list[str] | Non
     """Axes for a layer × head grid; encoder–decoder ``kinds`` label each layer by its stack
     (``enc 0``, ``dec 0``, ``x 0`` for cross-attention) and draw a line between stacks."""
     ax = fig.add_subplot()
-    ax.set_xlabel("attention layer (enc = encoder, dec = decoder, x = cross)" if kinds else "layer", fontsize=9)
+    ax.set_xlabel(
+        "attention layer (enc = encoder, dec = decoder, x = cross)" if kinds else "layer", fontsize=9
+    )
     ax.set_ylabel("head", fontsize=9)
     step = max(1, math.ceil(n_layers / 40))
     labels = [str(i) for i in range(n_layers)]

@@ -140,6 +140,7 @@ def compressed(
     ``source``: a prefilled plain cache (``attention_mask`` its real tokens) to compress into the
     new cache (:func:`fill_from`), so one full prefill serves several plans.
     """
+    loaded.info.require_one_stack("head-wise KV caches")
     try:
         _check_replaceable(loaded)
     except HeadatlasError:
