@@ -74,6 +74,22 @@ def test_saved_steering_round_trips_and_refuses_another_model(
         load_steering(tmp_path / "nothing", tiny_loaded)
 
 
+def test_the_same_weights_loaded_from_files_are_accepted(
+    tiny_loaded: ha.LoadedModel, steering: ha.steer.Steering, tmp_path: Path
+) -> None:
+    """Fitted in memory, used on the same weights saved and loaded from a directory (whose files'
+    sha256 is all its ModelInfo knows): accepted through the parameters' sha256."""
+    steering.save(tmp_path / "s")
+    tiny_loaded.model.save_pretrained(tmp_path / "model")
+    tiny_loaded.tokenizer.save_pretrained(tmp_path / "model")
+    from_files = ha.load(str(tmp_path / "model"))
+    assert from_files.info.sha256 and from_files.info.sha256 != steering.model_sha256
+    assert load_steering(tmp_path / "s", from_files).shift.heads == steering.shift.heads
+    fitted_on_files = ha.steer.Steering(**{**steering.__dict__, "model_sha256": from_files.info.sha256})
+    fitted_on_files.save(tmp_path / "f")
+    assert load_steering(tmp_path / "f", tiny_loaded).shift.heads == steering.shift.heads
+
+
 def test_baked_checkpoint_equals_the_hook(
     tiny_loaded: ha.LoadedModel, steering: ha.steer.Steering, tmp_path: Path
 ) -> None:

@@ -203,6 +203,34 @@ def _encoder_decoder_layers(config: Any, name: str, found: int, n_heads: int) ->
     return encoder + 2 * decoder
 
 
+def parameters_sha256(model: Any) -> str:
+    """Return the sha256 of ``model``'s parameters and buffers: names in order, values as float32
+    bytes. Equal for the same weights however they were loaded (files, GGUF, built in memory)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weights_record(loaded: LoadedModel) -> dict[str, str]:
+    """Return what a fitted artefact (steering, guard) records of the weights it was fitted on:
+    ``model_sha256`` (the files' sha256, or the parameters' for a model built in memory) and
+    ``params_sha256`` (always the parameters'), for :func:`same_weights`."""
+    params = parameters_sha256(loaded.model)
+    return {"model_sha256": loaded.info.sha256 or params, "params_sha256": params}
+
+
+def same_weights(recorded: dict[str, Any], loaded: LoadedModel) -> bool:
+    """Return whether ``loaded`` holds the weights of a :func:`weights_record`: the same files, or
+    the same parameter values (a model saved and reloaded, or loaded from files and from memory).
+    Records without ``params_sha256`` (older files) match on ``model_sha256`` alone."""
+    if loaded.info.sha256 and recorded.get("model_sha256") == loaded.info.sha256:
+        return True
+    params = parameters_sha256(loaded.model)
+    return params in (recorded.get("params_sha256"), recorded.get("model_sha256"))
+
+
 def file_sha256(paths: list[Path]) -> str:
     """Return the sha256 hex digest of the concatenated bytes of ``paths`` (sorted by name).
 

@@ -15,7 +15,6 @@ Answers from a Language Model"): shift the outputs of the heads whose probes wor
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ import torch
 from ..capture import head_outputs
 from ..errors import HeadatlasError, check_choice, param
 from ..heads import head_name, parse_head
-from ..loading import LoadedModel, reload_spec
+from ..loading import LoadedModel, reload_spec, same_weights, weights_record
 from ..storage import atomic_path, write_json
 from .headprobe import bad_heads, collect_features
 from .logreg import L2_GRID, choose_l2, raw_direction, standardise
@@ -40,18 +39,6 @@ STEER_JSON = "steer.json"
 STEER_TENSORS = "steer.safetensors"
 DEFAULT_ALPHA = 15.0
 """Li et al. 2023's α."""
-
-
-def model_sha256(loaded: LoadedModel) -> str:
-    """Return the model's weights sha256: the loaded files' (``ModelInfo.sha256``) or, for a model
-    built in memory, the sha256 of its parameters' bytes in name order."""
-    if loaded.info.sha256:
-        return loaded.info.sha256
-    digest = hashlib.sha256()
-    for name, tensor in sorted(loaded.model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 @dataclass
@@ -86,6 +73,9 @@ class Steering:
     control: HeadShift
     val_accuracy: list[float]
     params: dict[str, Any] = field(default_factory=dict)
+    params_sha256: str | None = None
+    """The fitted model's parameter sha256 (:func:`headatlas.loading.weights_record`), so the same
+    weights loaded another way are accepted; ``None`` in files written before it was recorded."""
 
     def save(self, directory: str | Path) -> Path:
         """Write ``steer.json`` and ``steer.safetensors`` into ``directory`` (atomically); return it."""
@@ -103,6 +93,7 @@ class Steering:
             save_file(tensors, str(tmp))
         meta = {
             "model_sha256": self.model_sha256,
+            "params_sha256": self.params_sha256,
             "model_name": self.model_name,
             "n_layers": self.n_layers,
             "n_heads": self.n_heads,
@@ -131,7 +122,7 @@ def load_steering(directory: str | Path, loaded: LoadedModel | None = None) -> S
             f"{param('steer')} {where} is not a steering directory ({exc.__class__.__name__}): "
             "make one with `headatlas steer fit`"
         ) from exc
-    if loaded is not None and meta["model_sha256"] != model_sha256(loaded):
+    if loaded is not None and not same_weights(meta, loaded):
         raise HeadatlasError(
             f"{param('steer')} {where} was fitted on another model ({meta['model_name']}, sha256 "
             f"{meta['model_sha256'][:12]}…), not {loaded.info.name}: fit it again on this model"
@@ -145,6 +136,7 @@ def load_steering(directory: str | Path, loaded: LoadedModel | None = None) -> S
     return Steering(
         meta["model_sha256"], meta["model_name"], meta["n_layers"], meta["n_heads"], meta["task"],
         meta["direction"], float(meta["alpha"]), shift, control, list(meta["val_accuracy"]), meta["params"],
+        meta.get("params_sha256"),
     )  # fmt: skip
 
 
@@ -205,7 +197,7 @@ def fit(
         return [(int(g) // n_heads, int(g) % n_heads) for g in groups]
 
     return Steering(
-        model_sha256=model_sha256(loaded),
+        **weights_record(loaded),
         model_name=loaded.info.name,
         n_layers=loaded.info.n_layers,
         n_heads=n_heads,

@@ -7,7 +7,6 @@ the two learned variants, and the model's sha256 (a guard refuses another model)
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ import numpy as np
 
 from ...errors import HeadatlasError, param
 from ...heads import head_name
-from ...loading import LoadedModel, reload_spec
+from ...loading import LoadedModel, reload_spec, same_weights, weights_record
 from ...storage import write_json
 from ..formats import write_attention_tracker
 from . import fitting
@@ -60,17 +59,6 @@ class GuardResult:
             "data_tokens": self.data_tokens,
             "heads": self.heads,
         }
-
-
-def model_fingerprint(loaded: LoadedModel) -> str:
-    """Return the model's weights sha256 (``loaded.info.sha256``), or a sha256 of its parameters in memory."""
-    if loaded.info.sha256:
-        return loaded.info.sha256
-    digest = hashlib.sha256()
-    for name, tensor in sorted(loaded.model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def check_rows(rows: Iterable[dict[str, Any]], need_label: bool) -> list[dict[str, Any]]:
@@ -138,7 +126,7 @@ class Guard:
                 f"the guard in {str(directory)!r} was fitted on an in-memory model: pass {param('model')}"
             )
         loaded = _loaded(model if model is not None else spec)
-        if model_fingerprint(loaded) != config["model_sha256"]:
+        if not same_weights(config, loaded):
             raise HeadatlasError(
                 f"the guard in {str(directory)!r} was fitted on {config['model']} "
                 f"(sha256 {config['model_sha256'][:12]}…), not on {loaded.info.name}: fit one for this model"
@@ -251,7 +239,7 @@ def fit_config(
         "format": FORMAT,
         "model": loaded.info.name,
         "model_spec": reload_spec(loaded.info),
-        "model_sha256": model_fingerprint(loaded),
+        **weights_record(loaded),
         "important_heads": [list(h) for h in heads],
         "important_head_names": [head_name(*h) for h in heads],
         "n_sigma": n_sigma,
