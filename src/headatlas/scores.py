@@ -114,6 +114,11 @@ _SPECS = (
         "Olsson et al. 2022, In-context Learning and Induction Heads (translation); argmax readout of Clark et al. 2019",
     ),
     ScoreSpec(
+        "duo_gate", "DuoAttention gate", None,
+        "kv fit: the trained gate of the head's KV group (1 = needs its full cache, 0 = streams)",
+        "kv fit", "Xiao et al. 2024, DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads",
+    ),
+    ScoreSpec(
         "diagonal", "monotonic diagonal", "diag",
         "cross-attention mass within ±max(1, 0.1·T_src) source tokens of j/T_src ≈ i/T_tgt",
         "natural", "Bahdanau et al. 2015, Neural Machine Translation by Jointly Learning to Align and Translate",

@@ -53,7 +53,7 @@ err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line, a
 
 T = TypeVar("T")
 
-MODEL_HELP = "'default', 'minilm', 'gemma3-270m', 'qwen2.5-coder-0.5b', a local HF model dir, a .gguf file, or a hub id"
+MODEL_HELP = "'default', 'minilm', 'gemma3-270m', 'qwen2.5-coder-0.5b', 'whisper-tiny-en', a local HF model dir, a .gguf file, or a hub id"
 ModelArg = Annotated[str, typer.Argument(help=MODEL_HELP)]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]

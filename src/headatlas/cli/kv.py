@@ -1,4 +1,5 @@
-"""``headatlas kv plan|eval|export``: head-wise KV-cache plans from an atlas, measured and exported."""
+"""``headatlas kv plan|fit|eval|export``: head-wise KV-cache plans from an atlas or from DuoAttention's
+gate optimisation, measured and exported."""
 
 from __future__ import annotations
 
@@ -74,6 +75,58 @@ def kv_plan(
         f"{b['kv_heads_full']} of {b['kv_heads_full'] + b['kv_heads_streaming']} KV heads full "
         f"(by {', '.join(plan.rule['by'])}); KV at {context} tokens: {b['plan'] / 2**20:.1f} of "
         f"{b['full'] / 2**20:.1f} MiB ({100 * b['fraction']:.1f} %) → {out}"
+    )
+
+
+@kv_app.command(
+    "fit",
+    epilog=example(
+        "headatlas kv fit default --keep-fraction 0.25 --out fitted.json",
+        "headatlas kv fit default --steps 80 --seq-len 1024 --recent 128 --out fitted.json",
+    ),
+)
+def kv_fit(
+    model: ModelArg = "default",
+    out: Annotated[Path, typer.Option(help="plan JSON to write")] = Path("plan.json"),
+    keep_fraction: Annotated[
+        float, typer.Option(help="share of the full cache's KV bytes to keep at --context, in (0, 1]")
+    ] = 0.25,
+    steps: Annotated[int, typer.Option(help="optimisation steps (one prompt each)")] = 40,
+    seq_len: Annotated[int, typer.Option(help="tokens per passkey prompt")] = 512,
+    n_prompts: Annotated[int, typer.Option(help="passkey prompts, used in turn")] = 8,
+    sink: Annotated[int, typer.Option(help="first tokens a streaming head keeps")] = 4,
+    recent: Annotated[int, typer.Option(help="last tokens a streaming head keeps")] = 64,
+    lam: Annotated[float, typer.Option("--lambda", help="weight of the mean |gate| penalty")] = 0.05,
+    context: Annotated[int, typer.Option(help="context length the byte budget is computed at")] = 2048,
+    seed: Annotated[int, typer.Option(help="seed of the passkey prompts")] = 0,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Fit DuoAttention gates (one per KV head; only the gates train) and write the plan they give."""
+    from ..apps import kv
+    from ..apps.kv.fit import fit_gates, fitted_plan
+
+    loaded = load_model(model, device)
+    with progress_bar() as progress:
+        bar = progress.add_task("fitting gates", total=steps)
+
+        def on_step(done: int, loss: float) -> None:
+            progress.update(bar, completed=done, description=f"fitting gates (loss {loss:.4f})")
+
+        result = run(
+            lambda: fit_gates(
+                loaded, steps=steps, seq_len=seq_len, n_prompts=n_prompts, sink=sink, recent=recent,
+                lam=lam, seed=seed, on_step=on_step,
+            )
+        )  # fmt: skip
+    types = kv.layer_types(loaded.model)
+    plan = run(lambda: fitted_plan(loaded, result, keep_fraction, context, layer_types=types))
+    plan.save(out)
+    b = plan.kv_bytes
+    console.print(
+        f"{steps} steps × {seq_len} tokens in {result.seconds / 60:.1f} min, loss {result.losses[0]:.4f} → "
+        f"{result.losses[-1]:.4f}; gates mean {result.alpha.mean():.3f}. {b['kv_heads_full']} of "
+        f"{b['kv_heads_full'] + b['kv_heads_streaming']} KV heads full, KV at {context} tokens "
+        f"{100 * b['fraction']:.1f} % → {out}"
     )
 
 

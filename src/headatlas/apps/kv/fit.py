@@ -1,0 +1,128 @@
+"""``kv fit``: DuoAttention's gate optimisation, sized for a CPU.
+
+Xiao et al. 2024 (DuoAttention) give every KV head a gate α ∈ [0, 1] that mixes its full
+attention with streaming attention (``sink`` first + ``recent`` last keys), freeze the model, and
+train only the gates to keep the final hidden states of passkey prompts unchanged while pushing
+the gates down: ``loss = MSE(h_gated, h_full) + λ · mean |α|``, gates clamped to [0, 1] after each
+step. Heads whose gate stays high are retrieval heads and keep their full cache. Here the prompts
+are the ``niah`` task's (:mod:`.tasks`), the mix is the ``headatlas_gate`` backend
+(:mod:`headatlas.capture.backend_gate`), and the gates become a ``duo_gate`` score from which
+:func:`.plan.plan` keeps the top heads within a byte budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ...atlas import Atlas
+from ...capture import backend_gate
+from ...errors import HeadatlasError, check_at_least
+from ...loading import LoadedModel
+from .plan import Plan, plan
+from .tasks import make_samples
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    """Trained gates ``alpha [layer, kv_head]``, the loss per step, and the wall time."""
+
+    alpha: np.ndarray
+    losses: list[float]
+    seconds: float
+    settings: dict[str, float | int]
+
+
+def fit_gates(
+    loaded: LoadedModel,
+    *,
+    steps: int = 40,
+    seq_len: int = 512,
+    n_prompts: int = 8,
+    sink: int = 4,
+    recent: int = 64,
+    lam: float = 0.05,
+    lr: float = 0.05,
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> FitResult:
+    """Return DuoAttention gates trained on ``n_prompts`` niah prompts of about ``seq_len`` tokens,
+    one prompt per step in turn (module docstring; Xiao et al. 2024). The model is not changed."""
+    loaded.info.require_one_stack("kv fit")
+    check_at_least("steps", steps, 1)
+    check_at_least("n_prompts", n_prompts, 1)
+    if recent >= seq_len:
+        raise HeadatlasError(f"--recent {recent} must be below --seq-len {seq_len}: nothing would stream")
+    model, info = loaded.model, loaded.info
+    samples = make_samples(loaded.tokenizer, "niah", seq_len, n_prompts, seed)
+    prompts = [torch.tensor([loaded.tokenizer(s.prompt)["input_ids"]]) for s in samples]
+    body = model.base_model
+    previous = model.config._attn_implementation
+    frozen = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        targets = [body(input_ids=ids.to(loaded.device)).last_hidden_state for ids in prompts]
+    alpha = torch.ones(info.n_layers, info.n_kv_heads, requires_grad=True, device=loaded.device)
+    optimiser = torch.optim.Adam([alpha], lr=lr)
+    backend_gate.register()
+    model.set_attn_implementation(backend_gate.NAME)
+    token = backend_gate.ACTIVE_GATES.set(backend_gate.GateState(alpha, sink, recent))
+    losses: list[float] = []
+    started = time.perf_counter()
+    try:
+        for step in range(steps):
+            i = step % len(prompts)
+            hidden = body(input_ids=prompts[i].to(loaded.device)).last_hidden_state
+            distill = torch.nn.functional.mse_loss(hidden, targets[i]) / targets[i].pow(2).mean()
+            loss = distill + lam * alpha.abs().mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            with torch.no_grad():
+                alpha.clamp_(0.0, 1.0)
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step(step + 1, losses[-1])
+    finally:
+        backend_gate.ACTIVE_GATES.reset(token)
+        model.set_attn_implementation(previous)
+        for p, flag in zip(model.parameters(), frozen, strict=True):
+            p.requires_grad_(flag)
+    settings = {"steps": steps, "seq_len": seq_len, "n_prompts": n_prompts, "sink": sink, "recent": recent,
+                "lambda": lam, "lr": lr, "seed": seed}  # fmt: skip
+    return FitResult(alpha.detach().cpu().numpy(), losses, time.perf_counter() - started, settings)
+
+
+def gate_atlas(loaded: LoadedModel, alpha: np.ndarray) -> Atlas:
+    """An atlas of the model whose ``duo_gate`` column is each query head's KV-head gate."""
+    atlas = Atlas.minimal(loaded.info)
+    table = atlas.table
+    table["duo_gate"] = alpha[table["layer"].to_numpy(), table["kv_head"].to_numpy()]
+    return atlas
+
+
+def fitted_plan(
+    loaded: LoadedModel, result: FitResult, keep_fraction: float, context: int, **options: object
+) -> Plan:
+    """Return the :class:`Plan` keeping the highest-gated KV heads within ``keep_fraction`` of the
+    KV bytes at ``context`` tokens, with the fit's settings recorded in its rule."""
+    found = plan(
+        gate_atlas(loaded, result.alpha),
+        keep_fraction=keep_fraction,
+        by="duo_gate",
+        sink=int(result.settings["sink"]),
+        recent=int(result.settings["recent"]),
+        context=context,
+        **options,  # type: ignore[arg-type]
+    )
+    found.rule = {**found.rule, "fit": {**result.settings, "seconds": round(result.seconds, 1),
+                                        "final_loss": round(result.losses[-1], 6)}}  # fmt: skip
+    return found
