@@ -17,6 +17,9 @@ Generation stops at EOS, at the task's token limit, or once the answer holds eve
 string (scoring only asks that they occur, so stopping then cannot change a score). Usage::
 
     .venv/bin/python bench/bench_kv.py --atlas /tmp/kv-atlas --lengths 1024 --n 5
+
+``--export-tasks FILE`` writes the same samples (prompt text, token ids, expected strings) as JSON
+for ``bench_kvpress.py`` and stops.
 """
 
 from __future__ import annotations
@@ -101,9 +104,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--export-tasks", default=None, metavar="FILE",
+        help="write the prompts (text and token ids) and expected answers as JSON for bench_kvpress.py, then stop",
+    )  # fmt: skip
     args = parser.parse_args()
     quiet()
     torch.set_num_threads(args.threads)
+    if args.export_tasks:
+        _export_tasks(args)
+        return
     from transformers import DynamicCache
 
     import headatlas as ha
@@ -208,6 +218,47 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
+
+
+def _export_tasks(args: argparse.Namespace) -> None:
+    """Write the samples this script would run (same model, tasks, lengths, n, seed) as JSON.
+
+    ``bench_kvpress.py`` runs in kvpress's venv (transformers < 5.3), where headatlas cannot be
+    imported; it reads this file so that its rows see exactly the prompts of the rows here.
+    """
+    import headatlas as ha
+    from headatlas.apps.kv.evaluate import encode
+    from headatlas.apps.kv.tasks import make_samples
+    from headatlas.datasets import ewt_sentences
+
+    loaded = ha.load(args.model)
+    haystack = ewt_sentences("train")
+    samples = []
+    for length in [int(x) for x in args.lengths.split(",")]:
+        for task in args.tasks.split(","):
+            for sample in make_samples(
+                loaded.tokenizer, task, length, args.n, seed=args.seed, haystack=haystack
+            ):
+                samples.append(
+                    {
+                        "task": task,
+                        "length": length,
+                        "prompt": sample.prompt,
+                        "input_ids": encode(loaded.tokenizer, sample)[0].tolist(),
+                        "expected": list(sample.expected),
+                        "max_new_tokens": sample.max_new_tokens,
+                    }
+                )
+    meta = {
+        "model": loaded.info.name,
+        "seed": args.seed,
+        "n": args.n,
+        "tasks": args.tasks,
+        "lengths": args.lengths,
+    }
+    with open(args.export_tasks, "w") as fh:
+        json.dump({**meta, "samples": samples}, fh, indent=1)
+    print(f"{len(samples)} samples → {args.export_tasks}")
 
 
 def _summary(results: dict[str, Any]) -> None:

@@ -1,0 +1,305 @@
+"""kvpress presses on the prompts of ``bench_kv.py``, run in kvpress's own venv, in one run.
+
+kvpress 0.5.5 needs transformers < 5.3 and headatlas needs 5.x ≥ 5.3, so this script never
+imports headatlas: it reads the samples that ``bench_kv.py --export-tasks FILE`` wrote (prompt
+token ids, expected strings, token limits; same model, tasks, lengths, n and seed) and the
+model's weights from a local Hugging Face directory. Rows (every sample runs through every row):
+
+- ``full``: transformers' ``DynamicCache``, no press (the baseline of this run);
+- ``<Press> F``: ``StreamingLLMPress``, ``SnapKVPress``, ``ExpectedAttentionPress``,
+  ``AdaKVPress(ExpectedAttentionPress)``, ``KnormPress`` at ``compression_ratio = 1 - F``;
+- ``DuoAttentionPress F``: the pattern of ``headatlas kv export PLAN --format duo --out DIR``
+  (``--duo F=DIR``), read from the local directory instead of kvpress's download.
+
+As in ``bench_kv.py``, the prompt except its last token is prefilled in one forward inside the
+press's context manager (kvpress compresses there; the question is part of what is compressed),
+then greedy decoding starts from the last prompt token, with positions continuing from the
+uncompressed length (what kvpress's pipeline does). Generation stops at EOS, the task's token
+limit, or once every expected string is in the answer. Columns: exact match (every expected string
+occurs in the answer), KV bytes really held after prefill (sum of the cache tensors' ``nbytes``),
+prefill seconds, decode ms per generated token. Usage (from ``bench/``)::
+
+    .venv-kvpress/bin/python bench_kvpress.py --tasks-file tasks.json --model-dir DIR \\
+        --duo 0.25=duo-0.25 --json kvpress.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchlib import cpu_model, current_rss_mib, quiet, usable_cores
+
+PRESSES = ("StreamingLLMPress", "SnapKVPress", "ExpectedAttentionPress", "AdaKVPress", "KnormPress")
+
+
+def _local_duo_class() -> type:
+    """``DuoAttentionPress`` reading its pattern from a local DuoAttention directory.
+
+    kvpress's ``load_attention_pattern`` downloads the patterns of a few known checkpoints; this
+    subclass reads ``full_attention_heads.tsv`` and ``config.json`` from ``pattern_dir`` instead.
+    """
+    from dataclasses import dataclass
+
+    from kvpress import DuoAttentionPress
+
+    @dataclass
+    class LocalDuoAttentionPress(DuoAttentionPress):
+        pattern_dir: str = ""
+
+        def load_attention_pattern(self, model: Any) -> tuple[int, int, np.ndarray]:
+            return _read_duo(self.pattern_dir)
+
+    return LocalDuoAttentionPress
+
+
+def _read_duo(directory: str) -> tuple[int, int, np.ndarray]:
+    """``(sink, recent, gates [layer, kv_head])`` of a DuoAttention pattern directory."""
+    where = Path(directory)
+    gates = np.clip(np.loadtxt(where / "full_attention_heads.tsv", dtype=float, delimiter="\t"), 0, 1)
+    config = json.loads((where / "config.json").read_text())
+    return int(config["sink_size"]), int(config["recent_size"]), gates
+
+
+def _duo_press(directory: str) -> Any:
+    """The local pattern's press; ``head_compression_ratio`` is its share of streaming KV heads
+    (gate below 0.5), so kvpress's own rule (lowest gates stream) streams exactly those heads."""
+    gates = _read_duo(directory)[2]
+    return _local_duo_class()(head_compression_ratio=float((gates < 0.5).mean()), pattern_dir=directory)
+
+
+def _press(name: str, ratio: float, args: argparse.Namespace) -> Any:
+    """The press ``name`` at ``compression_ratio = ratio`` (kvpress's defaults otherwise)."""
+    import kvpress
+
+    if name == "StreamingLLMPress":
+        return kvpress.StreamingLLMPress(compression_ratio=ratio, n_sink=args.sink)
+    if name == "AdaKVPress":
+        return kvpress.AdaKVPress(kvpress.ExpectedAttentionPress(compression_ratio=ratio))
+    return getattr(kvpress, name)(compression_ratio=ratio)
+
+
+def cache_nbytes(cache: Any) -> int:
+    """Bytes of the tensors a transformers cache holds (keys and values of every layer)."""
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.nbytes
+    return total
+
+
+def run_sample(model: Any, tokenizer: Any, sample: dict[str, Any], press: Any) -> dict[str, Any]:
+    """Prefill one sample under ``press`` (None: no press), decode greedily; return its measures."""
+    import contextlib
+
+    from transformers import DynamicCache
+
+    ids = torch.tensor([sample["input_ids"]])
+    length = ids.shape[1]
+    cache = DynamicCache()
+    with torch.no_grad():
+        ctx = press(model) if press is not None else contextlib.nullcontext()
+        start = time.perf_counter()
+        with ctx:
+            model.model(input_ids=ids[:, :-1], past_key_values=cache)
+        prefill_s = time.perf_counter() - start
+        held = cache_nbytes(cache)
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        token, new = ids[:, -1:], []
+        start = time.perf_counter()
+        for step in range(sample["max_new_tokens"]):
+            position = torch.tensor([[length - 1 + step]])
+            out = model(input_ids=token, past_key_values=cache, position_ids=position, logits_to_keep=1)
+            token = out.logits[:, -1:].argmax(-1)
+            new.append(int(token))
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            if new[-1] in eos or all(value in text for value in sample["expected"]):
+                break
+        decode_s = time.perf_counter() - start
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    return {
+        "correct": all(value in text for value in sample["expected"]),
+        "kv_bytes": held,
+        "prefill_s": prefill_s,
+        "decode_ms": 1000 * decode_s / max(1, len(new)),
+        "compression_ratio": _ratio(press),
+        "text": text,
+    }
+
+
+def _ratio(press: Any) -> float | None:
+    """The compression ratio the press reports after a prefill (DuoAttention computes its own)."""
+    if press is None:
+        return 0.0
+    try:
+        return float(press.compression_ratio)
+    except (AssertionError, AttributeError, TypeError):
+        return None
+
+
+def _rows(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """``(label, press factory)`` for every row, ``full`` first."""
+    fractions = [float(f) for f in args.fractions.split(",")]
+    rows: list[tuple[str, Any]] = [("full", lambda: None)]
+    for name in [p for p in args.presses.split(",") if p]:
+        for f in fractions:
+            rows.append((f"{name} {f:g}", lambda name=name, f=f: _press(name, 1 - f, args)))
+    for spec in args.duo:
+        f, directory = spec.split("=", 1)
+        rows.append((f"DuoAttentionPress {float(f):g}", lambda d=directory: _duo_press(d)))
+    return rows
+
+
+def _cell(records: list[dict[str, Any]], full_bytes: list[int]) -> dict[str, Any]:
+    """Means over one row's samples (KV kept: per sample against the full cache of that sample)."""
+    n = len(records)
+    ratios = [r["compression_ratio"] for r in records]
+    return {
+        "n": n,
+        "accuracy": round(100 * sum(r["correct"] for r in records) / n, 1),
+        "kv_mib": round(sum(r["kv_bytes"] for r in records) / n / 2**20, 3),
+        "kv_kept": round(sum(r["kv_bytes"] / b for r, b in zip(records, full_bytes, strict=True)) / n, 4),
+        "prefill_s": round(sum(r["prefill_s"] for r in records) / n, 3),
+        "decode_ms": round(sum(r["decode_ms"] for r in records) / n, 2),
+        "press_ratio": None if None in ratios else round(sum(ratios) / n, 4),
+    }
+
+
+def main() -> None:
+    """Run every sample through every row and print / write the results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks-file", help="JSON written by bench_kv.py --export-tasks")
+    parser.add_argument("--model-dir", help="local Hugging Face model directory (no hub access)")
+    parser.add_argument("--presses", default=",".join(PRESSES))
+    parser.add_argument("--fractions", default="0.5,0.25,0.125", help="KV kept; compression_ratio = 1 - F")
+    parser.add_argument(
+        "--duo", action="append", default=[], metavar="F=DIR", help="DuoAttention pattern dir"
+    )
+    parser.add_argument("--tasks", default=None, help="only these tasks of the file (comma-separated)")
+    parser.add_argument("--sink", type=int, default=4, help="StreamingLLMPress n_sink")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--summary", default=None, metavar="JSON", help="only print the table of a written JSON"
+    )
+    parser.add_argument(
+        "--first", type=int, default=None, help="with --summary: the first N samples per task"
+    )
+    args = parser.parse_args()
+    if args.summary:
+        results = json.loads(Path(args.summary).read_text())
+        if args.first:
+            cut = {
+                key: {label: recs[: args.first] for label, recs in cell.items()}
+                for key, cell in results["samples"].items()
+            }
+            _collect(results, cut)
+        _summary(results)
+        return
+    if not args.tasks_file or not args.model_dir:
+        parser.error("--tasks-file and --model-dir are required (unless --summary)")
+    quiet_kvpress()
+    torch.set_num_threads(args.threads)
+    import kvpress
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = json.loads(Path(args.tasks_file).read_text())
+    samples = [s for s in data["samples"] if args.tasks is None or s["task"] in args.tasks.split(",")]
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_dir, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    model.eval()
+    rows = _rows(args)
+    results: dict[str, Any] = {
+        "model_dir": args.model_dir, "tasks_file": args.tasks_file, "seed": data.get("seed"),
+        "kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else _version("kvpress"),
+        "transformers": transformers.__version__, "torch": torch.__version__, "cpu": cpu_model(),
+        "cores": usable_cores(), "threads": args.threads, "rss_after_load_mib": current_rss_mib(),
+        "cells": {}, "samples": {},
+    }  # fmt: skip
+    wall = time.perf_counter()
+    records: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for sample in _interleaved(samples):
+        key = f"{sample['task']} {sample['length']}"
+        for label, make in rows:
+            records.setdefault(key, {}).setdefault(label, []).append(
+                run_sample(model, tokenizer, sample, make())
+            )
+        _collect(results, records)
+        results["wall_s"] = round(time.perf_counter() - wall, 1)
+        print(
+            json.dumps({key: {label: recs[-1]["correct"] for label, recs in records[key].items()}}),
+            flush=True,
+        )
+        if args.json:  # written after every sample, so an interrupted run keeps what it measured
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    _summary(results)
+
+
+def _interleaved(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Samples in rounds (first of every task, then the second, ...) so a cut-short run is balanced."""
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for sample in samples:
+        by_task.setdefault(f"{sample['task']} {sample['length']}", []).append(sample)
+    rounds = max(len(group) for group in by_task.values())
+    return [group[i] for i in range(rounds) for group in by_task.values() if i < len(group)]
+
+
+def _collect(results: dict[str, Any], records: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
+    """Fill ``results`` with per-cell means and every sample's answer and measures."""
+    for key, by_label in records.items():
+        full_bytes = [r["kv_bytes"] for r in by_label["full"]]
+        results["cells"][key] = {label: _cell(recs, full_bytes) for label, recs in by_label.items()}
+        results["samples"][key] = by_label
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def quiet_kvpress() -> None:
+    """Silence transformers (``benchlib.quiet``) and kvpress's per-model warnings."""
+    import logging
+
+    quiet()
+    logging.getLogger("kvpress").setLevel(logging.ERROR)
+
+
+def _summary(results: dict[str, Any]) -> None:
+    """Print one Markdown table: per row, accuracy per cell, then means of the other columns."""
+    cells = results["cells"]
+    labels = list(next(iter(cells.values())))
+    full_decode = sum(c["full"]["decode_ms"] for c in cells.values()) / len(cells)
+    print(f"\n{results['model_dir']}; cells: {', '.join(cells)}; wall {results['wall_s']} s")
+    print(
+        f"| press | n | {' | '.join(cells)} | KV kept | KV MiB after prefill | prefill s | decode ms/token | decode vs full |"
+    )
+    print("|---|" + "---:|" * (len(cells) + 6))
+    for label in labels:
+        rows = [c[label] for c in cells.values()]
+
+        def mean(key: str, rows: list[dict[str, Any]] = rows) -> float:
+            return sum(r[key] for r in rows) / len(rows)
+
+        accs = " | ".join(f"{r['accuracy']:.0f}" for r in rows)
+        print(
+            f"| {label} | {sum(r['n'] for r in rows)} | {accs} | {100 * mean('kv_kept'):.1f} % | {mean('kv_mib'):.2f} | {mean('prefill_s'):.2f} | "
+            f"{mean('decode_ms'):.1f} | {full_decode / mean('decode_ms'):.2f}× |"
+        )
+
+
+if __name__ == "__main__":
+    main()
