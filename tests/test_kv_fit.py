@@ -13,7 +13,7 @@ import headatlas as ha
 from headatlas.apps.kv.fit import fit_gates, fitted_plan, gate_atlas
 from headatlas.capture import backend_gate
 from headatlas.errors import HeadatlasError
-from tiny_models import BUILDERS, SAMPLE_TEXTS, left_padded_batch, make_tokenizer
+from tiny_models import SAMPLE_TEXTS, left_padded_batch, make_tokenizer
 
 
 def test_streaming_mask_keeps_sink_and_window_of_real_keys() -> None:
@@ -93,4 +93,3 @@ def test_the_command_line_writes_a_plan(tiny_model_dir: Path, tmp_path: Path) ->
     assert "2 steps × 96 tokens" in result.output
     plan = ha.kv.Plan.load(out)
     assert plan.rule["fit"]["n_prompts"] == 1 and plan.kv_bytes["fraction"] <= 0.5 + 1e-9
-    assert BUILDERS

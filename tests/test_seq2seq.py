@@ -20,7 +20,7 @@ from headatlas.pairs import make_target_batch, read_pairs
 from headatlas.probes import ProbeSequence, make_batch
 from headatlas.scanning import build_batteries
 from headatlas.streaming import scan_batch
-from tiny_models import BUILDERS, SAMPLE_TEXTS, left_padded_batch, make_tokenizer
+from tiny_models import SAMPLE_TEXTS, left_padded_batch, make_tokenizer
 from tiny_seq2seq import SEQ2SEQ_BUILDERS, aligned_bart, eager_seq2seq
 
 FAMILIES = sorted(SEQ2SEQ_BUILDERS)
@@ -263,4 +263,3 @@ def test_the_command_line_scans_a_saved_model(tmp_path: Path) -> None:
     assert shown.exit_code == 0, shown.output
     top = next(line for line in shown.output.splitlines() if "cross 0" in line)
     assert top.split("│")[1:3] == ["     2 ", "    0 "] and "alignment" in top, shown.output
-    assert BUILDERS  # the decoder-only builders stay importable beside the seq2seq ones

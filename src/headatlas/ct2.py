@@ -139,10 +139,9 @@ def _vocabulary(path: Path) -> dict[str, int]:
     return Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)  # type: ignore[no-any-return]
 
 
-def _special_ids(path: Path) -> tuple[int, int, int]:
-    """Return the ids of ``<|endoftext|>``, ``<|startoftranscript|>`` and ``<|notimestamps|>`` in a
-    Whisper ``tokenizer.json``; raise :class:`HeadatlasError` when one is missing."""
-    vocab = _vocabulary(path)
+def _special_ids(vocab: dict[str, int], path: Path) -> tuple[int, int, int]:
+    """Return the ids of ``<|endoftext|>``, ``<|startoftranscript|>`` and ``<|notimestamps|>`` in
+    the vocabulary of Whisper tokenizer ``path``; raise :class:`HeadatlasError` when one is missing."""
     names = ("<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>")
     missing = [n for n in names if n not in vocab]
     if missing:
@@ -167,8 +166,9 @@ def convert_whisper(source: Path, target: Path) -> None:
         raise HeadatlasError(f"{source} holds a CTranslate2 {spec}: only Whisper models convert")
     extra = json.loads((source / "config.json").read_text())
     vocab, width = variables["decoder/embeddings/weight"].shape
-    eot, start, no_timestamps = _special_ids(source / "tokenizer.json")
-    multilingual = "<|fr|>" in _vocabulary(source / "tokenizer.json")
+    vocabulary = _vocabulary(source / "tokenizer.json")
+    eot, start, no_timestamps = _special_ids(vocabulary, source / "tokenizer.json")
+    multilingual = "<|fr|>" in vocabulary
     heads = int(variables["encoder/num_heads"])
     config = WhisperConfig(
         vocab_size=int(vocab),

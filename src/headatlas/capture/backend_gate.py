@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend_headatlas import register_backends
+from .probs import allowed_keys
 
 NAME = "headatlas_gate"
 EAGER_NAME = "headatlas_gate_eager"
@@ -48,16 +49,6 @@ def streaming_mask(allowed: torch.Tensor, sink: int, recent: int) -> torch.Tenso
     return allowed & ((rank < sink) | near)  # [batch, 1, query, key]
 
 
-def _allowed(
-    mask: torch.Tensor | None, batch: int, n_query: int, n_key: int, device: torch.device
-) -> torch.Tensor:
-    if mask is not None:
-        allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-        return allowed[..., :n_key].expand(batch, 1, n_query, n_key)
-    q_pos = torch.arange(n_key - n_query, n_key, device=device)[:, None]  # [query, 1]
-    return (torch.arange(n_key, device=device)[None, :] <= q_pos).expand(batch, 1, n_query, n_key)
-
-
 def gate_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -75,7 +66,9 @@ def gate_attention(
     k = key.repeat_interleave(group, dim=1)  # [batch, head, key, d]
     v = value.repeat_interleave(group, dim=1)  # [batch, head, key, d]
     batch, _heads, n_query, _ = query.shape
-    allowed = _allowed(attention_mask, batch, n_query, k.shape[2], query.device)  # [batch, 1, query, key]
+    allowed = allowed_keys(
+        attention_mask, batch, n_query, k.shape[2], True, query.device
+    )  # [batch, 1, query, key]
     full = F.scaled_dot_product_attention(
         query, k, v, attn_mask=allowed, scale=scaling
     )  # [batch, head, query, d]

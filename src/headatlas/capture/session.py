@@ -151,16 +151,16 @@ class CaptureSession:
         """
         batch, _n_heads, n_query, d_head = query.shape
         n_key = key.shape[2]
+        layer = self._layer_of(module)
         if (
             self.mode != "auto"
-            or self._layer_of(module) in self._cross_layers  # cross detectors read whole rows
+            or layer in self._cross_layers  # cross detectors read whole rows
             or query.device.type != "cpu"
             or value.shape[-1] != d_head
             or (attention_mask is None and n_query != n_key)
             or query.dtype not in (torch.float32, torch.bfloat16)
         ):
             return None
-        layer = self._layer_of(module)
         self.layers_seen.add(layer)
         causal = bool(getattr(module, "is_causal", self.loaded.info.causal))
         allowed: torch.Tensor | None = None
