@@ -63,31 +63,19 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
             f"{name}: {len(rows)} rows ({int(labels[name].sum())} injected), features in {seconds[name]:.0f} s",
             flush=True,
         )
-    results = []
-    for train in sources:
-        try:
-            guard = from_features(loaded, feats[train], labels[train], args.n_sigma, args.k_sigma, [train])
-        except ha.HeadatlasError as exc:
-            print(f"train {train}: {exc}")
-            continue
+    results: list[dict[str, Any]] = []
+    for train in sources:  # one source against each other source
         for test in sources:
-            if test == train:
-                continue
-            report = guard.evaluate(feats[test], labels[test])
-            results.append(
-                {
-                    "train": train,
-                    "test": test,
-                    "heads": len(guard.heads),
-                    "probe_layer": guard.probe_layer,
-                    **report,
-                }
+            if test != train:
+                _train_test(loaded, args, train, feats[train], labels[train], test, feats, labels, results)
+    if len(sources) > 2:  # leave one source out: train on the union of every other source
+        for test in sources:
+            train_names = [name for name in sources if name != test]
+            train_feats = _concat([feats[name] for name in train_names])
+            train_labels = np.concatenate([labels[name] for name in train_names])
+            _train_test(
+                loaded, args, "+".join(train_names), train_feats, train_labels, test, feats, labels, results
             )
-            cells = "  ".join(
-                f"{d} {report[d]['auroc']:.3f}/{report[d]['auprc']:.3f}/{report[d]['fpr_at_95_tpr']:.2f}"
-                for d in ("focus", "heads-lr", "residual-probe", "length")
-            )
-            print(f"train {train:>13} → test {test:>13} ({len(guard.heads)} heads): {cells}", flush=True)
     return {
         "model": loaded.info.name,
         "rows": {k: {"total": len(v), "injected": int(labels[k].sum())} for k, v in sources.items()},
@@ -97,6 +85,35 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
         "per_probe": args.per_probe,
         "results": results,
     }
+
+
+def _concat(parts: list[Features]) -> Features:
+    """The rows of several sources as one :class:`Features` (residuals only if every part has them)."""
+    residual = None if any(p.residual is None for p in parts) else np.concatenate([p.residual for p in parts])
+    return Features(
+        np.concatenate([p.focus for p in parts]), residual, np.concatenate([p.data_tokens for p in parts])
+    )
+
+
+def _train_test(
+    loaded: Any, args: argparse.Namespace, train: str, train_feats: Features, train_labels: np.ndarray,
+    test: str, feats: dict[str, Features], labels: dict[str, np.ndarray], results: list[dict[str, Any]],
+) -> None:  # fmt: skip
+    """Fit a guard on ``train_feats`` and append its report on source ``test`` to ``results``."""
+    try:
+        guard = from_features(loaded, train_feats, train_labels, args.n_sigma, args.k_sigma, train.split("+"))
+    except ha.HeadatlasError as exc:
+        print(f"train {train}: {exc}")
+        return
+    report = guard.evaluate(feats[test], labels[test])
+    results.append(
+        {"train": train, "test": test, "heads": len(guard.heads), "probe_layer": guard.probe_layer, **report}
+    )
+    cells = "  ".join(
+        f"{d} {report[d]['auroc']:.3f}/{report[d]['auprc']:.3f}/{report[d]['fpr_at_95_tpr']:.2f}"
+        for d in ("focus", "heads-lr", "residual-probe", "length")
+    )
+    print(f"train {train:>13} → test {test:>13} ({len(guard.heads)} heads): {cells}", flush=True)
 
 
 def _measure(fn: Any) -> tuple[float, float]:

@@ -68,13 +68,23 @@ def _decode(loaded: Any, ids: torch.Tensor, cache: Any, sample: Any) -> tuple[st
 
 
 def _random_plan(kv: Any, info: Any, like: Any, seed: int) -> Any:
+    """As many full KV heads as ``like`` keeps, drawn at random among the global layers' heads
+    (the model's own sliding layers stay as they are, full in every plan)."""
     rng = random.Random(seed)
-    cells = [(layer, k) for layer in range(info.n_layers) for k in range(info.n_kv_heads)]
+    sliding = [t == "sliding" for t in like.layer_types]
+    cells = [(lyr, k) for lyr in range(info.n_layers) for k in range(info.n_kv_heads) if not sliding[lyr]]
     chosen = rng.sample(cells, like.n_full())
-    heads: list[list[int]] = [[] for _ in range(info.n_layers)]
+    heads: list[list[int]] = [list(range(info.n_kv_heads)) if s else [] for s in sliding]
     for layer, k in chosen:
         heads[layer].append(k)
-    return kv.from_heads(info, heads, sink=like.sink, recent=like.recent, compensate=like.compensate)
+    return kv.from_heads(
+        info,
+        heads,
+        sink=like.sink,
+        recent=like.recent,
+        compensate=like.compensate,
+        layer_types=like.layer_types,
+    )
 
 
 def _add(stats: dict[str, dict[str, float]], label: str, **values: float) -> None:
@@ -101,6 +111,19 @@ def main() -> None:
     parser.add_argument("--recent", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=256, help="prefill chunk of the streaming-prefill row")
     parser.add_argument("--streaming-fraction", type=float, default=0.25)
+    parser.add_argument("--no-streaming-row", action="store_true", help="skip the streaming-prefill row")
+    parser.add_argument(
+        "--also-by", default="", metavar="BY;BY",
+        help="more atlas rules (';'-separated `kv plan --by` values), each a row at --streaming-fraction",
+    )  # fmt: skip
+    parser.add_argument(
+        "--plan", action="append", default=[], metavar="LABEL=PLAN.json",
+        help="a saved plan as one more row (e.g. one from `headatlas kv fit`); made for --lengths",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compensate-row", action="store_true",
+        help="add an atlas row at --streaming-fraction with RazorAttention's compensation token",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
@@ -128,6 +151,7 @@ def main() -> None:
     atlas = Atlas.load(args.atlas)
     haystack = ewt_sentences("train")
     fractions = [float(f) for f in args.fractions.split(",")]
+    types = kv.layer_types(loaded.model)  # Gemma 3's sliding layers keep their own window
     results: dict[str, Any] = {
         "model": loaded.info.name,
         "atlas": args.atlas,
@@ -145,14 +169,30 @@ def main() -> None:
         plans: dict[str, Any] = {}
         for f in fractions:
             plans[f"atlas {f:g}"] = kv.plan(
-                atlas, keep_fraction=f, by=args.by, sink=args.sink, recent=args.recent, context=length
-            )
+                atlas, keep_fraction=f, by=args.by, sink=args.sink, recent=args.recent, context=length,
+                layer_types=types,
+            )  # fmt: skip
         for f in [float(x) for x in args.random_fractions.split(",") if x]:
             plans[f"random {f:g}"] = _random_plan(kv, loaded.info, plans[f"atlas {f:g}"], args.seed)
-        stream_label = f"atlas {args.streaming_fraction:g}, streaming prefill"
+        at = args.streaming_fraction
+        for by in [b for b in args.also_by.split(";") if b]:
+            plans[f"atlas {at:g} by {by}"] = kv.plan(
+                atlas, keep_fraction=at, by=by, sink=args.sink, recent=args.recent, context=length,
+                layer_types=types,
+            )  # fmt: skip
+        if args.compensate_row:
+            plans[f"atlas {at:g}, compensate"] = kv.plan(
+                atlas, keep_fraction=at, by=args.by, sink=args.sink, recent=args.recent, context=length,
+                compensate=True, layer_types=types,
+            )  # fmt: skip
+        for spec in args.plan:
+            label, path = spec.split("=", 1)
+            plans[label] = kv.Plan.load(path)
+        stream_label = f"atlas {at:g}, streaming prefill"
         for task in args.tasks.split(","):
             samples = make_samples(loaded.tokenizer, task, length, args.n, seed=args.seed, haystack=haystack)
             stats: dict[str, dict[str, float]] = {}
+            answers: dict[str, list[str]] = {}  # per row, every sample's answer in order
             for sample in samples:
                 ids = encode(loaded.tokenizer, sample)
                 plain = ha_cache = None
@@ -176,12 +216,16 @@ def main() -> None:
                         compress = time.perf_counter() - start if p is not None else 0.0
                         held = sum(layer_nbytes(layer) for layer in cache.layers)
                         text, seconds, n_new = _decode(loaded, ids, cache, sample)
+                    answers.setdefault(label, []).append(text)
                     _add(
                         stats, label, correct=float(sample.correct(text)), kv_bytes=held,
                         kept=held / full_bytes, prefill_s=full_prefill + compress,
                         decode_ms=1000 * seconds / max(1, n_new), peak_prefill_mib=peak_prefill,
                         peak_decode_mib=peak_since_reset_mib(),
                     )  # fmt: skip
+                del plain, ha_cache
+                if args.no_streaming_row:
+                    continue
                 p = plans[f"atlas {args.streaming_fraction:g}"]
                 reset_peak_rss()
                 with kv.compressed(loaded, p, streaming_prefill=True) as cache, torch.no_grad():
@@ -192,12 +236,12 @@ def main() -> None:
                     held = cache.nbytes()
                     reset_peak_rss()
                     text, seconds, n_new = _decode(loaded, ids, cache, sample)
+                answers.setdefault(stream_label, []).append(text)
                 _add(
                     stats, stream_label, correct=float(sample.correct(text)), kv_bytes=held,
                     kept=held / full_bytes, prefill_s=pre, decode_ms=1000 * seconds / max(1, n_new),
                     peak_prefill_mib=peak_pre, peak_decode_mib=peak_since_reset_mib(),
                 )  # fmt: skip
-                del plain, ha_cache
             cell = {}
             for label, row in stats.items():
                 n = row["n"]
@@ -212,6 +256,9 @@ def main() -> None:
                     "peak_decode_mib": round(row["peak_decode_mib"], 1),
                 }
             results["cells"][f"{task} {length}"] = cell
+            results.setdefault("answers", {})[f"{task} {length}"] = {
+                "expected": [list(sample.expected) for sample in samples], **answers,
+            }  # fmt: skip
             print(json.dumps({f"{task} {length}": cell}), flush=True)
     results["wall_s"] = round(time.perf_counter() - wall, 1)
     _summary(results)

@@ -85,6 +85,64 @@ def _press(name: str, ratio: float, args: argparse.Namespace) -> Any:
     return getattr(kvpress, name)(compression_ratio=ratio)
 
 
+def _sliding(model: Any) -> list[bool]:
+    """Per layer, whether the model's own attention is a sliding window (Gemma 3's local layers)."""
+    types = getattr(model.config, "layer_types", None) or []
+    return [t == "sliding_attention" for t in types] or [False] * model.config.num_hidden_layers
+
+
+def _apply(press: Any, model: Any) -> Any:
+    """``press(model)``, or, for a model with sliding layers, the press on its global layers only.
+
+    kvpress 0.5.5 skips Gemma 3's sliding layers only for ``Gemma3ForConditionalGeneration``; on the
+    text-only ``Gemma3ForCausalLM`` it hooks every layer, and its ``rotary_emb`` calls (ExpectedAttention,
+    AdaKV) fail because Gemma 3's rotary module needs a ``layer_type``. headatlas leaves the sliding
+    layers as they are, so for a like-for-like row the press is hooked on the global layers only
+    (the rule kvpress applies to Gemma 3 itself) and given the global rotary embedding.
+    """
+    import functools
+    from contextlib import contextmanager
+
+    sliding = _sliding(model)
+    if not any(sliding):
+        return press(model)
+
+    @contextmanager
+    def on_global_layers() -> Any:
+        press.post_init_from_model(model)
+        hooks = []
+        rotary = functools.partial(model.model.rotary_emb, layer_type="full_attention")
+        try:
+            for layer, is_sliding in zip(model.model.layers, sliding, strict=True):
+                if not is_sliding:
+                    layer.self_attn.rotary_emb = rotary
+                    hooks.append(layer.self_attn.register_forward_hook(press.forward_hook, with_kwargs=True))
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    return on_global_layers()
+
+
+def global_ratio(kept: float, layer_bytes: list[int], sliding: list[bool]) -> float | None:
+    """The ``compression_ratio`` on the global layers that leaves ``kept`` of all KV bytes held
+    (sliding layers untouched), or None when the sliding layers alone exceed ``kept``."""
+    total = sum(layer_bytes)
+    fixed = sum(b for b, s in zip(layer_bytes, sliding, strict=True) if s)
+    share = (kept * total - fixed) / (total - fixed)
+    return None if share <= 0 else 1 - share
+
+
+def layer_nbytes(cache: Any) -> list[int]:
+    """Bytes of keys and values held per cache layer."""
+    sizes = []
+    for layer in cache.layers:
+        tensors = [getattr(layer, name, None) for name in ("keys", "values")]
+        sizes.append(sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor)))
+    return sizes
+
+
 def cache_nbytes(cache: Any) -> int:
     """Bytes of the tensors a transformers cache holds (keys and values of every layer)."""
     total = 0
@@ -104,14 +162,15 @@ def run_sample(model: Any, tokenizer: Any, sample: dict[str, Any], press: Any) -
 
     ids = torch.tensor([sample["input_ids"]])
     length = ids.shape[1]
-    cache = DynamicCache()
+    cache = DynamicCache(config=model.config)  # Gemma 3's sliding layers keep their window
     with torch.no_grad():
-        ctx = press(model) if press is not None else contextlib.nullcontext()
+        ctx = _apply(press, model) if press is not None else contextlib.nullcontext()
         start = time.perf_counter()
         with ctx:
             model.model(input_ids=ids[:, :-1], past_key_values=cache)
         prefill_s = time.perf_counter() - start
-        held = cache_nbytes(cache)
+        per_layer = layer_nbytes(cache)
+        held = sum(per_layer)
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
         token, new = ids[:, -1:], []
@@ -129,6 +188,7 @@ def run_sample(model: Any, tokenizer: Any, sample: dict[str, Any], press: Any) -
     return {
         "correct": all(value in text for value in sample["expected"]),
         "kv_bytes": held,
+        "layer_bytes": per_layer,
         "prefill_s": prefill_s,
         "decode_ms": 1000 * decode_s / max(1, len(new)),
         "compression_ratio": _ratio(press),
@@ -146,16 +206,25 @@ def _ratio(press: Any) -> float | None:
         return None
 
 
-def _rows(args: argparse.Namespace) -> list[tuple[str, Any]]:
-    """``(label, press factory)`` for every row, ``full`` first."""
+def _rows(args: argparse.Namespace, sliding: list[bool]) -> list[tuple[str, Any]]:
+    """``(label, press factory)`` for every row, ``full`` first. A factory takes the full row's
+    bytes per layer: with sliding layers the token presses' ratio is set on the global layers so
+    that the whole cache keeps fraction F (:func:`global_ratio`)."""
     fractions = [float(f) for f in args.fractions.split(",")]
-    rows: list[tuple[str, Any]] = [("full", lambda: None)]
+    rows: list[tuple[str, Any]] = [("full", lambda full: None)]
+
+    def token_press(name: str, f: float, full: list[int]) -> Any:
+        ratio = 1 - f if not any(sliding) else global_ratio(f, full, sliding)
+        if ratio is None:
+            raise SystemExit(f"{name} {f:g}: the sliding layers alone hold more than {f:g} of the KV bytes")
+        return _press(name, ratio, args)
+
     for name in [p for p in args.presses.split(",") if p]:
         for f in fractions:
-            rows.append((f"{name} {f:g}", lambda name=name, f=f: _press(name, 1 - f, args)))
+            rows.append((f"{name} {f:g}", lambda full, name=name, f=f: token_press(name, f, full)))
     for spec in args.duo:
         f, directory = spec.split("=", 1)
-        rows.append((f"DuoAttentionPress {float(f):g}", lambda d=directory: _duo_press(d)))
+        rows.append((f"DuoAttentionPress {float(f):g}", lambda full, d=directory: _duo_press(d)))
     return rows
 
 
@@ -194,9 +263,14 @@ def main() -> None:
     parser.add_argument(
         "--first", type=int, default=None, help="with --summary: the first N samples per task"
     )
+    parser.add_argument(
+        "--start", type=int, default=0,
+        help="skip the first K samples of each task (run the rest; --summary A,B merges runs)",
+    )  # fmt: skip
+    parser.add_argument("--count", type=int, default=None, help="run at most N samples of each task")
     args = parser.parse_args()
     if args.summary:
-        results = json.loads(Path(args.summary).read_text())
+        results = _merged([json.loads(Path(f).read_text()) for f in args.summary.split(",")])
         if args.first:
             cut = {
                 key: {label: recs[: args.first] for label, recs in cell.items()}
@@ -204,6 +278,8 @@ def main() -> None:
             }
             _collect(results, cut)
         _summary(results)
+        if args.json:  # the merged (or cut) result
+            Path(args.json).write_text(json.dumps(results, indent=1))
         return
     if not args.tasks_file or not args.model_dir:
         parser.error("--tasks-file and --model-dir are required (unless --summary)")
@@ -215,12 +291,18 @@ def main() -> None:
 
     data = json.loads(Path(args.tasks_file).read_text())
     samples = [s for s in data["samples"] if args.tasks is None or s["task"] in args.tasks.split(",")]
+    seen: dict[str, int] = {}
+    for sample in samples:  # its index within its task and length
+        key = f"{sample['task']} {sample['length']}"
+        sample["index"], seen[key] = seen.get(key, 0), seen.get(key, 0) + 1
+    stop = args.start + args.count if args.count is not None else None
+    samples = [s for s in samples if s["index"] >= args.start and (stop is None or s["index"] < stop)]
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(
         args.model_dir, dtype=torch.float32, attn_implementation="sdpa"
     )
     model.eval()
-    rows = _rows(args)
+    rows = _rows(args, _sliding(model))
     results: dict[str, Any] = {
         "model_dir": args.model_dir, "tasks_file": args.tasks_file, "seed": data.get("seed"),
         "kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else _version("kvpress"),
@@ -232,10 +314,11 @@ def main() -> None:
     records: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for sample in _interleaved(samples):
         key = f"{sample['task']} {sample['length']}"
+        full: list[int] = []
         for label, make in rows:
-            records.setdefault(key, {}).setdefault(label, []).append(
-                run_sample(model, tokenizer, sample, make())
-            )
+            record = run_sample(model, tokenizer, sample, make(full))
+            full = full or record["layer_bytes"]
+            records.setdefault(key, {}).setdefault(label, []).append(record)
         _collect(results, records)
         results["wall_s"] = round(time.perf_counter() - wall, 1)
         print(
@@ -262,6 +345,22 @@ def _collect(results: dict[str, Any], records: dict[str, dict[str, list[dict[str
         full_bytes = [r["kv_bytes"] for r in by_label["full"]]
         results["cells"][key] = {label: _cell(recs, full_bytes) for label, recs in by_label.items()}
         results["samples"][key] = by_label
+
+
+def _merged(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs on consecutive samples (``--start``): samples concatenated per cell and
+    row in the order given, cells recomputed; the first run's metadata, the walls summed."""
+    if len(runs) == 1:
+        return runs[0]
+    merged = {**runs[0], "cells": {}, "samples": {}, "merged": len(runs)}
+    records: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for run in runs:
+        for key, by_label in run["samples"].items():
+            for label, recs in by_label.items():
+                records.setdefault(key, {}).setdefault(label, []).extend(recs)
+    merged["wall_s"] = round(sum(run.get("wall_s", 0.0) for run in runs), 1)
+    _collect(merged, records)
+    return merged
 
 
 def _version(package: str) -> str:

@@ -13,7 +13,7 @@ import headatlas as ha
 from headatlas.apps import kv
 from headatlas.atlas import Atlas
 from headatlas.errors import HeadatlasError
-from tiny_models import BUILDERS, SAMPLE_TEXTS, left_padded_batch, make_tokenizer
+from tiny_models import BUILDERS, GEMMA3_SLIDING_WINDOW, SAMPLE_TEXTS, left_padded_batch, make_tokenizer
 
 N_NEW = 20
 
@@ -81,6 +81,21 @@ def _window_mask(n_heads, stream_heads, real, sink, recent, full_rows):  # type:
     return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
+def _assert_decode_equals_eager(loaded, out, prompt_len, real, attention_mask):  # type: ignore[no-untyped-def]
+    """Every decoded step's logits equal an eager forward of the whole sequence under the
+    reference ``attention_mask`` (a 4-D additive mask, or a dict of them per layer type)."""
+    loaded.model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = loaded.model(
+            input_ids=out.sequences[:, :-1],
+            attention_mask=attention_mask,
+            position_ids=(real.long().cumsum(-1) - 1).clamp_min(0),
+        ).logits  # [batch, seq, vocab]
+    loaded.model.set_attn_implementation("sdpa")
+    for step, logits in enumerate(out.logits):
+        assert torch.allclose(logits, ref[:, prompt_len - 1 + step], atol=1e-4, rtol=0), step
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 @pytest.mark.parametrize("streaming_prefill", [False, True])
 def test_streaming_head_equals_eager_over_sink_and_window(name: str, streaming_prefill: bool) -> None:
@@ -97,19 +112,40 @@ def test_streaming_head_equals_eager_over_sink_and_window(name: str, streaming_p
     stream_q = [h for h in range(info.n_heads) if info.kv_head(h) == 1]
     full_rows = 0 if streaming_prefill else ids.shape[1]
     ref_mask = _window_mask(info.n_heads, stream_q, real, sink, recent, full_rows)
-    loaded.model.set_attn_implementation("eager")
-    with torch.no_grad():
-        ref = loaded.model(
-            input_ids=seqs[:, :-1],
-            attention_mask=ref_mask,
-            position_ids=(real.long().cumsum(-1) - 1).clamp_min(0),
-        ).logits  # [batch, seq, vocab]
-    loaded.model.set_attn_implementation("sdpa")
-    start = ids.shape[1] - 1
-    for step, logits in enumerate(out.logits):
-        assert torch.allclose(logits, ref[:, start + step], atol=1e-4, rtol=0), step
+    _assert_decode_equals_eager(loaded, out, ids.shape[1], real, ref_mask)
     assert set(lengths) == {sink + recent + 1}
     # a full-attention run differs, so the window was really applied
+    full = _generate(loaded.model, ids, mask, DynamicCache(config=loaded.model.config))
+    assert max((a - b).abs().max().item() for a, b in zip(full.logits, out.logits, strict=True)) > 1e-3
+
+
+@pytest.mark.parametrize("streaming_prefill", [False, True])
+def test_gemma3_streaming_global_layer_equals_eager_with_its_own_sliding_layers(
+    streaming_prefill: bool,
+) -> None:
+    """Gemma 3: the global layer's only KV head streams, the sliding layers keep their window; the
+    logits equal an eager forward given both masks by hand (transformers takes a dict of masks per
+    layer type): the global layer sink + window, the sliding layers causal within the window."""
+    loaded = _loaded("gemma3")
+    info = loaded.info
+    ids, mask = left_padded_batch(loaded.tokenizer, list(SAMPLE_TEXTS))
+    sink, recent = 2, 5
+    types = kv.layer_types(loaded.model)
+    heads = [list(range(info.n_kv_heads)) if t == "sliding" else [] for t in types]
+    kv_plan = kv.from_heads(info, heads, sink=sink, recent=recent, layer_types=types)
+    with kv.compressed(loaded, kv_plan, streaming_prefill=streaming_prefill) as cache:
+        out = _generate(loaded.model, ids, mask, cache)
+    seqs = out.sequences
+    real = torch.cat([mask.bool(), torch.ones(seqs.shape[0], N_NEW, dtype=torch.bool)], 1)[:, :-1]
+    full_rows = 0 if streaming_prefill else ids.shape[1]
+    global_mask = _window_mask(info.n_heads, range(info.n_heads), real, sink, recent, full_rows)
+    seq = real.shape[1]
+    i, j = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+    local = ((j <= i) & (i - j < GEMMA3_SLIDING_WINDOW))[None] & real[:, None, :]  # [batch, query, key]
+    local |= ~local.any(-1, keepdim=True)
+    local_mask = torch.zeros(local.shape).masked_fill(~local, torch.finfo(torch.float32).min)[:, None]
+    masks = {"full_attention": global_mask, "sliding_attention": local_mask}
+    _assert_decode_equals_eager(loaded, out, ids.shape[1], real, masks)
     full = _generate(loaded.model, ids, mask, DynamicCache(config=loaded.model.config))
     assert max((a - b).abs().max().item() for a, b in zip(full.logits, out.logits, strict=True)) > 1e-3
 
@@ -279,3 +315,36 @@ def test_compressing_a_prefilled_plain_cache_equals_full_then_compress() -> None
     for a, b in zip(direct.logits, filled.logits, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
     assert torch.equal(direct.sequences, filled.sequences)
+
+
+def test_a_plan_streaming_a_sliding_layer_is_refused() -> None:
+    """A Gemma 3 plan made without the model's layer types would stream heads of its own sliding
+    layers, which the cache leaves as they are: it is refused instead of silently holding more."""
+    loaded = _loaded("gemma3")
+    types = kv.layer_types(loaded.model)
+    sliding = types.index("sliding")
+    heads = [list(range(loaded.info.n_kv_heads)) for _ in types]
+    heads[sliding] = []
+    blind = kv.from_heads(loaded.info, heads, sink=2, recent=4)
+    with pytest.raises(HeadatlasError, match=f"streams heads of layer {sliding}, a sliding-window layer"):
+        kv.build_cache(loaded, blind)
+    aware = kv.from_heads(loaded.info, heads, sink=2, recent=4, layer_types=types)
+    aware.full_heads[sliding] = list(range(loaded.info.n_kv_heads))  # what kv.plan does with the types
+    assert len(kv.build_cache(loaded, aware).layers) == len(types)
+
+
+def test_prefill_returns_the_last_positions_logits_only() -> None:
+    """``kv.prefill`` runs the LM head on the last prefilled position only (all of them would be
+    ``[batch, seq, vocab]``: 4 GiB for Gemma 3 at 4096 tokens), and they equal the plain forward's."""
+    loaded = _loaded("llama")
+    ids, mask = left_padded_batch(loaded.tokenizer, list(SAMPLE_TEXTS))
+    cache = DynamicCache(config=loaded.model.config)
+    logits = kv.prefill(loaded, cache, ids, mask, chunk=3)
+    assert logits.shape == (ids.shape[0], 1, loaded.model.config.vocab_size)
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        ref = loaded.model(
+            input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1]
+        ).logits
+    assert torch.allclose(logits[:, 0], ref[:, -1], atol=1e-5, rtol=0)
+    assert cache.get_seq_length() == ids.shape[1] - 1

@@ -142,7 +142,9 @@ def scan(
         last = meta["added"][-1]
         done = f"added {', '.join(last['probes'])} in {last['wall_seconds']:.1f} s"
     else:
-        done = f"scanned {meta['tokens']:,} tokens in {meta['wall_seconds']:.1f} s"
+        batteries = ", ".join(meta.get("batteries", {}))
+        tokens = f"{meta['tokens']:,} tokens" if meta.get("tokens") else batteries or "0 tokens"
+        done = f"scanned {tokens} in {meta['wall_seconds']:.1f} s"
     console.print(f"{done} → {out / 'atlas.parquet'} ({len(atlas.table)} heads)")
     _print_summary(atlas)
     if figures:

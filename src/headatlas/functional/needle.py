@@ -175,7 +175,7 @@ def prefill(loaded: LoadedModel, trial: Trial) -> Any:
     """Run the prompt except its last token (no capture) and return the KV cache."""
     ids = torch.tensor([trial.ids[:-1]], device=loaded.device)  # [batch=1, key]
     with torch.no_grad():
-        return loaded.model(input_ids=ids, use_cache=True).past_key_values
+        return loaded.model.base_model(input_ids=ids, use_cache=True).past_key_values  # no LM head
 
 
 def greedy_decode(

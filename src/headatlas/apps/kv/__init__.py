@@ -94,6 +94,18 @@ def fill_from(cache: HeadwiseCache, source: Any, attention_mask: torch.Tensor | 
     return cache
 
 
+def _check_sliding(kv_plan: Plan, types: list[str], n_kv_heads: int) -> None:
+    """Refuse a plan that streams heads of a layer the model keeps as its own sliding window (a
+    plan made without the model's layer types: it would silently hold more than it says)."""
+    bad = [i for i, kind in enumerate(types) if kind == "sliding" and len(kv_plan.full_heads[i]) < n_kv_heads]
+    if bad:
+        raise HeadatlasError(
+            f"the KV plan streams heads of layer {bad[0]}, a sliding-window layer of this model "
+            f"({len(bad)} such layers): make it with the model's layer types (`headatlas kv plan ... --model "
+            "MODEL`, or `kv.plan(..., layer_types=kv.layer_types(model))`) so those layers stay as they are"
+        )
+
+
 def build_cache(loaded: Any, kv_plan: Plan | None, *, streaming_prefill: bool = False) -> HeadwiseCache:
     """A :class:`HeadwiseCache` for ``kv_plan`` (``None``: transformers' plain dynamic layers)."""
     info = loaded.info
@@ -101,8 +113,10 @@ def build_cache(loaded: Any, kv_plan: Plan | None, *, streaming_prefill: bool = 
         return HeadwiseCache(plain_layers(loaded.model.config))
     kv_plan.check_model(info)
     plain = plain_layers(loaded.model.config)
+    types = layer_types(loaded.model)
+    _check_sliding(kv_plan, types, info.n_kv_heads)
     layers: list[Any] = []
-    for i, kind in enumerate(layer_types(loaded.model)):
+    for i, kind in enumerate(types):
         if kind == "sliding":
             layers.append(plain[i])  # the model's own window, left as it is
             continue
@@ -170,7 +184,8 @@ def prefill(
     chunk: int = 512,
 ) -> torch.Tensor:
     """Run the prompt (all but its last token) through ``cache`` in chunks of ``chunk`` tokens;
-    return the last chunk's logits ``[batch, query, vocab]``. ``model.generate`` on the whole
+    return the logits at the last prefilled position ``[batch, 1, vocab]`` (only that row is
+    computed: at 4096 tokens all rows of Gemma 3's 262k vocabulary would be 4 GiB). ``model.generate`` on the whole
     prompt then continues from the cache. With ``streaming_prefill`` caches this is DuoAttention's
     chunked prefill: streaming heads never attend beyond sink + window."""
     if chunk < 1:
@@ -189,6 +204,7 @@ def prefill(
                 position_ids=positions[:, start:stop],
                 past_key_values=cache,
                 use_cache=True,
+                logits_to_keep=1,
             )
             logits = out.logits
     return logits
