@@ -166,25 +166,21 @@ def main() -> None:
     }
     wall = time.perf_counter()
     for length in [int(x) for x in args.lengths.split(",")]:
-        plans: dict[str, Any] = {}
-        for f in fractions:
-            plans[f"atlas {f:g}"] = kv.plan(
-                atlas, keep_fraction=f, by=args.by, sink=args.sink, recent=args.recent, context=length,
-                layer_types=types,
+
+        def atlas_plan(f: float, by: str = args.by, compensate: bool = False, length: int = length) -> Any:
+            return kv.plan(
+                atlas, keep_fraction=f, by=by, sink=args.sink, recent=args.recent, context=length,
+                compensate=compensate, layer_types=types,
             )  # fmt: skip
+
+        plans: dict[str, Any] = {f"atlas {f:g}": atlas_plan(f) for f in fractions}
         for f in [float(x) for x in args.random_fractions.split(",") if x]:
             plans[f"random {f:g}"] = _random_plan(kv, loaded.info, plans[f"atlas {f:g}"], args.seed)
         at = args.streaming_fraction
         for by in [b for b in args.also_by.split(";") if b]:
-            plans[f"atlas {at:g} by {by}"] = kv.plan(
-                atlas, keep_fraction=at, by=by, sink=args.sink, recent=args.recent, context=length,
-                layer_types=types,
-            )  # fmt: skip
+            plans[f"atlas {at:g} by {by}"] = atlas_plan(at, by=by)
         if args.compensate_row:
-            plans[f"atlas {at:g}, compensate"] = kv.plan(
-                atlas, keep_fraction=at, by=args.by, sink=args.sink, recent=args.recent, context=length,
-                compensate=True, layer_types=types,
-            )  # fmt: skip
+            plans[f"atlas {at:g}, compensate"] = atlas_plan(at, compensate=True)
         for spec in args.plan:
             label, path = spec.split("=", 1)
             plans[label] = kv.Plan.load(path)

@@ -143,17 +143,6 @@ def layer_nbytes(cache: Any) -> list[int]:
     return sizes
 
 
-def cache_nbytes(cache: Any) -> int:
-    """Bytes of the tensors a transformers cache holds (keys and values of every layer)."""
-    total = 0
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name, None)
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.nbytes
-    return total
-
-
 def run_sample(model: Any, tokenizer: Any, sample: dict[str, Any], press: Any) -> dict[str, Any]:
     """Prefill one sample under ``press`` (None: no press), decode greedily; return its measures."""
     import contextlib
