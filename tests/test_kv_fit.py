@@ -10,7 +10,15 @@ import torch
 from typer.testing import CliRunner
 
 import headatlas as ha
-from headatlas.apps.kv.fit import fit_gates, fitted_plan, gate_atlas
+from headatlas.apps.kv.fit import (
+    _teacher_forced,
+    fit_gates,
+    fit_samples,
+    fitted_plan,
+    gate_atlas,
+    loss_positions,
+)
+from headatlas.apps.kv.tasks import make_samples
 from headatlas.capture import backend_gate
 from headatlas.errors import HeadatlasError
 from tiny_models import SAMPLE_TEXTS, left_padded_batch, make_tokenizer
@@ -81,6 +89,43 @@ def test_fit_trains_only_the_gates_and_gives_a_plan(tiny_loaded: ha.LoadedModel)
     assert plan.rule["by"] == ["duo_gate"] and plan.rule["fit"]["steps"] == 8
     with pytest.raises(HeadatlasError, match="must be below --seq-len"):
         fit_gates(tiny_loaded, steps=1, seq_len=64, recent=64)
+    with pytest.raises(HeadatlasError, match=r"loss.on must be answer or all"):
+        fit_gates(tiny_loaded, steps=1, seq_len=96, recent=8, loss_on="middle")
+    with pytest.raises(HeadatlasError, match="tasks must be some of"):
+        fit_gates(tiny_loaded, steps=1, seq_len=96, recent=8, tasks=["sudoku"])
+
+
+def test_fit_prompts_end_with_their_answer_and_are_never_the_eval_prompts(
+    tiny_loaded: ha.LoadedModel,
+) -> None:
+    tok = tiny_loaded.tokenizer
+    fit = fit_samples(tok, ["niah", "multikey"], 128, 3, seed=0)
+    assert [s.task for s in fit] == ["niah", "multikey", "niah"], "tasks taken in turn"
+    evaluated = {
+        s.prompt
+        for t in ("niah", "multikey")
+        for seed in range(3)
+        for s in make_samples(tok, t, 128, 3, seed)
+    }
+    assert not evaluated & {s.prompt for s in fit}, "kv eval's seeds never give a fit prompt"
+    ids, sizes = _teacher_forced(tok, ["niah"], 128, 2, seed=0)
+    for row, (prompt, answer), sample in zip(
+        ids, sizes, fit_samples(tok, ["niah"], 128, 2, seed=0), strict=True
+    ):
+        assert row.shape == (1, prompt + answer)
+        assert tok.decode(row[0, prompt:]).strip() == sample.expected[0], "the answer follows the prompt"
+
+
+def test_the_answer_loss_is_taken_where_the_answer_is_predicted(tiny_loaded: ha.LoadedModel) -> None:
+    ids, sizes = _teacher_forced(tiny_loaded.tokenizer, ["niah"], 128, 1, seed=0)
+    (prompt, answer), row = sizes[0], ids[0][0]
+    at = loss_positions(prompt, answer, "answer")
+    positions = torch.arange(row.shape[0])[at]
+    assert positions.tolist() == list(range(prompt - 1, prompt + answer - 1))
+    assert torch.equal(row[positions + 1], row[prompt:]), "each position's next token is an answer token"
+    assert torch.arange(row.shape[0])[loss_positions(prompt, answer, "all")].shape[0] == row.shape[0]
+    result = fit_gates(tiny_loaded, steps=2, seq_len=96, n_prompts=1, recent=8, lam=0.5, loss_on="all")
+    assert result.settings["loss_on"] == "all" and result.settings["tasks"] == "niah,multikey"
 
 
 def test_the_command_line_writes_a_plan(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -84,8 +84,12 @@ def guard_fit(
         str, typer.Option(help="'synthetic' (headatlas' own set) or a labelled JSONL file")
     ] = "synthetic",
     n_sigma: Annotated[
-        float, typer.Option(help="n of the head rule (mean_b − mean_a) − n·(std_b + std_a) > 0")
-    ] = 1.0,
+        float | None,
+        typer.Option(
+            help="n of the head rule (mean_b − mean_a) − n·(std_b + std_a) > 0 "
+            "[default: 1, lowered to 0.5 and then 0 while no head passes]"
+        ),
+    ] = None,
     k_sigma: Annotated[float, typer.Option(help="k of the benign threshold mean − k·std")] = 2.0,
     batch_size: BatchSizeOpt = 8,
 ) -> None:
@@ -100,7 +104,8 @@ def guard_fit(
     guard.save(out)
     names = guard.config["important_head_names"]
     console.print(
-        f"{len(names)} important heads ({', '.join(names[:12])}{' …' if len(names) > 12 else ''}); "
+        f"{len(names)} important heads at n = {guard.config['n_sigma']:g} "
+        f"({', '.join(names[:12])}{' …' if len(names) > 12 else ''}); "
         f"threshold {guard.threshold:.4f}; residual probe at layer {guard.probe_layer}; wrote {out}/guard.json"
     )
 

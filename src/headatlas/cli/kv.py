@@ -91,14 +91,21 @@ def kv_fit(
     keep_fraction: Annotated[
         float, typer.Option(help="share of the full cache's KV bytes to keep at --context, in (0, 1]")
     ] = 0.25,
-    steps: Annotated[int, typer.Option(help="optimisation steps (one prompt each)")] = 40,
-    seq_len: Annotated[int, typer.Option(help="tokens per passkey prompt")] = 512,
-    n_prompts: Annotated[int, typer.Option(help="passkey prompts, used in turn")] = 8,
+    steps: Annotated[int, typer.Option(help="optimisation steps (one prompt each)")] = 48,
+    seq_len: Annotated[int, typer.Option(help="tokens per prompt")] = 512,
+    n_prompts: Annotated[int, typer.Option(help="prompts, used in turn")] = 16,
     sink: Annotated[int, typer.Option(help="first tokens a streaming head keeps")] = 4,
     recent: Annotated[int, typer.Option(help="last tokens a streaming head keeps")] = 64,
     lam: Annotated[float, typer.Option("--lambda", help="weight of the mean |gate| penalty")] = 0.05,
     context: Annotated[int, typer.Option(help="context length the byte budget is computed at")] = 2048,
-    seed: Annotated[int, typer.Option(help="seed of the passkey prompts")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the prompts (a stream kv eval never draws)")] = 0,
+    tasks: Annotated[
+        str, typer.Option(help="tasks the prompts come from, in turn (comma-separated)")
+    ] = "niah,multikey",
+    loss_on: Annotated[
+        str,
+        typer.Option(help="answer: the MSE on the answer's positions (DuoAttention's); all: every position"),
+    ] = "answer",
     device: DeviceOpt = "cpu",
 ) -> None:
     """Fit DuoAttention gates (one per KV head; only the gates train) and write the plan they give."""
@@ -115,7 +122,7 @@ def kv_fit(
         result = run(
             lambda: fit_gates(
                 loaded, steps=steps, seq_len=seq_len, n_prompts=n_prompts, sink=sink, recent=recent,
-                lam=lam, seed=seed, on_step=on_step,
+                lam=lam, seed=seed, tasks=[t for t in tasks.split(",") if t], loss_on=loss_on, on_step=on_step,
             )
         )  # fmt: skip
     types = kv.layer_types(loaded.model)

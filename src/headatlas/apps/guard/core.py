@@ -28,6 +28,8 @@ from .synthetic import synthetic_rows
 FORMAT = "headatlas-guard/1"
 N_SIGMA = 1.0
 """Default n of the head rule (Attention Tracker chooses n per model)."""
+N_SIGMA_AUTO = (1.0, 0.5, 0.0)
+"""The n tried in turn when none is given: the first that keeps at least one head is used."""
 K_SIGMA = 2.0
 """Default k of the benign calibration τ = mean − k·std (≈ 2.3 % benign flagged if focus were normal)."""
 DETECTORS = ("focus", "heads-lr", "residual-probe", "length")
@@ -93,14 +95,16 @@ class Guard:
         cls,
         model: LoadedModel | str,
         rows: Sequence[dict[str, Any]] | None = None,
-        n_sigma: float = N_SIGMA,
+        n_sigma: float | None = None,
         k_sigma: float = K_SIGMA,
         batch_size: int = 8,
         progress: Callable[[int, int], None] | None = None,
     ) -> Guard:
         """Return a guard fitted on ``rows`` (default: the synthetic set, :func:`synthetic_rows`).
 
-        Raises :class:`HeadatlasError` when no head passes the rule at ``n_sigma``.
+        ``n_sigma=None`` tries :data:`N_SIGMA_AUTO` in turn (1, then 0.5, then 0) and keeps the
+        first n that selects a head; ``guard.json`` records the n used. Raises
+        :class:`HeadatlasError` when no head passes the rule at ``n_sigma`` (or at any of them).
         """
         loaded = _loaded(model)
         train = check_rows(rows if rows is not None else synthetic_rows(), need_label=True)
@@ -223,14 +227,27 @@ def fit_config(
     loaded: LoadedModel,
     feats: Features,
     labels: np.ndarray,
-    n_sigma: float,
+    n_sigma: float | None,
     k_sigma: float,
     sources: list[str],
 ) -> dict[str, Any]:
-    """Return the ``guard.json`` content fitted on ``feats`` and ``labels`` (pure but for the fingerprint)."""
-    heads = fitting.select_heads(feats.focus, labels, n_sigma)
+    """Return the ``guard.json`` content fitted on ``feats`` and ``labels`` (pure but for the
+    fingerprint); ``n_sigma=None`` takes the first of :data:`N_SIGMA_AUTO` that keeps a head."""
+    tried = N_SIGMA_AUTO if n_sigma is None else (n_sigma,)
+    heads: list[tuple[int, int]] = []
+    used = tried[0]
+    for used in tried:
+        heads = fitting.select_heads(feats.focus, labels, used)
+        if heads:
+            break
     if not heads:
-        raise HeadatlasError(f"no head passes the rule at {param('n_sigma')}={n_sigma}: lower it")
+        at = ", ".join(f"{n:g}" for n in tried)
+        hint = (
+            "lower it"
+            if n_sigma is not None
+            else "no head's focus is lower on the attacks than on benign rows"
+        )
+        raise HeadatlasError(f"no head passes the rule at {param('n_sigma')}={at}: {hint}")
     a, b = (np.array(x, dtype=int) for x in zip(*heads, strict=True))
     y = np.asarray(labels).astype(int)
     focus = feats.focus[:, a, b].mean(-1)  # [row]
@@ -242,7 +259,8 @@ def fit_config(
         **weights_record(loaded),
         "important_heads": [list(h) for h in heads],
         "important_head_names": [head_name(*h) for h in heads],
-        "n_sigma": n_sigma,
+        "n_sigma": used,
+        "n_sigma_auto": n_sigma is None,
         "k_sigma": k_sigma,
         "threshold": fitting.calibrate(focus[y == 0], k_sigma),
         "trained_on": {"sources": sources, "rows": n, "injected": int(y.sum())},
@@ -260,7 +278,7 @@ def from_features(
     loaded: LoadedModel,
     feats: Features,
     labels: np.ndarray,
-    n_sigma: float = N_SIGMA,
+    n_sigma: float | None = N_SIGMA,
     k_sigma: float = K_SIGMA,
     sources: list[str] | None = None,
 ) -> Guard:

@@ -44,7 +44,7 @@ class Logistic:
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Return P(injected) for ``x [row, feature]``, ``[row]``."""
         z = ((x - self.mean) / self.scale) @ self.weight + self.bias  # [row]
-        return np.asarray(1.0 / (1.0 + np.exp(-z)))
+        return np.asarray(0.5 * (1.0 + np.tanh(z / 2.0)))  # σ(z), without exp's overflow
 
     def to_dict(self) -> dict[str, object]:
         """Return the JSON form (lists of floats)."""

@@ -4,8 +4,12 @@ Xiao et al. 2024 (DuoAttention) give every KV head a gate α ∈ [0, 1] that mix
 attention with streaming attention (``sink`` first + ``recent`` last keys), freeze the model, and
 train only the gates to keep the final hidden states of passkey prompts unchanged while pushing
 the gates down: ``loss = MSE(h_gated, h_full) + λ · mean |α|``, gates clamped to [0, 1] after each
-step. Heads whose gate stays high are retrieval heads and keep their full cache. Here the prompts
-are the ``niah`` task's (:mod:`.tasks`), the mix is the ``headatlas_gate`` backend
+step. Heads whose gate stays high are retrieval heads and keep their full cache. As in
+DuoAttention's training script, each prompt is followed by its answer (teacher-forced) and the MSE is
+taken only at the positions that predict the answer's tokens (``loss_on="answer"``; ``"all"`` takes
+every position, which the local context dominates). Here the prompts are the ``niah`` and
+``multikey`` tasks' (:mod:`.tasks`, a seed stream of their own so that they never equal the prompts
+``kv eval`` and ``bench_kv.py`` draw), the mix is the ``headatlas_gate`` backend
 (:mod:`headatlas.capture.backend_gate`), and the gates become a ``duo_gate`` score from which
 :func:`.plan.plan` keeps the top heads within a byte budget.
 """
@@ -14,18 +18,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from ...atlas import Atlas
 from ...capture import backend_gate
-from ...errors import HeadatlasError, check_at_least
+from ...errors import HeadatlasError, check_at_least, param
 from ...loading import LoadedModel
+from .evaluate import encode
 from .plan import Plan, plan
-from .tasks import make_samples
+from .tasks import TASKS, Sample, make_samples
 
 logger = logging.getLogger(__name__)
 
@@ -37,39 +43,52 @@ class FitResult:
     alpha: np.ndarray
     losses: list[float]
     seconds: float
-    settings: dict[str, float | int]
+    settings: dict[str, float | int | str]
 
 
 def fit_gates(
     loaded: LoadedModel,
     *,
-    steps: int = 40,
+    steps: int = 48,
     seq_len: int = 512,
-    n_prompts: int = 8,
+    n_prompts: int = 16,
     sink: int = 4,
     recent: int = 64,
     lam: float = 0.05,
     lr: float = 0.05,
     seed: int = 0,
+    tasks: Sequence[str] = ("niah", "multikey"),
+    loss_on: str = "answer",
     on_step: Callable[[int, float], None] | None = None,
 ) -> FitResult:
-    """Return DuoAttention gates trained on ``n_prompts`` niah prompts of about ``seq_len`` tokens,
-    one prompt per step in turn (module docstring; Xiao et al. 2024). The model is not changed."""
+    """Return DuoAttention gates trained on ``n_prompts`` prompts of about ``seq_len`` tokens drawn
+    in turn from ``tasks``, one prompt per step in turn, the loss on the answer's positions or on
+    ``"all"`` (module docstring; Xiao et al. 2024). The model is not changed."""
     loaded.info.require_one_stack("kv fit")
     check_at_least("steps", steps, 1)
     check_at_least("n_prompts", n_prompts, 1)
     if recent >= seq_len:
         raise HeadatlasError(f"--recent {recent} must be below --seq-len {seq_len}: nothing would stream")
+    if loss_on not in ("answer", "all"):
+        raise HeadatlasError(f"{param('loss_on')} must be answer or all, got {loss_on!r}")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise HeadatlasError(
+            f"{param('tasks')} must be some of {', '.join(TASKS)}, got {', '.join(tasks) or 'none'}"
+        )
     model, info = loaded.model, loaded.info
-    samples = make_samples(loaded.tokenizer, "niah", seq_len, n_prompts, seed)
-    prompts = [torch.tensor([loaded.tokenizer(s.prompt)["input_ids"]]) for s in samples]
+    prompts, answers = _teacher_forced(loaded.tokenizer, list(tasks), seq_len, n_prompts, seed)
+    where = [loss_positions(p, a, loss_on) for p, a in answers]
     body = model.base_model
     previous = model.config._attn_implementation
     frozen = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
-        targets = [body(input_ids=ids.to(loaded.device)).last_hidden_state for ids in prompts]
+        targets = [
+            body(input_ids=ids.to(loaded.device)).last_hidden_state[:, w]
+            for ids, w in zip(prompts, where, strict=True)
+        ]
     alpha = torch.ones(info.n_layers, info.n_kv_heads, requires_grad=True, device=loaded.device)
     optimiser = torch.optim.Adam([alpha], lr=lr)
     backend_gate.register()
@@ -80,7 +99,7 @@ def fit_gates(
     try:
         for step in range(steps):
             i = step % len(prompts)
-            hidden = body(input_ids=prompts[i].to(loaded.device)).last_hidden_state
+            hidden = body(input_ids=prompts[i].to(loaded.device)).last_hidden_state[:, where[i]]
             distill = torch.nn.functional.mse_loss(hidden, targets[i]) / targets[i].pow(2).mean()
             loss = distill + lam * alpha.abs().mean()
             optimiser.zero_grad()
@@ -96,9 +115,38 @@ def fit_gates(
         model.set_attn_implementation(previous)
         for p, flag in zip(model.parameters(), frozen, strict=True):
             p.requires_grad_(flag)
-    settings = {"steps": steps, "seq_len": seq_len, "n_prompts": n_prompts, "sink": sink, "recent": recent,
-                "lambda": lam, "lr": lr, "seed": seed}  # fmt: skip
+    settings: dict[str, float | int | str] = {"steps": steps, "seq_len": seq_len, "n_prompts": n_prompts, "sink": sink, "recent": recent,
+                "lambda": lam, "lr": lr, "seed": seed, "tasks": ",".join(tasks), "loss_on": loss_on}  # fmt: skip
     return FitResult(alpha.detach().cpu().numpy(), losses, time.perf_counter() - started, settings)
+
+
+def fit_samples(tokenizer: Any, tasks: list[str], seq_len: int, n_prompts: int, seed: int) -> list[Sample]:
+    """Return the ``n_prompts`` fit prompts, taken in turn from ``tasks``; their seed stream
+    (``"fit<seed>"``) is not one ``kv eval`` or ``bench_kv.py`` draws (integer seeds)."""
+    per_task = {
+        t: make_samples(tokenizer, t, seq_len, -(-n_prompts // len(tasks)), f"fit{seed}") for t in tasks
+    }
+    return [per_task[tasks[k % len(tasks)]][k // len(tasks)] for k in range(n_prompts)]
+
+
+def loss_positions(prompt: int, answer: int, loss_on: str) -> slice:
+    """Return the positions the fit's MSE is taken at: for ``"answer"`` the hidden states that
+    predict the answer's ``answer`` tokens (from the prompt's last position on), for ``"all"`` every one."""
+    return slice(prompt - 1, prompt - 1 + answer) if loss_on == "answer" else slice(None)
+
+
+def _teacher_forced(
+    tokenizer: Any, tasks: list[str], seq_len: int, n_prompts: int, seed: int
+) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+    """Return each fit prompt followed by its expected answer, ``[1, seq]`` ids, and its
+    ``(prompt tokens, answer tokens)``."""
+    ids, sizes = [], []
+    for sample in fit_samples(tokenizer, tasks, seq_len, n_prompts, seed):
+        prompt = encode(tokenizer, sample)  # [1, prompt]
+        answer = tokenizer(" " + ", ".join(sample.expected), add_special_tokens=False)["input_ids"]
+        ids.append(torch.cat([prompt, torch.tensor([answer])], dim=1))  # [1, prompt + answer]
+        sizes.append((prompt.shape[1], len(answer)))
+    return ids, sizes
 
 
 def gate_atlas(loaded: LoadedModel, alpha: np.ndarray) -> Atlas:

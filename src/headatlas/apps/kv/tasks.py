@@ -89,7 +89,7 @@ def _body(task: str, rng: random.Random) -> tuple[list[str], str, str, tuple[str
 
 
 def make_samples(
-    tokenizer: Any, task: str, length: int, n: int, seed: int = 0, haystack: list[str] | None = None
+    tokenizer: Any, task: str, length: int, n: int, seed: int | str = 0, haystack: list[str] | None = None
 ) -> list[Sample]:
     """Return ``n`` samples of ``task`` whose prompts are about ``length`` tokens (seeded).
 
