@@ -43,11 +43,10 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
     feats, labels, seconds = {}, {}, {}
     for name, rows in sources.items():
         start = time.perf_counter()
+        # features of an earlier run are reused only for the very same rows (their digest)
         digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:12]
         cached = None if args.cache is None else args.cache / f"{args.model}-{name}-{len(rows)}-{digest}.npz"
-        if (
-            cached is not None and cached.is_file()
-        ):  # features of an earlier run of the same rows (same digest)
+        if cached is not None and cached.is_file():
             saved = np.load(cached)
             feats[name] = Features(saved["focus"], saved["residual"], saved["data_tokens"])
         else:

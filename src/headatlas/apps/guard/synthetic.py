@@ -99,6 +99,11 @@ BENIGN_TAILS: tuple[str, ...] = (
 )
 
 
+def _append(text: str, suffix: str) -> str:
+    """``text`` then ``suffix``: after a space, unless the suffix starts its own paragraph."""
+    return text + ("" if suffix.startswith("\n") else " ") + suffix
+
+
 def synthetic_rows() -> list[dict[str, str | int]]:
     """Return the synthetic rows ``{"instruction", "data", "label", "source", "kind"}``.
 
@@ -111,10 +116,8 @@ def synthetic_rows() -> list[dict[str, str | int]]:
         instruction = INSTRUCTIONS[k % len(INSTRUCTIONS)]
         kind, attack = ATTACKS[k % len(ATTACKS)]
         payload = PAYLOADS[k % len(PAYLOADS)]
-        joiner = "" if attack.startswith("\n") else " "
-        injected = text + joiner + attack.format(payload=payload)
-        tail = BENIGN_TAILS[k % len(BENIGN_TAILS)]
-        benign = text + ("" if tail.startswith("\n") else " ") + tail
+        injected = _append(text, attack.format(payload=payload))
+        benign = _append(text, BENIGN_TAILS[k % len(BENIGN_TAILS)])
         rows.append(
             {"instruction": instruction, "data": benign, "label": 0, "source": "synthetic", "kind": "benign"}
         )

@@ -115,8 +115,10 @@ def fit_gates(
         model.set_attn_implementation(previous)
         for p, flag in zip(model.parameters(), frozen, strict=True):
             p.requires_grad_(flag)
-    settings: dict[str, float | int | str] = {"steps": steps, "seq_len": seq_len, "n_prompts": n_prompts, "sink": sink, "recent": recent,
-                "lambda": lam, "lr": lr, "seed": seed, "tasks": ",".join(tasks), "loss_on": loss_on}  # fmt: skip
+    settings: dict[str, float | int | str] = {
+        "steps": steps, "seq_len": seq_len, "n_prompts": n_prompts, "sink": sink, "recent": recent,
+        "lambda": lam, "lr": lr, "seed": seed, "tasks": ",".join(tasks), "loss_on": loss_on,
+    }  # fmt: skip
     return FitResult(alpha.detach().cpu().numpy(), losses, time.perf_counter() - started, settings)
 
 
