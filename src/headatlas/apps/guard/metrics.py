@@ -66,3 +66,21 @@ def summary(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         "auprc": auprc(scores, labels),
         "fpr_at_95_tpr": fpr_at_tpr(scores, labels),
     }
+
+
+def best_single_head(focus: np.ndarray, labels: np.ndarray) -> dict[str, object]:
+    """Return ``{"head": [layer, head], "auroc"}``: the head whose 1 − s best separates ``labels``.
+
+    ``focus [row, layer, head]`` holds Attention Tracker's per-head s (Hung et al. 2024). The head
+    is chosen on these very rows, so its AUROC bounds what any one-head selection could reach on
+    them (a diagnostic of the model and data, never a detector's result).
+    """
+    _check(focus[:, 0, 0], labels)
+    scores = np.array(
+        [
+            [auroc(1.0 - focus[:, layer, head], labels) for head in range(focus.shape[2])]
+            for layer in range(focus.shape[1])
+        ]
+    )  # [layer, head]
+    layer, head = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    return {"head": [int(layer), int(head)], "auroc": float(scores[layer, head])}
