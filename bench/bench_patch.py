@@ -35,8 +35,13 @@ def main() -> None:
     args = parser.parse_args()
     quiet()
     import headatlas as ha
-    from headatlas.apps.patch_tasks import build_task
-    from headatlas.apps.patching import activation_patching, attribution_patching, clean_outputs, encode_task
+    from headatlas.apps.common.patch_tasks import build_task
+    from headatlas.apps.patch.patching import (
+        activation_patching,
+        attribution_patching,
+        clean_outputs,
+        encode_task,
+    )
 
     loaded = ha.load(args.model)
     task = build_task(loaded.tokenizer, args.task, args.n)

@@ -1,9 +1,9 @@
 """All-head probing: headatlas' batched trainer against a per-head scikit-learn loop, same features.
 
-Collects every head's output on a probing task once (``headatlas.apps.headprobe.features``), then
+Collects every head's output on a probing task once (``headatlas.apps.probe.probing.features``), then
 fits the L2-regularised multinomial logistic regression of every head two ways at one strength:
 
-- ``batched``: all layers × heads at once (:func:`headatlas.apps.logreg.fit_logreg`, L-BFGS);
+- ``batched``: all layers × heads at once (:func:`headatlas.apps.common.logreg.fit_logreg`, L-BFGS);
 - ``sklearn``: ``LogisticRegression(C=1 / (l2 · n))`` (the same objective), one head at a time.
 
 Prints both wall times, the speed ratio, and how well the test accuracies agree (largest and mean
@@ -37,9 +37,9 @@ def main() -> None:
     from sklearn.linear_model import LogisticRegression
 
     import headatlas as ha
-    from headatlas.apps.headprobe import _label_ids, features
-    from headatlas.apps.logreg import fit_logreg
-    from headatlas.apps.probe_tasks import build_probe_task
+    from headatlas.apps.common.logreg import fit_logreg
+    from headatlas.apps.common.probe_tasks import build_probe_task
+    from headatlas.apps.probe.probing import _label_ids, features
 
     loaded = ha.load(args.model)
     task = build_probe_task(loaded.tokenizer, args.task, args.n_sentences, 0)

@@ -65,9 +65,9 @@ def bench_scan(args: argparse.Namespace, result: dict) -> None:  # type: ignore[
 
 def bench_importance(args: argparse.Namespace, result: dict) -> None:  # type: ignore[type-arg]
     import headatlas as ha
-    from headatlas.apps.evaluation import heldout_data
-    from headatlas.apps.importance import ablation_importance
-    from headatlas.parallel import worker_pool
+    from headatlas.apps.common.evaluation import heldout_data
+    from headatlas.apps.prune.importance import ablation_importance
+    from headatlas.scanning.parallel import worker_pool
 
     loaded = ha.load(args.model)
     data = heldout_data(

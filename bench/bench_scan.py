@@ -6,7 +6,7 @@ of the packaged default model, batch size 8):
 - ``sdpa``: plain forward pass, ``set_attn_implementation("sdpa")``, no grad (the baseline);
 - ``eager``: forward pass with ``set_attn_implementation("eager")`` and ``output_attentions=True``
   (how attention maps are usually extracted today);
-- ``scan``: ``headatlas.scanning.run_scan`` — headatlas capture plus every natural-battery score.
+- ``scan``: ``headatlas.scanning.stream.run_scan`` — headatlas capture plus every natural-battery score.
 
 Timing (this process): one warm-up batch per kind, then ``--repeats`` full passes per kind,
 interleaved round-robin (sdpa, eager, scan, sdpa, ...) so slow drift in background load hits every
@@ -72,13 +72,16 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
     import torch
 
     import headatlas
-    from headatlas.probes import make_batch, pad_id
-    from headatlas.scanning import build_batteries
+    from headatlas.batteries.base import make_batch, pad_id
+    from headatlas.scanning.config import ScanConfig
+    from headatlas.scanning.scan import build_batteries
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     loaded = headatlas.load(args.model)
-    (battery,) = build_batteries(loaded, ["natural"], None, None, args.n_prompts, args.seq_len, args.seed)
+    (battery,) = build_batteries(
+        loaded, ScanConfig.of(["natural"], n_prompts=args.n_prompts, seq_len=args.seq_len, seed=args.seed)
+    )
     pad = pad_id(loaded.tokenizer)
     seqs = battery.sequences
     batches = [make_batch(seqs[i : i + args.batch_size], pad) for i in range(0, len(seqs), args.batch_size)]
@@ -91,7 +94,7 @@ def _runners(
     """Return ``{kind: (warm_up, full_pass)}``; each call restores the attention backend it needs."""
     import torch
 
-    from headatlas.scanning import run_scan
+    from headatlas.scanning.stream import run_scan
 
     model = loaded.model
 

@@ -21,8 +21,8 @@ requires_default_model = pytest.mark.skipif(
 
 def _packaged_installed(name: str) -> bool:
     """Whether every package of the packaged model ``name`` is installed (nothing is imported)."""
-    from headatlas.datasets import packaged_model_path
-    from headatlas.errors import HeadatlasError
+    from headatlas.core.errors import HeadatlasError
+    from headatlas.model.packaged import packaged_model_path
 
     try:
         packaged_model_path(name)
@@ -91,7 +91,7 @@ def validate_saved_atlas(directory: Path) -> None:
     import jsonschema
     import pandas as pd
 
-    from headatlas.atlas_schema import describe_table, schema_path
+    from headatlas.atlas.schema import describe_table, schema_path
 
     schema = json.loads(schema_path().read_text(encoding="utf-8"))
     meta = json.loads((directory / "atlas.json").read_text(encoding="utf-8"))
@@ -104,11 +104,11 @@ def validate_saved_atlas(directory: Path) -> None:
 def _every_saved_atlas_matches_the_schema():  # type: ignore[no-untyped-def]
     """Every atlas a test writes in this process (session fixtures too) is checked against the
     schema as it is saved."""
-    from headatlas.atlas import Atlas
+    from headatlas.atlas.table import Atlas
 
     original = Atlas.save
 
-    from headatlas.errors import HeadatlasError
+    from headatlas.core.errors import HeadatlasError
 
     def save_and_validate(self: Atlas, directory: str | Path) -> Path:
         out = original(self, directory)

@@ -14,11 +14,11 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import validate_saved_atlas
-from headatlas.apps.compare import JSON_FILE, compare_atlases, spearman, write_comparison
-from headatlas.atlas import Atlas
-from headatlas.atlas_schema import SCHEMA_VERSION, UNKNOWN_START, describe_table, schema_path
+from headatlas.apps.compare.diff import JSON_FILE, compare_atlases, spearman, write_comparison
+from headatlas.atlas.schema import SCHEMA_VERSION, UNKNOWN_START, describe_table, schema_path
+from headatlas.atlas.table import Atlas
 from headatlas.cli import app
-from headatlas.errors import HeadatlasError
+from headatlas.core.errors import HeadatlasError
 
 runner = CliRunner()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from headatlas.capture.views import DenseView
-from headatlas.detectors import DETECTOR_SCORES, DETECTORS, Context, Score
+from headatlas.detectors.attention import DETECTOR_SCORES, DETECTORS, Context, Score
 
 T = 12
 

@@ -13,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 import headatlas as ha
-from headatlas.apps.importance import ablation_importance
-from headatlas.apps.patch_tasks import PatchPair, PatchTask
-from headatlas.apps.patching import patch
+from headatlas.apps.common.patch_tasks import PatchPair, PatchTask
+from headatlas.apps.patch.patching import patch
+from headatlas.apps.prune.importance import ablation_importance
 from headatlas.cli import app
 from tiny_models import SAMPLE_TEXTS
 

@@ -21,11 +21,11 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 import headatlas as ha
-from headatlas.apps.verify import induction_loss, save_verification, verify
-from headatlas.errors import HeadatlasError
+from headatlas.apps.verify.causal import induction_loss, save_verification, verify
+from headatlas.core.errors import HeadatlasError
+from headatlas.core.roles import RULES, assign_roles
 from headatlas.functional import FunctionalConfig, battery_spec, copying, ordinal
-from headatlas.functional.runner import run_functional
-from headatlas.roles import RULES, assign_roles
+from headatlas.scanning.functional import run_functional
 from tiny_models import BUILDERS, CORPUS, make_tokenizer, one_layer_llama_config, word_tokenizer
 
 NUMBERS = ordinal.ORDINAL_SETS["number words"]
@@ -205,7 +205,7 @@ def test_functional_resume_reuses_a_finished_battery(
     def boom(*_args: object) -> None:
         raise AssertionError("a finished battery must not run again on resume")
 
-    monkeypatch.setattr("headatlas.functional.runner.battery_spec", lambda name: _Spec(boom))
+    monkeypatch.setattr("headatlas.scanning.functional.battery_spec", lambda name: _Spec(boom))
     again = run_functional(tiny_loaded, ["copy"], config, tmp_path, resume=True, fingerprint="abc")
     assert np.allclose(again.stats.mean("copying"), first.stats.mean("copying"))
     with pytest.raises(HeadatlasError, match="other settings"):
@@ -257,9 +257,9 @@ def test_unknown_battery_lists_the_functional_ones(tiny_loaded) -> None:  # type
 
 
 def test_verify_mean_ablation_uses_held_out_means(tiny_loaded, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from headatlas.apps.verify import head_means
+    from headatlas.apps.verify.causal import head_means
 
-    monkeypatch.setattr("headatlas.datasets.ewt_sentences", lambda split="train": list(CORPUS))
+    monkeypatch.setattr("headatlas.data.ud.ewt_sentences", lambda split="train": list(CORPUS))
     means = head_means(tiny_loaded)
     assert len(means) == 3 * 4 and means[(0, 0)].shape == (16,)
     atlas = ha.scan(tiny_loaded, probes=["repeat"], n_prompts=2, seq_len=32)

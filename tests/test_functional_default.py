@@ -14,7 +14,7 @@ import pytest
 
 import headatlas as ha
 from conftest import requires_default_model
-from headatlas.apps.verify import verify
+from headatlas.apps.verify.causal import verify
 from headatlas.functional import FunctionalConfig, battery_spec
 
 pytestmark = [pytest.mark.slow, requires_default_model]

@@ -24,9 +24,9 @@ from headatlas.apps.guard import (
     synthetic_rows,
 )
 from headatlas.apps.guard.features import encode, extract
+from headatlas.apps.guard.spans import PLAIN_LAYOUT, prompt_spans
 from headatlas.capture import capture
 from headatlas.cli import app
-from headatlas.sequences import PLAIN_LAYOUT, prompt_spans
 from tiny_models import (
     BUILDERS,
     blank_llama,

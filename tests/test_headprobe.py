@@ -10,10 +10,17 @@ import pytest
 import torch
 
 import headatlas as ha
-from headatlas.apps.headprobe import collect_features, run_probes, write_probes
-from headatlas.apps.logreg import choose_l2, fit_logreg, standardise
-from headatlas.apps.probe_tasks import FACTS, build_probe_task, control_labels, false_answer, truth_task
-from headatlas.errors import HeadatlasError
+from headatlas.apps.common.head_features import collect_features
+from headatlas.apps.common.logreg import choose_l2, fit_logreg, standardise
+from headatlas.apps.common.probe_tasks import (
+    FACTS,
+    build_probe_task,
+    control_labels,
+    false_answer,
+    truth_task,
+)
+from headatlas.apps.probe.probing import run_probes, write_probes
+from headatlas.core.errors import HeadatlasError
 from tiny_models import blank_llama, make_tokenizer, one_layer_llama_config, word_tokenizer
 
 WORDS = ("cat", "dog", "cow", "red", "blue", "green", "run", "eat")
@@ -171,8 +178,8 @@ def test_bad_probe_input_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_treebank_labels_sit_on_first_pieces_and_fold_subtypes() -> None:
-    from headatlas.apps.probe_tasks import treebank_item
-    from headatlas.datasets import Sentence
+    from headatlas.apps.common.probe_tasks import treebank_item
+    from headatlas.data.ud import Sentence
 
     tokenizer = make_tokenizer()
     words = ("Archaeologists", "discovered", "pottery", ".")

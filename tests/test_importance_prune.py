@@ -12,21 +12,21 @@ from typer.testing import CliRunner
 
 import headatlas as ha
 from conftest import requires_default_model
-from headatlas.apps.evaluation import EvalData, count_params, perplexity
-from headatlas.apps.importance import (
+from headatlas.apps.common.evaluation import EvalData, count_params, perplexity
+from headatlas.apps.prune.importance import (
     ablation_importance,
     gradient_importance,
     michel_normalise,
     write_importance,
 )
-from headatlas.apps.prune import check_fraction, prune_model, save_pruned, select
-from headatlas.apps.redundancy import measure
-from headatlas.atlas import open_atlas
+from headatlas.apps.prune.pruning import check_fraction, prune_model, save_pruned, select
+from headatlas.apps.prune.redundancy import measure
+from headatlas.atlas.table import open_atlas
+from headatlas.batteries.base import ProbeSequence, make_batch
 from headatlas.capture import output_projections
 from headatlas.cli import app
-from headatlas.heads import parse_heads
-from headatlas.probes import ProbeSequence, make_batch
-from headatlas.surgery import plan_layouts
+from headatlas.core.heads import parse_heads
+from headatlas.model.surgery import plan_layouts
 from tiny_models import BUILDERS, CORPUS, SAMPLE_TEXTS, left_padded_batch, make_tokenizer
 
 runner = CliRunner()
@@ -271,8 +271,8 @@ def test_perplexity_of_tiny_model_is_finite() -> None:
 @pytest.mark.slow
 @requires_default_model
 def test_default_model_importance_and_pruning(tmp_path: Path) -> None:
-    from headatlas.apps.evaluation import heldout_data
-    from headatlas.apps.prune import order_heads, run_prune
+    from headatlas.apps.common.evaluation import heldout_data
+    from headatlas.apps.prune.pruning import order_heads, run_prune
 
     loaded = ha.load("default")
     dev = heldout_data(loaded, "natural", "dev", 2, 64, 2)

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from headatlas.apps import formats
-from headatlas.apps.interop import FORMAT_NAMES, export_atlas, import_annotation, kv_gates
-from headatlas.apps.verify import metric_for
-from headatlas.atlas import Atlas
+from headatlas.apps import kv
+from headatlas.apps.common import formats
+from headatlas.apps.interop.exchange import FORMAT_NAMES, export_atlas, import_annotation, kv_gates
+from headatlas.apps.verify.causal import metric_for
+from headatlas.atlas.table import Atlas
 from headatlas.cli import app
-from headatlas.errors import HeadatlasError
+from headatlas.core.errors import HeadatlasError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "formats"
 runner = CliRunner()
@@ -52,17 +53,32 @@ def test_duo_exports_kv_gates_and_imports_them_expanded_to_query_heads(atlas: At
     pattern = formats.read_duo(tmp_path / "duo")
     assert (pattern.sink, pattern.recent) == (4, 32)
     values = atlas.matrix("first_token")  # [3, 4]; KV head g serves query heads 2g, 2g+1
-    assert np.allclose(pattern.gates, np.maximum(values[:, 0::2], values[:, 1::2]), atol=1e-6)
+    relative = values / values.max()  # [3, 4]: each head against the model's strongest
+    assert np.allclose(pattern.gates, np.maximum(relative[:, 0::2], relative[:, 1::2]), atol=1e-6)
     assert np.allclose(kv_gates(atlas, "first_token"), pattern.gates, atol=1e-6)
     column = import_annotation(atlas, tmp_path / "duo", "duo", name="duo_gate")
     assert np.allclose(atlas.matrix(column), np.repeat(pattern.gates, 2, axis=1))
     assert atlas.meta["imported"][column]["expanded_from_kv_heads"]
 
 
-def test_a_signed_score_is_scaled_into_gates(atlas: Atlas) -> None:
-    atlas.set_matrix("copying", np.arange(12, dtype=float).reshape(3, 4) - 6)
+def test_a_signed_score_counts_relative_to_its_largest_magnitude(atlas: Atlas) -> None:
+    atlas.set_matrix("copying", np.arange(12, dtype=float).reshape(3, 4) - 6)  # -6 .. 5
     gates = kv_gates(atlas, "copying")
-    assert gates.min() == 0.0 and gates.max() == 1.0
+    assert gates.shape == (3, 2) and gates.min() == 0.0  # suppression counts as no need
+    assert gates[2, 1] == pytest.approx(5 / 6) and gates[0, 0] == 0.0
+
+
+def test_an_exported_pattern_and_a_plan_follow_one_rule(atlas: Atlas) -> None:
+    """``export --format duo`` writes the KV-head scores ``kv plan`` ranks by: the plan keeps exactly
+    the KV heads with the highest exported gates."""
+    atlas.set_matrix("retrieval", np.array([[0.1, 0.0, 0.2, 0.4], [0.8, 0.3, 0.0, 0.05], [0.6, 0.1, 0.9, 0.7]]))
+    gates = kv_gates(atlas, "retrieval")
+    scores, names = kv.kv_scores(atlas, "retrieval")
+    assert names == ["retrieval"] and np.array_equal(gates, scores)
+    plan = kv.plan(atlas, budget=400, by="retrieval", sink=4, recent=64, context=1024)
+    kept = {(layer, k) for layer, heads in enumerate(plan.full_heads) for k in heads}
+    ranked = sorted(np.ndindex(gates.shape), key=lambda lk: -gates[lk])
+    assert kept == set(ranked[: len(kept)]) and 0 < len(kept) < gates.size
 
 
 def test_attention_tracker_export_keeps_the_top_heads_and_imports_a_0_1_column(

@@ -11,8 +11,8 @@ from transformers import DynamicCache
 
 import headatlas as ha
 from headatlas.apps import kv
-from headatlas.atlas import Atlas
-from headatlas.errors import HeadatlasError
+from headatlas.atlas.table import Atlas
+from headatlas.core.errors import HeadatlasError
 from tiny_models import BUILDERS, GEMMA3_SLIDING_WINDOW, SAMPLE_TEXTS, left_padded_batch, make_tokenizer
 
 N_NEW = 20

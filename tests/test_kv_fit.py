@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import headatlas as ha
+from headatlas.apps.kv.backends import gate as backend_gate
 from headatlas.apps.kv.fit import (
     _teacher_forced,
     fit_gates,
@@ -19,8 +20,7 @@ from headatlas.apps.kv.fit import (
     loss_positions,
 )
 from headatlas.apps.kv.tasks import make_samples
-from headatlas.capture import backend_gate
-from headatlas.errors import HeadatlasError
+from headatlas.core.errors import HeadatlasError
 from tiny_models import SAMPLE_TEXTS, left_padded_batch, make_tokenizer
 
 

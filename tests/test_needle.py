@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 import headatlas as ha
-from headatlas.errors import HeadatlasError
+from headatlas.core.errors import HeadatlasError
 from headatlas.functional import FunctionalConfig, battery_spec
 from headatlas.functional import needle as nd
 from headatlas.functional.needle_prompts import Needle, Trial, build_trial, build_trials, rouge1_recall

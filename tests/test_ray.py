@@ -15,12 +15,14 @@ import pytest
 from typer.testing import CliRunner
 
 import headatlas as ha
-from headatlas.apps.evaluation import heldout_data
-from headatlas.apps.importance import ablation_importance
+from headatlas.apps.common.evaluation import heldout_data
+from headatlas.apps.prune.importance import ablation_importance
 from headatlas.cli import app
-from headatlas.errors import HeadatlasError
-from headatlas.parallel import worker_pool
-from headatlas.scanning import build_batteries, run_scan
+from headatlas.core.errors import HeadatlasError
+from headatlas.scanning.config import ScanConfig
+from headatlas.scanning.parallel import worker_pool
+from headatlas.scanning.scan import build_batteries
+from headatlas.scanning.stream import run_scan
 
 ray = pytest.importorskip("ray")  # a dev dependency: installed by `make setup`
 
@@ -68,7 +70,7 @@ def test_a_killed_worker_is_recovered_and_nothing_is_counted_twice(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     loaded = ha.load(str(tiny_model_dir))
-    batteries = build_batteries(loaded, ["natural", "repeat"], None, None, 6, 24, 0)
+    batteries = build_batteries(loaded, ScanConfig.of(["natural", "repeat"], n_prompts=6, seq_len=24, seed=0))
     alone = run_scan(loaded, batteries, batch_size=1).stats
     killed: list[int] = []
     with worker_pool(str(tiny_model_dir), workers=2) as pool:
@@ -98,8 +100,8 @@ def test_ablation_importance_over_ray_equals_in_process(tiny_model_dir: Path) ->
 
 
 def test_verify_and_the_prune_curve_over_ray(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from headatlas.apps.prune import prune_curve, random_order
-    from headatlas.apps.verify import verify
+    from headatlas.apps.prune.pruning import prune_curve, random_order
+    from headatlas.apps.verify.causal import verify
     from headatlas.functional import FunctionalConfig
 
     loaded = ha.load(str(tiny_model_dir))

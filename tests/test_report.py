@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 import headatlas as ha
 from conftest import XSS, XSS_TEXT
+from headatlas.atlas.table import Example
 from headatlas.cli import app
 from headatlas.report.data import atlas_payload, encode_maps, is_causal_map, quantize
 from headatlas.report.html import render_report, script_json, write_report
-from headatlas.scanning import Example
 from tiny_models import CORPUS
 
 runner = CliRunner()

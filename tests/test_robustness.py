@@ -16,12 +16,12 @@ import pytest
 from typer.testing import CliRunner
 
 import headatlas as ha
-from headatlas.apps.prune import check_prune_output, head_orders, prune_model, save_pruned
+from headatlas.apps.prune.pruning import check_prune_output, head_orders, prune_model, save_pruned
 from headatlas.cli import app
-from headatlas.errors import HeadatlasError
+from headatlas.core.errors import HeadatlasError
+from headatlas.core.storage import check_output_dir, check_output_file, directory_lock
+from headatlas.data.sequences import token_strings
 from headatlas.functional import FunctionalConfig
-from headatlas.sequences import token_strings
-from headatlas.storage import check_output_dir, check_output_file, directory_lock
 from tiny_models import BUILDERS, make_tokenizer
 
 runner = CliRunner()
@@ -133,7 +133,7 @@ def test_a_second_writer_gets_a_one_line_error(tiny_loaded: ha.LoadedModel, tmp_
         with pytest.raises(HeadatlasError, match=r"another headatlas process .* is writing"):
             ha.scan(tiny_loaded, probes=["repeat"], n_prompts=2, seq_len=24, out=out)
         code = f"""
-from headatlas.storage import directory_lock
+from headatlas.core.storage import directory_lock
 with directory_lock({str(out)!r}):
     pass
 """

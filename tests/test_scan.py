@@ -9,11 +9,13 @@ import pandas as pd
 import pytest
 
 import headatlas as ha
+from headatlas.atlas.stats import HeadStats
+from headatlas.batteries.base import make_batch
 from headatlas.capture.views import DenseView
-from headatlas.detectors import DETECTORS, Context
-from headatlas.probes import make_batch
-from headatlas.scanning import BatchDone, build_batteries, run_scan
-from headatlas.stats import HeadStats
+from headatlas.detectors.attention import DETECTORS, Context
+from headatlas.scanning.config import ScanConfig
+from headatlas.scanning.scan import build_batteries
+from headatlas.scanning.stream import BatchDone, run_scan
 from tiny_models import BUILDERS, CORPUS, eager_attentions, make_tokenizer
 
 
@@ -30,7 +32,9 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _batteries(loaded: ha.LoadedModel, corpus: Path, n: int = 6, seq_len: int = 24) -> list:
-    return build_batteries(loaded, ["natural", "repeat"], None, corpus, n, seq_len, seed=3)
+    return build_batteries(
+        loaded, ScanConfig.of(["natural", "repeat"], text_file=corpus, n_prompts=n, seq_len=seq_len, seed=3)
+    )
 
 
 def _assert_same(a: HeadStats, b: HeadStats) -> None:
@@ -251,8 +255,10 @@ def test_every_architecture_scans(arch: str, corpus_file: Path) -> None:
 def test_fast_path_equals_dense_path_on_left_padded_texts(arch: str) -> None:
     loaded = ha.load(BUILDERS[arch](0), tokenizer=make_tokenizer())
     texts = [*list(CORPUS[:5]), " ".join(CORPUS[5:9])]
-    battery = build_batteries(loaded, ["natural"], texts, None, 1, 16, 0)
-    battery += build_batteries(loaded, ["repeat"], None, None, 3, 40, 0)
+    battery = build_batteries(
+        loaded, ScanConfig.of(["natural"], texts=texts, n_prompts=1, seq_len=16, seed=0)
+    )
+    battery += build_batteries(loaded, ScanConfig.of(["repeat"], n_prompts=3, seq_len=40, seed=0))
     fast = run_scan(loaded, battery, batch_size=6, mode="auto").stats
     dense = run_scan(loaded, battery, batch_size=6, mode="dense").stats
     assert fast.names == dense.names

@@ -12,14 +12,15 @@ import torch
 from typer.testing import CliRunner
 
 import headatlas as ha
-from headatlas.alignment import CrossContext, aer, alignment, cross_positional
+from headatlas.batteries.align import make_target_batch, read_aligned_pairs
+from headatlas.batteries.base import ProbeSequence, make_batch
 from headatlas.capture import capture
 from headatlas.capture.views import DenseView
-from headatlas.errors import HeadatlasError
-from headatlas.pairs import make_target_batch, read_pairs
-from headatlas.probes import ProbeSequence, make_batch
-from headatlas.scanning import build_batteries
-from headatlas.streaming import scan_batch
+from headatlas.core.errors import HeadatlasError
+from headatlas.detectors.cross import CrossContext, aer, alignment, cross_positional
+from headatlas.scanning.config import ScanConfig
+from headatlas.scanning.scan import build_batteries
+from headatlas.scanning.stream import scan_batch
 from tiny_models import SAMPLE_TEXTS, left_padded_batch, make_tokenizer
 from tiny_seq2seq import SEQ2SEQ_BUILDERS, aligned_bart, eager_seq2seq
 
@@ -84,7 +85,9 @@ def test_every_kind_equals_eager_on_left_padded_sources(loaded: ha.LoadedModel) 
 def test_fast_and_dense_paths_give_the_same_scores(loaded: ha.LoadedModel) -> None:
     tok = loaded.tokenizer
     seqs = [ProbeSequence(tuple(tok(t, add_special_tokens=False)["input_ids"])) for t in SAMPLE_TEXTS]
-    battery = build_batteries(loaded, ("natural",), list(SAMPLE_TEXTS), None, 4, 16, 0)[0]
+    battery = build_batteries(
+        loaded, ScanConfig.of(("natural",), texts=list(SAMPLE_TEXTS), n_prompts=4, seq_len=16, seed=0)
+    )[0]
     fast = scan_batch(loaded, battery, 0, seqs, mode="auto").stats
     dense = scan_batch(loaded, battery, 0, seqs, mode="dense").stats
     assert fast.names == dense.names and "diagonal" in fast.names
@@ -224,7 +227,7 @@ def test_bad_alignment_files_name_the_line(tmp_path: Path, line: str, message: s
     path = tmp_path / "bad.txt"
     path.write_text("a ||| b ||| 0-0\n" + line + "\n")
     with pytest.raises(HeadatlasError, match=rf"bad.txt:2: .*{message}"):
-        read_pairs(path)
+        read_aligned_pairs(path)
 
 
 def test_what_needs_one_stack_says_so(

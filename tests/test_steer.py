@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import headatlas as ha
-from headatlas.apps.steer import load_steering
-from headatlas.errors import HeadatlasError
+from headatlas.apps.steer.steering import load_steering
+from headatlas.core.errors import HeadatlasError
 from tiny_models import BUILDERS, make_tokenizer
 
 TEXT = "The capital of France is Paris and the dog ran."
@@ -148,7 +148,7 @@ def test_bad_steering_input_is_a_one_line_error(tiny_loaded: ha.LoadedModel) -> 
 def test_evaluate_sweeps_alpha_for_probe_and_random_heads(
     tiny_loaded: ha.LoadedModel, steering: ha.steer.Steering, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import headatlas.apps.steer_eval as steer_eval
+    import headatlas.apps.steer.evaluation as steer_eval
 
     monkeypatch.setattr(steer_eval, "ewt_sentences", lambda split, limit: [TEXT, "A cat sat on the mat."])
     table = ha.steer.evaluate(tiny_loaded, steering, alphas=(0.0, 30.0), n_text=2)

@@ -14,8 +14,9 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import PreTrainedTokenizerFast
 
 import headatlas as ha
-from headatlas.datasets import Sentence, read_conllu
-from headatlas.errors import HeadatlasError
+from headatlas.core.errors import HeadatlasError
+from headatlas.data.ud import Sentence, read_conllu
+from headatlas.detectors.words import word_attention
 from headatlas.functional import FunctionalConfig, battery_spec
 from headatlas.functional.syntax import (
     DEP_TO_HEAD,
@@ -31,7 +32,6 @@ from headatlas.functional.syntax import (
     run_syntax,
     sentence_examples,
     syntactic_stats,
-    word_attention,
 )
 from tiny_models import BUILDERS, make_tokenizer
 
@@ -134,7 +134,7 @@ def test_word_attention_sums_to_and_averages_from() -> None:
     word_ids = torch.tensor([[-1, 0, 0, 1, 2, 2, 2, -1]])  # [batch, key]: CLS, w0×2, w1, w2×3, SEP
     attn = torch.softmax(torch.randn(1, 2, 8, 8), -1)  # [batch, head, query, key]
     before = attn.clone()
-    out = word_attention(attn, word_ids, n_words=4)  # [batch, head, word, word]
+    out = word_attention(attn, word_ids, n_query_words=4, n_key_words=4)  # [batch, head, word, word]
     assert out.shape == (1, 2, 4, 4)
     assert torch.equal(attn, before)
     pieces = {w: [t for t in range(8) if word_ids[0, t] == w] for w in range(3)}
@@ -271,7 +271,9 @@ def test_oracle_head_wins_and_uniform_head_does_not(causal: bool) -> None:
         ex_targets[i, list(e.targets)] = True
     pair = torch.tensor([pairs.index((e.relation, e.direction)) for _, e in examples])
     valid = torch.ones(n_sent, n_words, dtype=torch.bool)
-    pred = predict_words(word_attention(attn, word_ids, n_words), valid, causal)
+    pred = predict_words(
+        word_attention(attn, word_ids, n_query_words=n_words, n_key_words=n_words), valid, causal
+    )
     hits = example_hits(pred, ex_batch, ex_query, ex_targets)[None]  # [layer, head, example]
     scores = relation_scores(hits, offset_hits(ex_query, ex_targets, offsets), pair, len(pairs))
     dep = [i for i, (_, d) in enumerate(pairs) if d == DEP_TO_HEAD]

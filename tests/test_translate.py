@@ -18,10 +18,10 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 import headatlas as ha
-from headatlas.errors import HeadatlasError
+from headatlas.batteries.base import pad_id
+from headatlas.core.errors import HeadatlasError
 from headatlas.functional import FunctionalConfig, battery_spec
 from headatlas.functional import translate as tr
-from headatlas.probes import pad_id
 from tiny_models import one_layer_llama_config, word_tokenizer
 
 K = tr.WORDS_PER_PROMPT

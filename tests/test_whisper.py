@@ -14,9 +14,9 @@ import transformers as tf
 
 import headatlas as ha
 from conftest import requires_whisper
-from headatlas.ct2 import convert_whisper, read_model_bin
-from headatlas.errors import HeadatlasError
-from headatlas.speech import speech_battery
+from headatlas.batteries.speech import speech_battery
+from headatlas.core.errors import HeadatlasError
+from headatlas.model.ct2 import convert_whisper, read_model_bin
 from tiny_models import make_tokenizer, word_tokenizer
 from tiny_seq2seq import eager_seq2seq, tiny_whisper
 

@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 import headatlas as ha
-from headatlas.apps.zoo import COLUMNS, compare, head_depths, member_name, zoo
+from headatlas.apps.zoo.scans import COLUMNS, compare, head_depths, member_name, zoo
 from headatlas.cli import app
-from headatlas.errors import HeadatlasError
+from headatlas.core.errors import HeadatlasError
 from tiny_models import BUILDERS, make_tokenizer
 
 runner = CliRunner()

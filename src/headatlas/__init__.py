@@ -10,31 +10,32 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .core.lazy import Export, lazy_getattr
 
 __version__ = "0.1.0"
 
-_EXPORTS: dict[str, str | tuple[str, str | None]] = {
-    "patch": ("headatlas.apps.patching", "patch_effects"),
-    "kv": ("headatlas.apps.kv", None),  # the module itself
-    "probe": ("headatlas.apps.headprobe", "probe"),
-    "steer": ("headatlas.apps.steer", None),  # the module itself
-    "Atlas": "headatlas.atlas",
+_EXPORTS: dict[str, Export] = {
+    "patch": ("headatlas.apps.patch.patching", "patch_effects"),
+    "kv": ("headatlas.apps.kv", None),  # the package itself
+    "probe": ("headatlas.apps.probe.probing", "probe"),
+    "steer": ("headatlas.apps.steer", None),  # the package itself
+    "Atlas": "headatlas.atlas.table",
     "Guard": "headatlas.apps.guard",
-    "scan": "headatlas.scanning",
-    "ScanConfig": "headatlas.scanning",
+    "scan": "headatlas.scanning.scan",
+    "ScanConfig": "headatlas.scanning.config",
     "head_outputs": "headatlas.capture",
-    "SCORES": "headatlas.scores",
-    "load": "headatlas.loading",
-    "LoadedModel": "headatlas.loading",
-    "ModelInfo": "headatlas.loading",
+    "SCORES": "headatlas.core.scores",
+    "load": "headatlas.model.load",
+    "LoadedModel": "headatlas.model.info",
+    "ModelInfo": "headatlas.model.info",
     "ablate": "headatlas.capture",
     "attention_maps": "headatlas.capture",
-    "HeadatlasError": "headatlas.errors",
-    "HeadStats": "headatlas.stats",
+    "HeadatlasError": "headatlas.core.errors",
+    "HeadStats": "headatlas.atlas.stats",
     "DETECTORS": "headatlas.detectors",
-    "RULES": "headatlas.roles",
+    "RULES": "headatlas.core.roles",
 }
 
 __all__ = [
@@ -63,28 +64,21 @@ __all__ = [
 if TYPE_CHECKING:
     from .apps import kv, steer
     from .apps.guard import Guard
-    from .apps.headprobe import probe
-    from .apps.patching import patch_effects as patch
-    from .atlas import Atlas
+    from .apps.patch.patching import patch_effects as patch
+    from .apps.probe.probing import probe
+    from .atlas.stats import HeadStats
+    from .atlas.table import Atlas
     from .capture import ablate, attention_maps, head_outputs
+    from .core.errors import HeadatlasError
+    from .core.roles import RULES
+    from .core.scores import SCORES
     from .detectors import DETECTORS
-    from .errors import HeadatlasError
-    from .loading import LoadedModel, ModelInfo, load
-    from .roles import RULES
-    from .scanning import ScanConfig, scan
-    from .scores import SCORES
-    from .stats import HeadStats
+    from .model.info import LoadedModel, ModelInfo
+    from .model.load import load
+    from .scanning.config import ScanConfig
+    from .scanning.scan import scan
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        where = _EXPORTS[name]
-        module, attr = where if isinstance(where, tuple) else (where, name)
-        found = importlib.import_module(module)
-        value = found if attr is None else getattr(found, attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'headatlas' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())
 
 
 def __dir__() -> list[str]:

@@ -2,7 +2,7 @@
 and the one hook on per-head outputs (``heads``) that ablation, gates, probes and patching use."""
 
 from .ablate import MODES, ablate, check_mode
-from .heads import HeadCallback, HeadTap, head_outputs, output_projections, output_weight
+from .hook import HeadCallback, HeadTap, head_outputs, output_projections, output_weight
 from .session import CaptureSession, attention_maps, capture, padded_positions, supports_backend
 from .views import AttentionView, DenseView, LseView
 

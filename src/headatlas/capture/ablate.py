@@ -15,19 +15,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import check_choice
-from ..heads import Head, check_heads, heads_by_layer
-from .heads import head_outputs
+from ..core.errors import check_choice
+from ..core.heads import Head, check_heads, heads_by_layer
+from .hook import head_outputs
 
 if TYPE_CHECKING:
-    from ..loading import LoadedModel
+    from ..model.info import LoadedModel
 
 MODES = ("zero", "mean")
 """Ablation modes."""
 
 
 def check_mode(mode: str) -> None:
-    """Raise :class:`~headatlas.errors.HeadatlasError` unless ``mode`` is an ablation mode."""
+    """Raise :class:`~headatlas.core.errors.HeadatlasError` unless ``mode`` is an ablation mode."""
     check_choice("mode", mode, MODES)
 
 

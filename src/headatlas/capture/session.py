@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..archs import arch_spec, attention_stacks
-from ..errors import HeadatlasError
-from . import backend_eager
-from . import backend_headatlas as backend
+from ..core.errors import HeadatlasError
+from ..model.archs import arch_spec, attention_stacks
+from .backends import eager as backend_eager
+from .backends import headatlas as backend
 from .probs import allowed_keys, attention_probs, block_rows
 from .views import AttentionView, DenseView, LseView
 
 if TYPE_CHECKING:
-    from ..loading import LoadedModel
+    from ..model.info import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def padded_positions(model: torch.nn.Module, attention_mask: torch.Tensor) -> di
 
 def supports_backend(loaded: LoadedModel) -> bool:
     """Return whether the model can swap attention backends: transformers'
-    ``_supports_attention_backend``, or an encoder–decoder family of :data:`headatlas.archs.ARCHITECTURES`
+    ``_supports_attention_backend``, or an encoder–decoder family of :data:`headatlas.model.archs.ARCHITECTURES`
     (their attention modules call the attention interface, but transformers does not flag them)."""
     if arch_spec(loaded.info.arch).cross_attention is not None and loaded.info.encoder_decoder:
         return True

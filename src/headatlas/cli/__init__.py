@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import sys
 
-from . import apps, atlas, data, guard, interop, kv, patch, probe, steer, view, zoo
+from . import atlas, data, guard, interop, kv, patch, probe, steer, view, zoo
+from . import prune as apps
 from .common import app, err_console
 
 __all__ = ["app", "main"]

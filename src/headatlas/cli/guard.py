@@ -132,7 +132,7 @@ def guard_score(
     """Score one (instruction, data) pair, or stream a JSONL file of them to stdout."""
     quiet_libraries(False)
     from ..apps.guard import Guard
-    from ..sequences import read_utf8
+    from ..data.sequences import read_utf8
 
     given = [x for x in (data, data_file, jsonl) if x is not None]
     if len(given) != 1:
@@ -164,7 +164,7 @@ def _write(results: list[Any]) -> None:
 
 def _flush(guard: Any, path: Path, batch: list[dict[str, Any]]) -> str | None:
     """Score and write ``batch``; on a bad row write the rows before it and return its error."""
-    from ..errors import HeadatlasError
+    from ..core.errors import HeadatlasError
 
     try:
         _write(guard.results(guard.features(batch, len(batch))))
@@ -219,7 +219,7 @@ def guard_eval(
     import numpy as np
 
     from ..apps.guard import Guard
-    from ..storage import atomic_path
+    from ..core.storage import atomic_path
 
     rows = _jsonl(jsonl, need_label=True)
     loaded = load_model(model)

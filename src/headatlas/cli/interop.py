@@ -1,4 +1,4 @@
-"""``headatlas compare``: two atlases side by side. The work is in :mod:`headatlas.apps.compare`."""
+"""``headatlas compare``: two atlases side by side. The work is in :mod:`headatlas.apps.compare.diff`."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def compare(
     ] = None,
 ) -> None:
     """Compare two atlases: per score, Spearman over heads and top-k overlap; heads gained and lost per role."""
-    from ..apps.compare import compare_atlases, write_comparison
-    from ..atlas import Atlas
+    from ..apps.compare.diff import compare_atlases, write_comparison
+    from ..atlas.table import Atlas
 
     a = run(lambda: Atlas.load(atlas_a))
     b = run(lambda: Atlas.load(atlas_b))
@@ -94,8 +94,8 @@ def export(
     recent: Annotated[int, typer.Option(help="duo: recent tokens of streaming heads")] = 256,
 ) -> None:
     """Write one atlas score in another tool's format (Retrieval_Head, HeadKV, DuoAttention, Attention Tracker, CSV)."""
-    from ..apps.interop import check_export_target, export_atlas
-    from ..atlas import Atlas
+    from ..apps.interop.exchange import check_export_target, export_atlas
+    from ..atlas.table import Atlas
 
     atlas = run(lambda: Atlas.load(directory))
     run(lambda: check_export_target(fmt, out))
@@ -125,9 +125,9 @@ def import_(
     ] = None,
 ) -> None:
     """Add a foreign head annotation to an atlas as a column, so show, report, compare and verify read it."""
-    from ..apps.interop import import_annotation
-    from ..atlas import open_atlas
-    from ..storage import check_output_dir
+    from ..apps.interop.exchange import import_annotation
+    from ..atlas.table import open_atlas
+    from ..core.storage import check_output_dir
     from .common import load_model, locked
 
     if not path.exists():

@@ -49,7 +49,7 @@ def kv_plan(
 ) -> None:
     """Make a KV plan: the best-scoring KV heads keep every token, the rest stream."""
     from ..apps import kv
-    from ..atlas import Atlas
+    from ..atlas.table import Atlas
 
     if keep_fraction is None and budget is None:
         keep_fraction = 0.25
@@ -168,7 +168,7 @@ def kv_eval(
     from ..apps import kv
     from ..apps.kv import evaluate
     from ..apps.kv.tasks import make_samples
-    from ..storage import atomic_path
+    from ..core.storage import atomic_path
 
     kv_plan = run(lambda: kv.Plan.load(plan))
     try:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..heads import head_name
+from ..core.heads import head_name
 from .common import (
     DeviceMapOpt,
     DeviceOpt,
@@ -63,13 +63,13 @@ def patch(
 ) -> None:
     """Patch each head from clean into corrupted prompts: how much of the behaviour it restores."""
     quiet_libraries(False)
-    from ..apps.patch_tasks import build_task
-    from ..apps.patching import function_vector, write_patch, zero_shot_accuracy
-    from ..apps.patching import patch as run_patch
-    from ..atlas import open_atlas
-    from ..errors import check_at_least
+    from ..apps.common.patch_tasks import build_task
+    from ..apps.patch.patching import function_vector, write_patch, zero_shot_accuracy
+    from ..apps.patch.patching import patch as run_patch
+    from ..atlas.table import open_atlas
+    from ..core.errors import check_at_least
+    from ..core.storage import check_output_dir
     from ..report.figures import score_figure
-    from ..storage import check_output_dir
 
     run(lambda: check_at_least("rows_per_pass", rows_per_pass, 1))
     run(lambda: check_output_dir(out))
@@ -142,11 +142,11 @@ def circuit(
 ) -> None:
     """Sort heads into the IOI circuit's classes by path patching (Wang et al. 2022)."""
     quiet_libraries(False)
-    from ..apps.circuit import circuit_figure, ioi_circuit, write_circuit
-    from ..apps.patch_tasks import build_task
-    from ..atlas import open_atlas
-    from ..errors import check_at_least
-    from ..storage import check_output_dir
+    from ..apps.common.patch_tasks import build_task
+    from ..apps.patch.circuit import circuit_figure, ioi_circuit, write_circuit
+    from ..atlas.table import open_atlas
+    from ..core.errors import check_at_least
+    from ..core.storage import check_output_dir
 
     if task != "ioi":
         fail(f"--task {task!r}: circuit knows the ioi task only (its classes need the IOI name structure)")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..heads import head_name
+from ..core.heads import head_name
 from .common import (
     DeviceOpt,
     ModelArg,
@@ -56,11 +56,11 @@ def probe(
 ) -> None:
     """Train a linear probe on every head's output at once, with control task, random-init copy and majority baselines."""
     quiet_libraries(False)
-    from ..apps.headprobe import probe_figures, run_probes, write_probes
-    from ..apps.probe_tasks import build_probe_task, check_task_name
-    from ..atlas import open_atlas
-    from ..errors import check_at_least
-    from ..storage import check_output_dir
+    from ..apps.common.probe_tasks import build_probe_task, check_task_name
+    from ..apps.probe.probing import probe_figures, run_probes, write_probes
+    from ..atlas.table import open_atlas
+    from ..core.errors import check_at_least
+    from ..core.storage import check_output_dir
 
     run(lambda: check_task_name(task))
     run(lambda: check_at_least("seeds", seeds, 1))

@@ -37,10 +37,10 @@ def steer_fit(
 ) -> None:
     """Probe every head on the task, keep the top k, and save their directions and σ."""
     quiet_libraries(False)
-    from ..apps.probe_tasks import check_task_name
-    from ..apps.steer import DIRECTIONS, fit
-    from ..errors import check_choice
-    from ..storage import check_output_dir
+    from ..apps.common.probe_tasks import check_task_name
+    from ..apps.steer.steering import DIRECTIONS, fit
+    from ..core.errors import check_choice
+    from ..core.storage import check_output_dir
 
     run(lambda: check_task_name(task))
     run(lambda: check_choice("direction", direction, DIRECTIONS))
@@ -69,9 +69,9 @@ def steer_eval(
 ) -> None:
     """Multiple-choice accuracy on held-out facts and CE / KL on EWT text at each α, against random directions."""
     quiet_libraries(False)
-    from ..apps.steer import load_steering
-    from ..apps.steer_eval import evaluate, summary_rows, sweep_figure
-    from ..storage import write_json
+    from ..apps.steer.evaluation import evaluate, summary_rows, sweep_figure
+    from ..apps.steer.steering import load_steering
+    from ..core.storage import write_json
 
     values = floats(alphas, "--alphas")
     loaded = load_model(model, device)
@@ -115,8 +115,8 @@ def steer_generate(
 ) -> None:
     """Continue a prompt greedily, unsteered and steered."""
     quiet_libraries(False)
-    from ..apps.steer import load_steering
-    from ..apps.steer_eval import generate
+    from ..apps.steer.evaluation import generate
+    from ..apps.steer.steering import load_steering
 
     loaded = load_model(model, device)
     steering = run(lambda: load_steering(steer, loaded))
@@ -145,8 +145,8 @@ def steer_export(
 ) -> None:
     """Fold the shift into the output projections' biases (bake) or write lm-evaluation-harness's steering file."""
     quiet_libraries(False)
-    from ..apps.steer import load_steering
-    from ..apps.steer_eval import export_bake, export_lm_eval
+    from ..apps.steer.evaluation import export_bake, export_lm_eval
+    from ..apps.steer.steering import load_steering
 
     if format not in ("bake", "lm-eval"):
         fail(f"unknown --format {format!r}: use bake or lm-eval")

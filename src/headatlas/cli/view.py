@@ -17,9 +17,9 @@ def report(
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="also draw DIR/figures/")] = True,
 ) -> None:
     """Write a self-contained HTML report (one file, works offline) and DIR/figures/."""
-    from ..atlas import Atlas
+    from ..atlas.table import Atlas
+    from ..core.storage import check_output_dir, check_output_file
     from ..report.html import REPORT_FILE, write_report
-    from ..storage import check_output_dir, check_output_file
 
     atlas = run(lambda: Atlas.load(directory))
     run(lambda: check_output_file(out or directory / REPORT_FILE, (".html", ".htm")))
@@ -73,8 +73,8 @@ def serve(
     loaded = None
     if spec is not None:
         quiet_libraries(False)
-        from ..errors import HeadatlasError
-        from ..loading import load
+        from ..core.errors import HeadatlasError
+        from ..model.load import load
 
         with console.status(f"loading {spec} …"):
             try:

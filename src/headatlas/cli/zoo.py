@@ -1,5 +1,5 @@
 """``headatlas zoo``: scan several models with the same batteries and compare their roles by count
-and relative depth. The work is in :mod:`headatlas.apps.zoo`."""
+and relative depth. The work is in :mod:`headatlas.apps.zoo.scans`."""
 
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def zoo(
 ) -> None:
     """Scan each model into OUT/<model>/ and compare them: role counts and relative depth of each role."""
     quiet_libraries(False)
-    from ..apps.zoo import FIGURE_NAME, TABLE_NAME
-    from ..apps.zoo import zoo as run_zoo
+    from ..apps.zoo.scans import FIGURE_NAME, TABLE_NAME
+    from ..apps.zoo.scans import zoo as run_zoo
 
     config = scan_config(
         probes,

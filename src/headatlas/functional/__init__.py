@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import HeadatlasError
-from .base import BatterySpec, FunctionalConfig, FunctionalResult, Progress, no_progress
+from ..core.errors import HeadatlasError
+from ..core.progress import Progress, no_progress
+from .base import BatterySpec, FunctionalConfig, FunctionalResult
 
 FUNCTIONAL_BATTERIES: dict[str, str] = {
     "needle": "headatlas.functional.needle",

@@ -1,12 +1,12 @@
 """What every functional battery shares: its spec, its configuration, its result.
 
 A *functional* battery measures what job a head does (retrieval, successor, copying, translation,
-syntax), not only where it looks. Unlike the attention batteries of :mod:`headatlas.probes`,
-which a scan streams through :mod:`headatlas.detectors`, a functional battery may decode, read
+syntax), not only where it looks. Unlike the attention batteries of :mod:`headatlas.batteries.base`,
+which a scan streams through :mod:`headatlas.detectors.attention`, a functional battery may decode, read
 head outputs or compare against gold data, so each one is a function
 ``run(loaded, config, progress) -> FunctionalResult`` registered in
 :data:`headatlas.functional.FUNCTIONAL_BATTERIES`. Scores are still aggregated per row with
-:class:`~headatlas.stats.HeadStats` (mean, std, count per head; mergeable), so they land in the
+:class:`~headatlas.atlas.stats.HeadStats` (mean, std, count per head; mergeable), so they land in the
 atlas exactly like the attention scores.
 
 Each battery may also define a *task metric* (``metric(loaded, config, progress) -> float``) that
@@ -19,21 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import check_at_least
-from ..scores import SCORES, battery_scores
-from ..stats import HeadStats
+from ..atlas.stats import HeadStats
+from ..core.errors import check_at_least
+from ..core.progress import Progress
+from ..core.scores import SCORES, battery_scores
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ..loading import LoadedModel
-
-Progress = Callable[[int, int], None]
-"""Callback ``(done, total)`` for long loops (the CLI draws a progress bar from it)."""
-
-
-def no_progress(_done: int, _total: int) -> None:
-    """A :data:`Progress` that does nothing."""
+    from ..model.info import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -89,7 +83,7 @@ class BatterySpec:
     """A functional battery: its name, how it runs and its task metric.
 
     The atlas columns it writes and the paper behind them are facts of its scores, read from
-    :data:`headatlas.scores.SCORES` (:attr:`scores`, :attr:`paper`).
+    :data:`headatlas.core.scores.SCORES` (:attr:`scores`, :attr:`paper`).
 
     Attributes:
         name: the name given to ``--probes`` (``needle``, ``ordinal``, ``copy``, ...).

@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..atlas.stats import HeadStats
+from ..batteries.base import make_batch, pad_id
+from ..batteries.natural import natural_battery
 from ..capture import DenseView, capture, head_outputs
-from ..datasets import ewt_sentences
-from ..loading import LoadedModel
-from ..probes import make_batch, natural_battery, pad_id
-from ..stats import HeadStats
-from .base import BatterySpec, FunctionalConfig, FunctionalResult, Progress, no_progress
+from ..core.progress import Progress, no_progress
+from ..data.ud import ewt_sentences
+from ..model.info import LoadedModel
+from .base import BatterySpec, FunctionalConfig, FunctionalResult
 from .logit_lens import centered_rows, logit_lens, logit_std, project_rows
 
 DEFAULT_PROMPTS = 16

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..archs import arch_spec
 from ..capture import output_projections, output_weight
-from ..errors import HeadatlasError
-from ..loading import LoadedModel
+from ..core.errors import HeadatlasError
+from ..model.archs import arch_spec
+from ..model.info import LoadedModel
 
 
 @dataclass(frozen=True)

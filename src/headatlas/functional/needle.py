@@ -27,7 +27,7 @@ one tokenizer family; each needle position counts once per trial (the reference 
 ``1/|needle|`` at every matching step, so copying one token twice scores like copying two and a
 trial can exceed 1); results are not appended to those of earlier runs. Like the reference,
 heads are scored per query head (GQA included) and the final score is the mean over counted
-trials (:class:`~headatlas.stats.HeadStats`).
+trials (:class:`~headatlas.atlas.stats.HeadStats`).
 
 Task metric (``headatlas verify --score retrieval``): :func:`needle_accuracy`, the share of trials
 whose greedy answer contains the needle's value.
@@ -55,13 +55,14 @@ from typing import Any
 
 import torch
 
+from ..atlas.stats import HeadStats
 from ..capture import DenseView, capture, supports_backend
 from ..capture.views import AttentionView
-from ..datasets import ewt_sentences
-from ..errors import HeadatlasError
-from ..loading import LoadedModel
-from ..stats import HeadStats
-from .base import BatterySpec, FunctionalConfig, FunctionalResult, Progress, no_progress
+from ..core.errors import HeadatlasError
+from ..core.progress import Progress, no_progress
+from ..data.ud import ewt_sentences
+from ..model.info import LoadedModel
+from .base import BatterySpec, FunctionalConfig, FunctionalResult
 from .needle_prompts import (
     DEFAULT_DEPTHS,
     DEFAULT_LENGTHS,

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import HeadatlasError
-from ..sequences import chat_frame, sequence_frame
+from ..core.errors import HeadatlasError
+from ..data.sequences import chat_frame, sequence_frame
 
 DEFAULT_LENGTHS: tuple[int, ...] = (256, 512, 1024)
 """Prompt lengths in tokens (capped by ``max_len`` and the model's context)."""
@@ -182,7 +182,7 @@ def build_trial(
     would overflow ``length``, until fewer than 4 tokens are left; the needle goes at the sentence
     boundary nearest ``depth`` of the haystack's tokens. The prompt starts as the rendered chat
     template starts, or, without a template, as the tokenizer starts a text
-    (:mod:`headatlas.sequences`); it has no end token, since the model continues it. Raises :class:`HeadatlasError` when the
+    (:mod:`headatlas.data.sequences`); it has no end token, since the model continues it. Raises :class:`HeadatlasError` when the
     fixed parts (template, needle, question) alone do not fit.
     """
     frame = chat_frame(tokenizer)

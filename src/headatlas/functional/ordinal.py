@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atlas.stats import HeadStats
+from ..batteries.base import ProbeSequence, make_batch, pad_id
 from ..capture import capture, padded_positions
-from ..errors import HeadatlasError
-from ..loading import LoadedModel
-from ..probes import ProbeSequence, make_batch, pad_id
-from ..sequences import sequence_frame
-from ..stats import HeadStats
-from .base import BatterySpec, FunctionalConfig, FunctionalResult, Progress, no_progress
+from ..core.errors import HeadatlasError
+from ..core.progress import Progress, no_progress
+from ..data.sequences import sequence_frame
+from ..model.info import LoadedModel
+from .base import BatterySpec, FunctionalConfig, FunctionalResult
 from .logit_lens import centered_rows, logit_lens, logit_std, project_rows
 
 ORDINAL_SETS: dict[str, tuple[str, ...] | list[str]] = {
@@ -149,7 +150,7 @@ def usable_sets(tokenizer: Any) -> list[OrdinalSet]:
 
 def ordinal_prompts(tokenizer: Any, sets: list[OrdinalSet], n_prompts: int, seed: int) -> list[OrdinalPrompt]:
     """Return ``n_prompts`` seeded prompts ``item_k , item_k+1 , …`` cycling over ``sets``, started
-    as the tokenizer starts a text (:mod:`headatlas.sequences`; the model continues them, so no end)."""
+    as the tokenizer starts a text (:mod:`headatlas.data.sequences`; the model continues them, so no end)."""
     rng = np.random.default_rng(seed)
     comma = tokenizer.encode(",", add_special_tokens=False)[0]
     start_ids = list(sequence_frame(tokenizer).prefix)

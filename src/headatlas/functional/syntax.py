@@ -23,7 +23,7 @@ Word-level attention (Clark et al. 2019, Section 4.1): attention *to* a word is 
 pieces, attention *from* a word the mean over its pieces.
 
 ``syntactic`` of a head is its best margin (accuracy − baseline accuracy) over the (relation,
-direction) pairs with at least :data:`MIN_EXAMPLES` examples. In :class:`~headatlas.stats.HeadStats`
+direction) pairs with at least :data:`MIN_EXAMPLES` examples. In :class:`~headatlas.atlas.stats.HeadStats`
 the arrays are set directly so that ``mean`` is that margin, ``n`` the example count of that pair
 and ``std`` the std over its examples of ``hit − baseline_hit`` (each 0 or 1). Because the best pair
 is chosen after the whole run, merging two runs' stats is exact only when they chose the same pair.
@@ -41,14 +41,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..atlas.stats import HeadStats
+from ..batteries.base import ProbeSequence, make_batch, pad_id
 from ..capture import attention_maps
-from ..datasets import Sentence, read_conllu, ud_path
-from ..errors import HeadatlasError
-from ..loading import LoadedModel
-from ..probes import ProbeSequence, make_batch, pad_id
-from ..sequences import sequence_frame
-from ..stats import HeadStats
-from .base import BatterySpec, FunctionalConfig, FunctionalResult, Progress, no_progress
+from ..core.errors import HeadatlasError
+from ..core.progress import Progress, no_progress
+from ..data.sequences import sequence_frame
+from ..data.ud import Sentence, read_conllu, ud_path
+from ..detectors.words import word_attention
+from ..model.info import LoadedModel
+from .base import BatterySpec, FunctionalConfig, FunctionalResult
 
 DEFAULT_SENTENCES = 300
 """Sentences scored when ``config.n_prompts`` is ``None``."""
@@ -115,28 +117,6 @@ class RelationScores:
 def base_relation(deprel: str) -> str:
     """Return the UD relation without its subtype (``nmod:poss`` → ``nmod``)."""
     return deprel.split(":", 1)[0]
-
-
-def word_attention(attn: torch.Tensor, word_ids: torch.Tensor, n_words: int) -> torch.Tensor:
-    """Pool token attention to word attention (Clark et al. 2019, Section 4.1).
-
-    Attention *to* a word sums over its pieces; attention *from* a word averages over its pieces.
-    Tokens with word id −1 (special tokens, sinks, padding) are dropped on both axes.
-
-    Args:
-        attn: ``[batch, head, query, key]`` probabilities (query and key are the same tokens).
-        word_ids: ``[batch, key]`` word index of each token, −1 for none.
-        n_words: number of word slots (≥ every word id + 1).
-
-    Returns:
-        ``[batch, head, word, word]`` (from word, to word); rows of words with no token are 0.
-    """
-    slots = torch.arange(n_words, device=word_ids.device)  # [word]
-    member = (word_ids[:, None, :] == slots[None, :, None]).to(attn.dtype)  # [batch, word, key]
-    to_words = torch.einsum("bhqk,bwk->bhqw", attn, member)  # [batch, head, query, word]
-    summed = torch.einsum("bwq,bhqv->bhwv", member, to_words)  # [batch, head, word, word]
-    pieces = member.sum(-1).clamp(min=1.0)  # [batch, word]
-    return summed / pieces[:, None, :, None]  # [batch, head, word, word]
 
 
 def predict_words(word_attn: torch.Tensor, word_valid: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -276,7 +256,7 @@ def encode_sentence(tokenizer: Any, sentence: Sentence, causal: bool) -> Encoded
 
     Each token belongs to the word of the first word character in its offset span (a span of only
     spaces goes to the next word); frame tokens (BOS, [CLS], [SEP]) belong to none
-    (:mod:`headatlas.sequences`). When a causal model's first token is a word piece (the tokenizer
+    (:mod:`headatlas.data.sequences`). When a causal model's first token is a word piece (the tokenizer
     adds no BOS), that token is the sink and belongs to no word either. Raises
     :class:`HeadatlasError` when the tokenizer cannot give offsets.
     """
@@ -421,7 +401,7 @@ def run_syntax(
 
     Reads ``config.n_prompts`` sentences (default :data:`DEFAULT_SENTENCES`, seeded by
     ``config.seed``) of UD English EWT ``split``, or of ``sentences`` when given, and runs them
-    ``config.batch_size`` at a time (left-padded by :func:`~headatlas.probes.make_batch`), holding one batch's
+    ``config.batch_size`` at a time (left-padded by :func:`~headatlas.batteries.base.make_batch`), holding one batch's
     attention maps at a time. ``config.max_len`` caps tokens per sentence (default
     :data:`MAX_TOKENS`, and the model's context). A (relation, direction) pair counts for
     ``syntactic`` from ``min_examples`` examples on.
@@ -465,7 +445,11 @@ def run_syntax(
         maps = attention_maps(loaded, batch.input_ids, batch.attention_mask)
         for layer in list(maps):
             probs = maps.pop(layer)  # [batch, head, query, key]
-            pred = predict_words(word_attention(probs, word_ids, n_words), word_valid, causal)
+            pred = predict_words(
+                word_attention(probs, word_ids, n_query_words=n_words, n_key_words=n_words),
+                word_valid,
+                causal,
+            )
             hits[layer] = example_hits(pred, ex_batch, ex_query, ex_targets)  # [head, example]
         hit_parts.append(hits)
         base_parts.append(offset_hits(ex_query, ex_targets, offsets))  # [offset, example]

@@ -1,15 +1,15 @@
 """Battery ``translate`` → score ``translation``: does a head look up the word being translated?
 
 Prompts are word-list translations built from our own list of common words
-(``functional/data/word_pairs.json``: English with French, German, Spanish and Turkish)::
+(``data/word_pairs.json``: English with French, German, Spanish and Turkish)::
 
     English: house, water, dog, book, tree, milk
     French: maison, eau, chien, livre, arbre, lait
 
 ``k`` = :data:`WORDS_PER_PROMPT` distinct words per prompt, chosen with a seeded generator, and
 ``config.n_prompts`` (default :data:`DEFAULT_PROMPTS`) prompts per language pair. Each prompt
-starts as the tokenizer starts a text (:mod:`headatlas.sequences`: BOS only where the tokenizer
-adds one), as in every battery of :mod:`headatlas.probes`.
+starts as the tokenizer starts a text (:mod:`headatlas.data.sequences`: BOS only where the tokenizer
+adds one), as in every battery of :mod:`headatlas.batteries.base`.
 
 For every target word ``i`` the *query* is the position that predicts its first token: the last
 token before the word starts (``":"`` before the first word, the ``","`` separator before the
@@ -33,51 +33,31 @@ A language pair is skipped when the tokenizer cannot represent its words (see
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from importlib import resources
 from itertools import pairwise
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..atlas.stats import HeadStats
+from ..batteries.base import Batch, ProbeSequence, make_batch, pad_id
 from ..capture import attention_maps, padded_positions
-from ..errors import HeadatlasError
-from ..loading import LoadedModel
-from ..probes import Batch, ProbeSequence, make_batch, pad_id
-from ..sequences import sequence_frame
-from ..stats import HeadStats
-from .base import BatterySpec, FunctionalConfig, FunctionalResult, Progress, no_progress
+from ..core.errors import HeadatlasError
+from ..core.progress import Progress, no_progress
+from ..data.sequences import sequence_frame
+from ..data.words import WORD_PAIRS_RESOURCE, load_word_pairs
+from ..model.info import LoadedModel
+from .base import BatterySpec, FunctionalConfig, FunctionalResult
 
 DEFAULT_PROMPTS = 20
 """Prompts per language pair when ``config.n_prompts`` is ``None``."""
 WORDS_PER_PROMPT = 6
 """Words ``k`` in each list (source and target)."""
-WORD_PAIRS_RESOURCE = "data/word_pairs.json"
-"""The word list, inside the package :mod:`headatlas.functional`."""
 MIN_CHARS_PER_TOKEN = 1.5
 """A target language whose words average fewer characters per token is spelt out, not represented."""
 MAX_TOKEN_RATIO = 3.0
 """A target language needing more than this many times the English tokens per word is skipped."""
-
-
-@dataclass(frozen=True)
-class WordList:
-    """The word list: language names by code, the source language and one dict per concept."""
-
-    languages: dict[str, str]
-    source: str
-    words: tuple[dict[str, str], ...]
-
-    @property
-    def targets(self) -> list[str]:
-        """Target language codes, in file order."""
-        return [code for code in self.languages if code != self.source]
-
-    def pair(self, target: str) -> list[tuple[str, str]]:
-        """Return ``[(source word, target word), ...]`` for language ``target``."""
-        return [(w[self.source], w[target]) for w in self.words if self.source in w and target in w]
 
 
 @dataclass(frozen=True)
@@ -110,29 +90,6 @@ class PromptBatch:
     targets: torch.Tensor
     keys_ok: torch.Tensor
     valid: torch.Tensor
-
-
-def load_word_pairs(resource: str = WORD_PAIRS_RESOURCE) -> WordList:
-    """Return the packaged :class:`WordList`; raise :class:`HeadatlasError` if it is missing or malformed."""
-    where = f"headatlas/functional/{resource}"
-    try:
-        text = resources.files("headatlas.functional").joinpath(resource).read_text(encoding="utf-8")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-        raise HeadatlasError(
-            f"the translate word list {where} is missing: reinstall headatlas (pip install -e .)"
-        ) from exc
-    try:
-        data = json.loads(text)
-        languages = {str(k): str(v) for k, v in data["languages"].items()}
-        source = str(data["source"])
-        words = tuple({str(k): str(v) for k, v in row.items()} for row in data["words"])
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise HeadatlasError(
-            f"the translate word list {where} is malformed ({exc}): reinstall headatlas"
-        ) from exc
-    if source not in languages or len(languages) < 2:
-        raise HeadatlasError(f"the translate word list {where} names no source and target languages")
-    return WordList(languages, source, words)
 
 
 def _segments(
@@ -281,7 +238,7 @@ def translation_prompts(
         "prompts_per_pair": n_prompts,
         "words_per_prompt": k,
         "seed": seed,
-        "words": f"headatlas/functional/{WORD_PAIRS_RESOURCE}",
+        "words": f"headatlas/data/{WORD_PAIRS_RESOURCE}",
         "example": prompts[0].text,
     }
     return prompts, params

@@ -6,8 +6,9 @@ Submodules load on first use, so ``import headatlas.report`` does not import mat
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..core.lazy import lazy_getattr
 
 _EXPORTS = {
     "write_figures": "headatlas.report.figures",
@@ -35,7 +36,4 @@ if TYPE_CHECKING:
     from .maps import TextAttention, text_attention
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'headatlas.report' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())

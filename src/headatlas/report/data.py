@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..atlas import Atlas
-from ..roles import RULES
-from ..scores import ordered, score_spec
+from ..atlas.table import Atlas
+from ..core.roles import RULES
+from ..core.scores import ordered, score_spec
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def head_roles(roles: str | None) -> list[str]:
 
 
 def scalar_scores(atlas: Atlas) -> list[str]:
-    """Return the atlas's scalar scores, in the usual order (:data:`headatlas.scores.SCORE_ORDER`)."""
+    """Return the atlas's scalar scores, in the usual order (:data:`headatlas.core.scores.SCORE_ORDER`)."""
     return ordered(atlas.scores)
 
 
@@ -209,8 +209,7 @@ def heads_payload(atlas: Atlas) -> dict[str, Any]:
 
 def atlas_payload(atlas: Atlas, max_example_bytes: int = DEFAULT_MAX_EXAMPLE_BYTES) -> dict[str, Any]:
     """Return everything the report shows, JSON-ready (no NaN: missing values are ``None``)."""
-    model = dict(atlas.meta.get("model", {}))
-    model["n_layers"], model["n_heads"] = atlas.shape
+    model = atlas.model.to_dict()
     meta = atlas.meta
     return {
         "model": model,

@@ -23,19 +23,12 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.patches import Patch, Rectangle
 
-from ..atlas import Atlas
-from ..errors import HeadatlasError
-from ..heads import head_name
-from ..roles import RULES
-from ..scores import score_spec
-from .data import (
-    NO_ROLE_COLOR,
-    ROLE_COLORS,
-    display_token,
-    head_roles,
-    is_causal_map,
-    scalar_scores,
-)
+from ..atlas.table import Atlas
+from ..core.errors import HeadatlasError
+from ..core.heads import head_name
+from ..core.roles import RULES
+from ..core.scores import score_spec
+from .data import NO_ROLE_COLOR, ROLE_COLORS, display_token, head_roles, is_causal_map, scalar_scores
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +179,7 @@ def grid_figure(
 _KIND_TICK = {"encoder": "enc", "decoder": "dec", "cross": "x"}
 
 
-def _heads_axes(fig: Figure, n_layers: int, n_heads: int, kinds: list[str] | None = None) -> Axes:
+def _heads_axes(fig: Figure, n_layers: int, n_heads: int, kinds: Sequence[str] | None = None) -> Axes:
     """Axes for a layer × head grid; encoder–decoder ``kinds`` label each layer by its stack
     (``enc 0``, ``dec 0``, ``x 0`` for cross-attention) and draw a line between stacks."""
     ax = fig.add_subplot()
@@ -217,7 +210,7 @@ def score_figure(atlas: Atlas, score: str, out: str | Path) -> Path:
     values = atlas.matrix(score)  # [layer, head]
     n_layers, n_heads = values.shape
     fig = Figure(figsize=_grid_size(n_layers, n_heads))
-    ax = _heads_axes(fig, n_layers, n_heads, atlas.meta.get("model", {}).get("attn_kinds"))
+    ax = _heads_axes(fig, n_layers, n_heads, atlas.model.attn_kinds)
     finite = np.isfinite(values).any()
     spec = score_spec(score)
     if spec.signed:
@@ -228,7 +221,7 @@ def score_figure(atlas: Atlas, score: str, out: str | Path) -> Path:
     else:
         cmap, vmin, vmax = "viridis", 0.0, 1.0
     image = ax.imshow(values.T, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-    title = f"{atlas.meta.get('model', {}).get('name', '')} — {spec.label}: {spec.meaning}"
+    title = f"{atlas.model.name} — {spec.label}: {spec.meaning}"
     rules = [r for r in RULES if r.score == score]
     for rule in rules:
         for layer in range(n_layers):
@@ -253,7 +246,7 @@ def role_figure(atlas: Atlas, out: str | Path) -> Path:
     roles = grid_roles(atlas)
     n_layers, n_heads = len(roles), len(roles[0]) if roles else 0
     fig = Figure(figsize=_grid_size(n_layers, n_heads))
-    ax = _heads_axes(fig, n_layers, n_heads, atlas.meta.get("model", {}).get("attn_kinds"))
+    ax = _heads_axes(fig, n_layers, n_heads, atlas.model.attn_kinds)
     counts: dict[str, int] = {}
     for layer in range(n_layers):
         for head in range(n_heads):
@@ -277,8 +270,8 @@ def role_figure(atlas: Atlas, out: str | Path) -> Path:
         if counts.get(role, 0)
     ] + [Patch(facecolor=NO_ROLE_COLOR, label="no role")]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    name = atlas.meta.get("model", {}).get("name", "")
-    ax.set_title(f"{name} — roles (thresholds in headatlas.roles)", fontsize=9, parse_math=False)
+    name = atlas.model.name
+    ax.set_title(f"{name} — roles (thresholds in headatlas.core.roles)", fontsize=9, parse_math=False)
     return save_figure(fig, out)
 
 
@@ -389,8 +382,8 @@ def zoo_figure(depths: Mapping[str, pd.DataFrame], table: pd.DataFrame, out: str
     """Write the zoo's depth chart: for each role, one line per model with a dot per head at its
     relative depth (``(layer + 0.5) / n_layers``), a bar at the median and the head count.
 
-    ``depths`` maps a model to its :func:`headatlas.apps.zoo.head_depths` rows; ``table`` is the
-    comparison table (:data:`headatlas.apps.zoo.COLUMNS`).
+    ``depths`` maps a model to its :func:`headatlas.apps.zoo.scans.head_depths` rows; ``table`` is the
+    comparison table (:data:`headatlas.apps.zoo.scans.COLUMNS`).
     """
     models = list(depths)
     roles = [r for r in dict.fromkeys(table["role"]) if r in ROLE_COLORS]

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..atlas import Atlas
-from ..storage import write_text
+from ..atlas.table import Atlas
+from ..core.storage import write_text
 from .data import DEFAULT_MAX_EXAMPLE_BYTES, atlas_payload
 
 logger = logging.getLogger(__name__)

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..batteries.base import ProbeSequence, make_batch, pad_id
 from ..capture import AttentionView, DenseView, capture
-from ..errors import HeadatlasError, param
-from ..heads import check_heads, check_layer
-from ..loading import LoadedModel
-from ..probes import ProbeSequence, make_batch, pad_id
-from ..sequences import encode_words, read_utf8, sequence_frame
-from ..sequences import token_strings as decoded_tokens
+from ..core.errors import HeadatlasError, param
+from ..core.heads import check_heads, check_layer
+from ..data.sequences import encode_words, read_utf8, sequence_frame
+from ..data.sequences import token_strings as decoded_tokens
+from ..model.info import LoadedModel
 
 
 class TextTooLong(HeadatlasError):
@@ -54,7 +54,7 @@ def read_text(text: str | None, text_file: str | Path | None) -> str:
 
 def encode_text(loaded: LoadedModel, text: str, max_tokens: int | None = None) -> list[int]:
     """Return the token ids a scan would use for ``text``: framed as the tokenizer frames a text
-    (:mod:`headatlas.sequences`; BOS only where the tokenizer adds one, [CLS] … [SEP] for BERT).
+    (:mod:`headatlas.data.sequences`; BOS only where the tokenizer adds one, [CLS] … [SEP] for BERT).
 
     Raises :class:`HeadatlasError` for empty text or more than ``max_tokens`` (or the context).
     """

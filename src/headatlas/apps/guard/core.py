@@ -15,11 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import HeadatlasError, param
-from ...heads import head_name
-from ...loading import LoadedModel, reload_spec, same_weights, weights_record
-from ...storage import write_json
-from ..formats import write_attention_tracker
+from ...core.errors import HeadatlasError, param
+from ...core.heads import head_name
+from ...core.storage import write_json
+from ...model.identity import same_weights, weights_record
+from ...model.info import LoadedModel
+from ...model.load import reload_spec
+from ..common.formats import write_attention_tracker
 from . import fitting
 from .features import Features, encode, extract
 from .metrics import best_single_head, summary
@@ -290,6 +292,6 @@ def from_features(
 def _loaded(model: LoadedModel | str) -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
-    from ...loading import load
+    from ...model.load import load
 
     return load(model)

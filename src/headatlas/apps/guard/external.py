@@ -24,7 +24,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from ...errors import HeadatlasError
+from ...core.errors import HeadatlasError
 
 _MARKERS = {
     "INJECTION_MARKER": "<|garak_injection|>",

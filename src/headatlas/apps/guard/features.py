@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from ...capture import AttentionView, capture, padded_positions
-from ...errors import HeadatlasError, param
-from ...loading import LoadedModel
-from ...sequences import PromptSpans, prompt_spans
+from ...core.errors import HeadatlasError, param
+from ...model.info import LoadedModel
+from .spans import PromptSpans, prompt_spans
 
 EPS = 1e-8
 """Added to the denominator of the focus ratio, as Attention Tracker does."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...errors import HeadatlasError, param
+from ...core.errors import HeadatlasError, param
 from .metrics import auroc
 
 

@@ -1,6 +1,6 @@
 """Head-wise KV caches from the atlas: plans (:mod:`.plan`), a cache that really holds less
-(:mod:`.cache`, attention in :mod:`headatlas.capture.backend_kv`), foreign formats
-(:mod:`headatlas.apps.formats`) and the RULER-style tasks of ``kv eval`` (:mod:`.tasks`).
+(:mod:`.cache`, attention in :mod:`headatlas.apps.kv.backends.headwise`), foreign formats
+(:mod:`headatlas.apps.common.formats`) and the RULER-style tasks of ``kv eval`` (:mod:`.tasks`).
 
 >>> plan = ha.kv.plan(atlas, keep_fraction=0.25)
 >>> with ha.kv.compressed(loaded, plan) as cache:
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...capture import backend_kv
-from ...errors import HeadatlasError, param
-from ..formats import DUO_CONFIG, DUO_TSV, check_format, read_duo, write_duo, write_headkv
+from ...core.errors import HeadatlasError, param
+from ..common.formats import DUO_CONFIG, DUO_TSV, check_format, read_duo, write_duo, write_headkv
+from .backends import headwise as backend_kv
 from .cache import HeadwiseCache, HeadwiseLayer, plain_layers
 from .plan import PRESETS, Plan, all_full, from_heads, head_scores, kv_scores, plan
 

@@ -3,7 +3,7 @@ streaming heads keep ``sink`` first tokens, a ring buffer of the ``recent`` last
 optionally one compensation token (the running mean of the dropped keys and values,
 RazorAttention, Tang et al. 2024). Two-cache layout after DuoAttention (Xiao et al. 2024).
 
-The attention over the two groups lives in :mod:`headatlas.capture.backend_kv`; this module holds
+The attention over the two groups lives in :mod:`headatlas.apps.kv.backends.headwise`; this module holds
 the tensors. Streaming slots are one preallocated buffer ``[batch, n_stream, sink + recent + 1,
 d_head]`` (the last slot is the compensation token), so a long decode never grows it.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
-from ...capture.backend_kv import PENDING
+from .backends.headwise import PENDING
 
 _BIG = 1 << 62
 

@@ -10,7 +10,7 @@ taken only at the positions that predict the answer's tokens (``loss_on="answer"
 every position, which the local context dominates). Here the prompts are the ``niah`` and
 ``multikey`` tasks' (:mod:`.tasks`, a seed stream of their own so that they never equal the prompts
 ``kv eval`` and ``bench_kv.py`` draw), the mix is the ``headatlas_gate`` backend
-(:mod:`headatlas.capture.backend_gate`), and the gates become a ``duo_gate`` score from which
+(:mod:`headatlas.apps.kv.backends.gate`), and the gates become a ``duo_gate`` score from which
 :func:`.plan.plan` keeps the top heads within a byte budget.
 """
 
@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...atlas import Atlas
-from ...capture import backend_gate
-from ...errors import HeadatlasError, check_at_least, param
-from ...loading import LoadedModel
+from ...atlas.table import Atlas
+from ...core.errors import HeadatlasError, check_at_least, param
+from ...model.info import LoadedModel
+from .backends import gate as backend_gate
 from .evaluate import encode
 from .plan import Plan, plan
 from .tasks import TASKS, Sample, make_samples

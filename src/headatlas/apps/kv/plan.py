@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ...atlas import Atlas
-from ...errors import HeadatlasError, param
-from ...scores import SCORES
-from ...storage import atomic_path
+from ...atlas.table import Atlas
+from ...core.errors import HeadatlasError, param
+from ...core.storage import atomic_path
+from ..common.kv_heads import kv_head_scores, relative_scores
 
 FORMAT = "headatlas-kv-plan"
 PRESETS: dict[str, tuple[str, ...]] = {
@@ -97,33 +97,25 @@ class Plan:
             )
 
 
+def score_names(by: str | list[str]) -> list[str]:
+    """Return the score names ``by`` stands for: a preset (:data:`PRESETS`), a comma-separated
+    string or a list."""
+    names = PRESETS.get(by, (by,)) if isinstance(by, str) else tuple(by)
+    return [n for part in names for n in str(part).split(",") if n]
+
+
 def kv_scores(atlas: Atlas, by: str | list[str]) -> tuple[np.ndarray, list[str]]:
-    """Return ``([layer, kv_head] scores, score names)``: each score's max over a KV group's query
-    heads, divided by its max over the model; several scores combine by their max."""
-    heads, names = head_scores(atlas, by)
-    n_layers, n_heads = heads.shape
-    n_kv = int(atlas.meta.get("model", {}).get("n_kv_heads") or n_heads)
-    return heads.reshape(n_layers, n_kv, n_heads // n_kv).max(-1), names
+    """Return ``([layer, kv_head] scores, score names)`` by the one atlas → KV-head rule
+    (:func:`~headatlas.apps.common.kv_heads.kv_head_scores`)."""
+    names = score_names(by)
+    return kv_head_scores(atlas, names), names
 
 
 def head_scores(atlas: Atlas, by: str | list[str]) -> tuple[np.ndarray, list[str]]:
-    """Return ``([layer, head] scores, score names)``: each score divided by its max over the
-    model (NaN counts as 0); several scores combine by their max."""
-    names = PRESETS.get(by, (by,)) if isinstance(by, str) else tuple(by)
-    names = tuple(n for part in names for n in str(part).split(",") if n)
-    combined = np.zeros(atlas.shape)
-    for name in names:
-        if name not in atlas.score_columns:
-            spec = SCORES.get(name)
-            hint = f"scan with --probes {spec.battery} --add" if spec is not None else "pick a score it has"
-            raise HeadatlasError(
-                f"the atlas has no score {name!r} for {param('by')}: {hint} "
-                f"(it has {', '.join(atlas.score_columns[:8]) or 'no scores'})"
-            )
-        values = np.nan_to_num(atlas.matrix(name), nan=0.0)  # [layer, head]
-        top = float(np.abs(values).max()) or 1.0
-        combined = np.maximum(combined, values / top)
-    return combined, list(names)
+    """Return ``([layer, head] scores, score names)``: each score relative to the model's strongest
+    head, combined by their max (:func:`~headatlas.apps.common.kv_heads.relative_scores`)."""
+    names = score_names(by)
+    return relative_scores(atlas, names), names
 
 
 def _slots(sink: int, recent: int, compensate: bool) -> int:
@@ -172,8 +164,8 @@ def plan(
     scores, names = kv_scores(atlas, by)
     per_head, _ = head_scores(atlas, by)
     n_layers, n_kv = scores.shape
-    model = dict(atlas.meta.get("model", {}))
-    window = int(model.get("sliding_window") or 0)
+    model = atlas.model
+    window = model.sliding_window or 0
     types = list(layer_types or ["global"] * n_layers)
     sliding = [t == "sliding" for t in types]
     per_sliding = min(context, window) if window else context
@@ -197,17 +189,17 @@ def plan(
     for lyr in range(n_layers):
         full[lyr] = list(range(n_kv)) if sliding[lyr] else sorted(full[lyr])
     held = fixed + n_promote * extra
-    per_token = 2 * int(model.get("head_dim") or 0) * 4  # float32 keys + values per KV head
+    per_token = 2 * model.head_dim * 4  # float32 keys + values per KV head
     rule = {"by": names, "keep_fraction": keep_fraction, "budget": budget}
     return Plan(
-        model=model,
+        model=model.to_dict(),
         full_heads=full,
         sink=sink,
         recent=recent,
         compensate=compensate,
         context=context,
         rule=rule,
-        atlas={"path": atlas_path, "weights_sha256": model.get("sha256")},
+        atlas={"path": atlas_path, "weights_sha256": model.sha256},
         layer_types=types,
         scores=np.round(scores, 6).tolist(),
         head_scores=np.round(per_head, 6).tolist(),

@@ -20,8 +20,8 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import HeadatlasError, param
-from ...sequences import chat_frame
+from ...core.errors import HeadatlasError, param
+from ...data.sequences import chat_frame
 
 TASKS = ("niah", "multikey", "multivalue", "vt")
 _KEYS = (
@@ -100,7 +100,7 @@ def make_samples(
     if length < 64 or n < 1:
         raise HeadatlasError(f"{param('lengths')} must be ≥ 64 and {param('n')} ≥ 1, got {length} and {n}")
     if haystack is None:
-        from ...datasets import ewt_sentences
+        from ...data.ud import ewt_sentences
 
         haystack = ewt_sentences("train")
     frame = chat_frame(tokenizer)

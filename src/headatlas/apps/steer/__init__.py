@@ -1,0 +1,24 @@
+"""Inference-time intervention (Li et al. 2023): fit per-head shifts from probes
+(:mod:`.steering`), apply them while the model runs, evaluate and export them (:mod:`.evaluation`).
+
+>>> steering = ha.steer.fit(loaded, "truth", k=16)
+>>> with ha.steer.applied(loaded, steering, alpha=15):
+...     loaded.model.generate(...)
+"""
+
+from .evaluation import evaluate, export_bake, export_lm_eval, generate, sweep_figure
+from .steering import DIRECTIONS, HeadShift, Steering, applied, fit, load_steering
+
+__all__ = [
+    "DIRECTIONS",
+    "HeadShift",
+    "Steering",
+    "applied",
+    "evaluate",
+    "export_bake",
+    "export_lm_eval",
+    "fit",
+    "generate",
+    "load_steering",
+    "sweep_figure",
+]

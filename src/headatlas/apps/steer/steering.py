@@ -1,0 +1,249 @@
+"""Inference-time intervention (Li et al. 2023, "Inference-Time Intervention: Eliciting Truthful
+Answers from a Language Model"): shift the outputs of the heads whose probes work best.
+
+- :func:`fit`: probes on a binary task (:mod:`.headprobe`), heads ranked by dev (validation)
+  accuracy, the top ``k`` kept. Direction per head: the mass-mean shift (mean of the positive
+  class − mean of the negative, normalised) or the probe's weight (normalised, in the raw feature
+  space); σ = std of the training activations projected on it. A control of ``k`` random heads
+  with random directions (σ measured the same way) is fitted alongside.
+- :func:`applied`: within the block every forward pass (while generating too) adds α·σ·θ̂ to the
+  kept heads' outputs at every position, through the one head-output hook
+  (:func:`headatlas.capture.head_outputs`), so it works with any attention backend and GQA.
+- Saved as ``steer.json`` + ``steer.safetensors`` with the model's sha256; loading refuses
+  another model. Evaluation and export are in :mod:`.steer_eval`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...capture import head_outputs
+from ...core.errors import HeadatlasError, check_choice, param
+from ...core.heads import head_name, parse_head
+from ...core.storage import atomic_path, write_json
+from ...model.identity import same_weights, weights_record
+from ...model.info import LoadedModel
+from ...model.load import reload_spec
+from ..common.head_features import bad_heads, collect_features
+from ..common.logreg import L2_GRID, choose_l2, raw_direction, standardise
+from ..common.probe_tasks import ProbeTask, build_probe_task
+
+DIRECTIONS = ("mass-mean", "probe")
+STEER_JSON = "steer.json"
+STEER_TENSORS = "steer.safetensors"
+DEFAULT_ALPHA = 15.0
+"""Li et al. 2023's α."""
+
+
+@dataclass
+class HeadShift:
+    """Shifts of some heads: ``heads`` (layer, head), unit ``directions [k, d_head]``, ``sigma [k]``."""
+
+    heads: list[tuple[int, int]]
+    directions: torch.Tensor
+    sigma: torch.Tensor
+
+    def by_layer(self, alpha: float, n_heads: int) -> dict[int, torch.Tensor]:
+        """Return ``{layer: shift [head, d_head]}``: α·σ·θ̂ on kept heads, 0 elsewhere."""
+        out: dict[int, torch.Tensor] = {}
+        for (layer, head), direction, sigma in zip(self.heads, self.directions, self.sigma, strict=True):
+            shift = out.setdefault(layer, torch.zeros(n_heads, direction.shape[0]))  # [head, d_head]
+            shift[head] += alpha * float(sigma) * direction
+        return out
+
+
+@dataclass
+class Steering:
+    """A fitted intervention: the kept heads' shift, a random-head control, and how it was made."""
+
+    model_sha256: str
+    model_name: str
+    n_layers: int
+    n_heads: int
+    task: str
+    direction: str
+    alpha: float
+    shift: HeadShift
+    control: HeadShift
+    val_accuracy: list[float]
+    params: dict[str, Any] = field(default_factory=dict)
+    params_sha256: str | None = None
+    """The fitted model's parameter sha256 (:func:`headatlas.model.identity.weights_record`), so the same
+    weights loaded another way are accepted; ``None`` in files written before it was recorded."""
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``steer.json`` and ``steer.safetensors`` into ``directory`` (atomically); return it."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "directions": self.shift.directions.float().contiguous(),
+            "sigma": self.shift.sigma.float().contiguous(),
+            "control_directions": self.control.directions.float().contiguous(),
+            "control_sigma": self.control.sigma.float().contiguous(),
+        }
+        with atomic_path(out / STEER_TENSORS) as tmp:
+            save_file(tensors, str(tmp))
+        meta = {
+            "model_sha256": self.model_sha256,
+            "params_sha256": self.params_sha256,
+            "model_name": self.model_name,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "task": self.task,
+            "direction": self.direction,
+            "alpha": self.alpha,
+            "heads": [head_name(*h) for h in self.shift.heads],
+            "control_heads": [head_name(*h) for h in self.control.heads],
+            "val_accuracy": self.val_accuracy,
+            "params": self.params,
+        }
+        write_json(out / STEER_JSON, meta)
+        return out
+
+
+def load_steering(directory: str | Path, loaded: LoadedModel | None = None) -> Steering:
+    """Read a steering directory; with ``loaded``, refuse it unless it was fitted on that model."""
+    from safetensors.torch import load_file
+
+    where = Path(directory)
+    try:
+        meta = json.loads((where / STEER_JSON).read_text(encoding="utf-8"))
+        tensors = load_file(str(where / STEER_TENSORS))
+    except (OSError, ValueError) as exc:
+        raise HeadatlasError(
+            f"{param('steer')} {where} is not a steering directory ({exc.__class__.__name__}): "
+            "make one with `headatlas steer fit`"
+        ) from exc
+    if loaded is not None and not same_weights(meta, loaded):
+        raise HeadatlasError(
+            f"{param('steer')} {where} was fitted on another model ({meta['model_name']}, sha256 "
+            f"{meta['model_sha256'][:12]}…), not {loaded.info.name}: fit it again on this model"
+        )
+    shift = HeadShift([parse_head(h) for h in meta["heads"]], tensors["directions"], tensors["sigma"])
+    control = HeadShift(
+        [parse_head(h) for h in meta["control_heads"]],
+        tensors["control_directions"],
+        tensors["control_sigma"],
+    )
+    return Steering(
+        meta["model_sha256"], meta["model_name"], meta["n_layers"], meta["n_heads"], meta["task"],
+        meta["direction"], float(meta["alpha"]), shift, control, list(meta["val_accuracy"]), meta["params"],
+        meta.get("params_sha256"),
+    )  # fmt: skip
+
+
+def positive_class(task: ProbeTask) -> int:
+    """Return the index of the class the direction points to: ``true`` when present, else the last
+    class in sorted order (``positive`` before ``negative``… sorted: ``negative, positive``)."""
+    if len(task.classes) != 2:
+        raise HeadatlasError(
+            f"steering needs a task with two classes, {task.name!r} has {len(task.classes)}: "
+            'use truth or a JSONL file of {"text", "label"} rows with two labels'
+        )
+    return task.classes.index("true") if "true" in task.classes else 1
+
+
+def fit(
+    loaded: LoadedModel,
+    task: str = "truth",
+    k: int = 16,
+    direction: str = "mass-mean",
+    alpha: float = DEFAULT_ALPHA,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> Steering:
+    """Fit ITI steering on ``task`` (``truth`` or a JSONL of two-label sentences) and return it:
+    the top-``k`` heads by dev accuracy of their probes, each with a unit direction and σ, and a
+    control of ``k`` random heads with random directions — ``ha.steer.fit``."""
+    check_choice("direction", direction, DIRECTIONS)
+    bad_heads(loaded, k)
+    built = build_probe_task(loaded.tokenizer, task, 400, seed)
+    positive = positive_class(built)
+    ys = {
+        split: torch.tensor([int(lab == built.classes[positive]) for lab in built.labels(split)])
+        for split in ("train", "dev")
+    }
+    raw_train = collect_features(loaded, built.splits["train"], batch_size)  # [group, n, d_head]
+    raw_dev = collect_features(loaded, built.splits["dev"], batch_size)  # [group, n, d_head]
+    scaler = standardise(raw_train)
+    probe, path = choose_l2((scaler(raw_train), ys["train"]), (scaler(raw_dev), ys["dev"]), 2, L2_GRID)
+    val = probe.accuracy(scaler(raw_dev), ys["dev"])  # [group]
+    order = torch.argsort(-val, stable=True)[:k]  # [k]
+    n_heads = loaded.info.n_heads
+    if direction == "mass-mean":
+        pos = ys["train"].bool()
+        vectors = raw_train[:, pos].mean(1) - raw_train[:, ~pos].mean(1)  # [group, d_head]
+    else:
+        vectors = raw_direction(probe, scaler)  # [group, d_head]
+    chosen = torch.nn.functional.normalize(vectors[order], dim=-1)  # [k, d_head]
+    sigma = torch.einsum("knd,kd->kn", raw_train[order], chosen).std(1)  # [k]
+    rng = np.random.default_rng(seed)
+    random_groups = torch.as_tensor(rng.choice(raw_train.shape[0], size=k, replace=False))  # [k]
+    gen = torch.Generator().manual_seed(seed)
+    random_dirs = torch.nn.functional.normalize(
+        torch.randn(k, raw_train.shape[-1], generator=gen), dim=-1
+    )  # [k, d_head]
+    random_sigma = torch.einsum("knd,kd->kn", raw_train[random_groups], random_dirs).std(1)  # [k]
+
+    def heads_of(groups: torch.Tensor) -> list[tuple[int, int]]:
+        return [(int(g) // n_heads, int(g) % n_heads) for g in groups]
+
+    return Steering(
+        **weights_record(loaded),
+        model_name=loaded.info.name,
+        n_layers=loaded.info.n_layers,
+        n_heads=n_heads,
+        task=built.name,
+        direction=direction,
+        alpha=float(alpha),
+        shift=HeadShift(heads_of(order), chosen, sigma),
+        control=HeadShift(heads_of(random_groups), random_dirs, random_sigma),
+        val_accuracy=[round(float(v), 4) for v in val[order]],
+        params={
+            **built.params,
+            "model_spec": reload_spec(loaded.info),
+            "k": k,
+            "positive_class": built.classes[positive],
+            "l2": probe.l2,
+            "l2_dev_path": {str(a): b for a, b in path.items()},
+            "n_train": int(ys["train"].numel()),
+            "n_dev": int(ys["dev"].numel()),
+            "position": "last token",
+        },
+    )
+
+
+@contextmanager
+def applied(
+    loaded: LoadedModel, steering: Steering, alpha: float | None = None, control: bool = False
+) -> Iterator[None]:
+    """Within the block, add α·σ·θ̂ to the steered heads' outputs at every position of every
+    forward pass (``generate`` included). ``alpha`` defaults to the steering's; ``control`` applies
+    the random-head, random-direction control instead. Refuses a steering fitted on another model
+    shape."""
+    if (steering.n_layers, steering.n_heads) != (loaded.info.n_layers, loaded.info.n_heads):
+        raise HeadatlasError(
+            f"{param('steer')} was fitted on a model of {steering.n_layers} × {steering.n_heads} heads, "
+            f"this one has {loaded.info.n_layers} × {loaded.info.n_heads}"
+        )
+    shift = steering.control if control else steering.shift
+    by_layer = shift.by_layer(steering.alpha if alpha is None else float(alpha), loaded.info.n_heads)
+    device = loaded.device
+
+    def add(layer: int, z: torch.Tensor, _ctx: object) -> torch.Tensor:
+        return z + by_layer[layer].to(device=device, dtype=z.dtype)  # [batch, query, head, d_head]
+
+    for layer in list(by_layer):
+        by_layer[layer] = by_layer[layer].to(device)
+    with head_outputs(loaded, add, layers=sorted(by_layer)):
+        yield

@@ -1,0 +1,34 @@
+"""Fallback backend: eager ``output_attentions`` for models that cannot swap attention functions.
+
+This is what TransformerLens-free tools do today: transformers returns every layer's
+``[batch, head, query, key]`` probabilities at once, so memory grows with L × H × T². headatlas
+only uses it when ``_supports_attention_backend`` is false, and says so in a logged warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from ..views import DenseView
+
+
+def views(
+    attentions: tuple[torch.Tensor, ...], attention_mask: torch.Tensor, causal: bool
+) -> Iterator[DenseView]:
+    """Yield one :class:`DenseView` per layer of eager ``attentions`` (each ``[batch, head, query, key]``).
+
+    ``attention_mask [batch, seq]`` marks real tokens. Allowed-key counts (for normalised
+    entropy) assume plain causal or full attention: sliding windows are not visible here.
+    """
+    seq = attention_mask.shape[1]
+    key_ok = attention_mask.bool()[:, None, :]  # [batch, 1, key]
+    if causal:
+        tri = torch.ones(seq, seq, dtype=torch.bool, device=key_ok.device).tril()  # [query, key]
+        allowed = tri[None] & key_ok  # [batch, query, key]
+    else:
+        allowed = key_ok.expand(-1, seq, -1)  # [batch, query, key]
+    n_keys = allowed.sum(-1)  # [batch, query]
+    for layer, probs in enumerate(attentions):
+        yield DenseView(layer, probs.float(), 0, n_keys)

@@ -1,0 +1,135 @@
+"""The ``headatlas`` attention backend for transformers' ``AttentionInterface``.
+
+Registered under two names with the matching mask functions of ``AttentionMaskInterface``
+(forgetting the mask registration makes transformers pass ``mask=None``, which silently drops
+padding):
+
+- ``"headatlas"``: output delegated to transformers' SDPA function, boolean ``sdpa_mask``.
+- ``"headatlas_eager"``: for models whose attention SDPA cannot express (logit soft-capping,
+  learned sinks); output delegated to the model's own ``eager_attention_forward``, additive mask.
+
+When a :class:`~headatlas.capture.session.CaptureSession` is active, the query, key and value
+tensors (after rotary embeddings, before GQA repetition) are handed to it: its ``on_qkv``
+callback may read or replace them (path patching), and its views see them. On its fast path the session
+computes the output itself with the same fused kernel SDPA uses on CPU (plus the log-sum-exp);
+otherwise the output comes from the delegate. Model outputs equal the delegate backend's.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from ..session import CaptureSession
+
+NAME = "headatlas"
+EAGER_NAME = "headatlas_eager"
+
+ACTIVE_SESSION: ContextVar[CaptureSession | None] = ContextVar("headatlas_session", default=None)
+_registered_names: set[str] = set()
+
+
+def _module_eager(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, Any]]:
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward
+    return fn  # type: ignore[no-any-return]
+
+
+def _forward(
+    use_eager: bool,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention forward: delegate the output, report ``query``/``key`` to the active session.
+
+    Shapes: ``query [batch, head, query, d_head]``, ``key``/``value`` ``[batch, kv_head, key, d_head]``;
+    returns ``([batch, query, head, d_head], None)`` like every transformers backend.
+    """
+    session = ACTIVE_SESSION.get()
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if session is not None and session.on_qkv is not None:
+        replaced = session.on_qkv(session.layer_of(module), query, key, value, session.context)
+        if replaced is not None:
+            query, key, value = replaced
+    exact_fast = kwargs.get("s_aux") is None and kwargs.get("position_bias") is None and dropout == 0.0
+    if session is not None and not use_eager and exact_fast:
+        fast = session.attend_fast(module, query, key, value, attention_mask, scale)
+        if fast is not None:
+            return fast, None
+    if use_eager:
+        out, _ = _module_eager(module)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    else:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    if session is not None:
+        session.observe(
+            module,
+            query,
+            key,
+            attention_mask,
+            scale,
+            softcap=kwargs.get("softcap"),
+            sinks=kwargs.get("s_aux"),
+            bias=kwargs.get("position_bias"),
+        )
+    return out, None
+
+
+def headatlas_attention(module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The ``"headatlas"`` backend: SDPA output + statistics (see module docstring)."""
+    return _forward(False, module, *args, **kwargs)
+
+
+def headatlas_eager_attention(
+    module: torch.nn.Module, *args: Any, **kwargs: Any
+) -> tuple[torch.Tensor, None]:
+    """The ``"headatlas_eager"`` backend: the model's eager output + statistics."""
+    return _forward(True, module, *args, **kwargs)
+
+
+def register_backends(
+    name: str, fn: Callable[..., Any], eager_name: str, eager_fn: Callable[..., Any]
+) -> None:
+    """Register attention function ``fn`` under ``name`` with SDPA's boolean mask function and
+    ``eager_fn`` under ``eager_name`` with the additive eager mask (forgetting the mask
+    registration makes transformers pass ``mask=None``, which silently drops padding). Idempotent."""
+    if name in _registered_names:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionInterface.register(eager_name, eager_fn)
+    AttentionMaskInterface.register(eager_name, eager_mask)
+    _registered_names.add(name)
+
+
+def register() -> None:
+    """Register both backends and their mask functions with transformers (idempotent)."""
+    register_backends(NAME, headatlas_attention, EAGER_NAME, headatlas_eager_attention)
+
+
+def needs_eager(config: Any) -> bool:
+    """Return whether the model's attention needs the eager delegate (soft-capping or sinks)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "attn_logit_softcapping", None) is not None or text.model_type == "gpt_oss"

@@ -1,0 +1,212 @@
+"""Files on disk: the one atomic-write helper, the one directory lock, the one check of an output
+location, and the names every writer shares.
+
+- Everything headatlas writes goes through :func:`atomic_path`: the content is written to a
+  temporary file next to the target and renamed over it, so a crash or Ctrl-C never leaves half a
+  file where a good one was, and a reader never sees a partial write.
+- A command that writes into a directory holds :func:`directory_lock` on it, so a second writer
+  gets a one-line error instead of racing the first.
+- Outputs are checked before any work (:func:`check_output_dir`, :func:`check_output_file`): a
+  file where a directory is wanted, a directory where a file is wanted, an atlas file about to be
+  overwritten, or a location that cannot be written is refused before a model is even loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Collection, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import HeadatlasError, param
+
+try:  # POSIX; elsewhere the lock is a no-op
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+PARTIAL_DIR = ".partial"
+"""Sub-directory of an atlas dir holding the running statistics of an unfinished scan."""
+
+SIDE_TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+"""Names allowed for side tables (``DIR/<name>.parquet``): plain identifiers, never a path."""
+
+TABLE_FILE = "atlas.parquet"
+META_FILE = "atlas.json"
+EXAMPLES_FILE = "examples.npz"
+ATLAS_FILES = frozenset({TABLE_FILE, META_FILE, EXAMPLES_FILE})
+"""The files that make an atlas directory an atlas; never overwritten by anything else."""
+LOCK_FILE = ".headatlas.lock"
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; on success rename it over ``target``.
+
+    ``suffix`` is appended to the temporary name (some writers, e.g. ``np.savez``, insist on an
+    extension). On an exception the temporary file is removed and ``target`` is untouched. The
+    parent directory is created if needed.
+    """
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_text(target: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``target`` atomically and return the path."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def write_json(target: str | Path, value: Any, indent: int | None = 1) -> Path:
+    """Write ``value`` as JSON to ``target`` atomically (non-JSON values via ``str``)."""
+    return write_text(target, json.dumps(value, indent=indent, default=str))
+
+
+PROGRESS_FILE = "progress.json"
+"""In ``PARTIAL_DIR``: the finished batches of each attention battery and the scan's fingerprint."""
+STATS_FILE = "stats.npz"
+"""In ``PARTIAL_DIR``: the running statistics of the attention batteries."""
+FUNCTIONAL_PREFIX = "functional-"
+"""In ``PARTIAL_DIR``: ``functional-<battery>.{npz,json}`` for each finished functional battery."""
+
+
+def has_partial(directory: str | Path) -> bool:
+    """Return whether ``directory`` holds a partial scan (attention statistics or a finished functional battery)."""
+    partial = Path(directory) / PARTIAL_DIR
+    return (partial / PROGRESS_FILE).exists() or any(partial.glob(f"{FUNCTIONAL_PREFIX}*.json"))
+
+
+def discard_partial(directory: str | Path) -> None:
+    """Remove ``DIR/.partial`` (only the plain files headatlas writes there)."""
+    partial = Path(directory) / PARTIAL_DIR
+    if not partial.is_dir():
+        return
+    for file in partial.iterdir():
+        if file.is_file() and file.suffix in (".npz", ".json", ".parquet"):
+            file.unlink()
+    if not any(partial.iterdir()):
+        partial.rmdir()
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (created if needed) while writing into it.
+
+    A second headatlas process (or a second lock in this one) gets :class:`HeadatlasError` at
+    once, naming the process that holds it. The lock is released on exit, also on error; the OS
+    releases it if the process dies.
+    """
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    handle = open(path / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip()
+                who = f" (pid {holder})" if holder.isdigit() else ""
+                raise HeadatlasError(
+                    f"another headatlas process{who} is writing to {str(path)!r}: wait for it to finish "
+                    "or use another directory"
+                ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing releases the lock
+
+
+def _nearest_existing(path: Path) -> Path:
+    current = path.absolute()
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    return current
+
+
+def _check_writable(path: Path, name: str) -> None:
+    """Raise unless ``path`` (a directory, existing or to be created) can be written."""
+    anchor = _nearest_existing(path)
+    if not anchor.is_dir():
+        raise HeadatlasError(f"{param(name)} {str(path)!r}: {str(anchor)!r} is a file, not a directory")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise HeadatlasError(f"{param(name)} {str(path)!r}: {str(anchor)!r} is not writable")
+
+
+def check_output_dir(path: str | Path, name: str = "out") -> None:
+    """Raise :class:`HeadatlasError` (naming parameter ``name``) unless ``path`` is a directory that
+    exists and is writable, or can be created. Called before any work."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise HeadatlasError(f"{param(name)} {str(target)!r} is a file: give a directory")
+    _check_writable(target, name)
+
+
+def check_output_file(
+    path: str | Path,
+    suffixes: Collection[str],
+    name: str = "out",
+    replaceable: Collection[str] | None = None,
+    force: bool = False,
+) -> None:
+    """Raise :class:`HeadatlasError` unless ``path`` may be written as a file, before any work.
+
+    It must end in one of ``suffixes``, must not be a directory or an atlas file
+    (:data:`ATLAS_FILES`), and its directory must be writable. An existing file whose suffix is not
+    in ``replaceable`` (default: ``suffixes``) is only replaced with ``force``.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise HeadatlasError(f"{param(name)} {str(target)!r} is a directory: give a file name")
+    if target.suffix.lower() not in suffixes:
+        raise HeadatlasError(f"{param(name)} {str(target)!r}: give a file ending in {', '.join(suffixes)}")
+    if target.name in ATLAS_FILES:
+        raise HeadatlasError(f"{param(name)} {str(target)!r} is an atlas file: give another file name")
+    allowed = suffixes if replaceable is None else replaceable
+    if target.exists() and target.suffix.lower() not in allowed and not force:
+        raise HeadatlasError(
+            f"{param(name)} {str(target)!r} exists: pass {param('force', 'force=True')} to replace it"
+        )
+    _check_writable(target.parent, name)
+
+
+def cache_dir() -> Path:
+    """Return the headatlas cache directory: ``$HEADATLAS_CACHE`` or ``~/.cache/headatlas``.
+
+    The directory is not created here; writers create what they need.
+    """
+    env = os.environ.get("HEADATLAS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "headatlas"
+
+
+def check_cache_dir() -> Path:
+    """Return :func:`cache_dir` after checking it is (or can become) a writable directory."""
+    root = cache_dir()
+    current = root.absolute()
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    if not current.is_dir():
+        raise HeadatlasError(
+            f"the headatlas cache {str(root)!r} ($HEADATLAS_CACHE) is under a file: point it at a directory"
+        )
+    if not os.access(current, os.W_OK | os.X_OK):
+        raise HeadatlasError(
+            f"the headatlas cache {str(root)!r} ($HEADATLAS_CACHE) is not writable: point it elsewhere"
+        )
+    return root

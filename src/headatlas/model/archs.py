@@ -1,0 +1,151 @@
+"""What each architecture family needs, as data.
+
+Model families differ only in the rows of :data:`ARCHITECTURES`, never in copied code. A row
+says where a layer's attention output projection lives (the module whose *input* is the
+concatenation of per-head outputs, used by :func:`headatlas.ablate`) and whether attention is
+bidirectional. Unknown ``model_type`` values fall back to :data:`GENERIC`, which tries the
+common spellings in order.
+
+Encoder–decoder families (T5, BART, Marian, ...) have three kinds of attention layer, and the
+atlas numbers them in one sequence (:func:`attention_stacks`): the encoder's self-attention layers
+first, then the decoder's self-attention layers, then its cross-attention layers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to find the per-layer attention output projection of one architecture family.
+
+    Attributes:
+        o_proj: regular expressions matched against ``model.named_modules()`` names; the first
+            group is the layer index. The matched module's input is ``[batch, query, head * d_head]``.
+        causal: ``True`` for decoders, ``False`` for bidirectional encoders.
+        attn_proj: attribute names ``(q, k, v, o)`` of the separate ``nn.Linear`` projections on
+            the attention module (the parent of the matched output projection), for head pruning
+            (:mod:`headatlas.model.surgery`); ``None`` where projections are fused or named otherwise,
+            which pruning refuses with a clear error.
+        attn_out_norm: attribute of the decoder layer holding a norm applied to the attention
+            output before it joins the residual stream (Gemma 2/3's sandwich norm), else ``None``.
+        final_norm: attribute names, on ``model.base_model``, of the norm before the LM head
+            (the first that exists is used by direct-logit scores).
+        cross_attention: for encoder–decoder families, the attribute name of a decoder layer's
+            cross-attention module (``encoder_attn``, T5's ``EncDecAttention``), else ``None``.
+    """
+
+    o_proj: tuple[str, ...]
+    causal: bool = True
+    attn_proj: tuple[str, str, str, str] | None = None
+    attn_out_norm: str | None = None
+    final_norm: tuple[str, ...] = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
+    cross_attention: str | None = None
+
+
+_SELF_ATTN_O = r"(?:^|\.)(\d+)\.self_attn\.o_proj$"
+_GPT2_C_PROJ = r"(?:^|\.)(\d+)\.attn\.c_proj$"
+_BERT_DENSE = r"(?:^|\.)(\d+)\.attention\.output\.dense$"
+_OUT_PROJ = r"(?:^|\.)(\d+)\.self_attn\.out_proj$"
+_DENSE = r"(?:^|\.)(\d+)\.self_attn\.dense$"
+
+_QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
+    "mistral": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
+    "qwen2": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
+    "qwen3": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
+    "gemma": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO),
+    "gemma2": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO, attn_out_norm="post_attention_layernorm"),
+    "gemma3": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO, attn_out_norm="post_attention_layernorm"),
+    "gemma3_text": ArchSpec((_SELF_ATTN_O,), attn_proj=_QKVO, attn_out_norm="post_attention_layernorm"),
+    "phi3": ArchSpec((_SELF_ATTN_O,)),  # fused qkv_proj: not prunable yet
+    "olmo2": ArchSpec((_SELF_ATTN_O,)),  # q_norm spans all heads: not prunable
+    "gpt2": ArchSpec((_GPT2_C_PROJ,)),
+    "bert": ArchSpec((_BERT_DENSE,), causal=False),
+    "roberta": ArchSpec((_BERT_DENSE,), causal=False),
+    "opt": ArchSpec((_OUT_PROJ,)),
+    "phi": ArchSpec((_DENSE,)),
+    # Encoder–decoder families: their attention modules call transformers' attention interface
+    # (checked against eager in tests/test_seq2seq.py); head ablation and pruning do not cover them.
+    **{name: ArchSpec((), cross_attention="EncDecAttention") for name in ("t5", "mt5", "umt5")},
+    **{
+        name: ArchSpec((), cross_attention="encoder_attn")
+        for name in ("bart", "mbart", "marian", "pegasus", "m2m_100", "whisper")
+    },
+}
+
+GENERIC = ArchSpec((_SELF_ATTN_O, _GPT2_C_PROJ, _BERT_DENSE, _OUT_PROJ, _DENSE))
+
+
+def arch_spec(model_type: str) -> ArchSpec:
+    """Return the :class:`ArchSpec` row for ``model_type`` (``config.model_type``), or the generic one."""
+    return ARCHITECTURES.get(model_type, GENERIC)
+
+
+def match_layer(patterns: tuple[str, ...], module_name: str) -> int | None:
+    """Return the layer index encoded in ``module_name`` if it matches one of ``patterns``, else ``None``."""
+    for pattern in patterns:
+        found = re.search(pattern, module_name)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+ATTN_KINDS = ("encoder", "decoder", "cross")
+"""Kinds of attention layer (the atlas's ``attn_kind`` column): an encoder's self-attention, a
+decoder's (causal) self-attention, and a decoder's cross-attention over the encoder's output."""
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """One attention module of an encoder–decoder model: its kind, its layer within its stack,
+    its atlas layer index and its module name."""
+
+    kind: str
+    stack_layer: int
+    layer: int
+    name: str
+
+
+def _is_attention(module: object) -> bool:
+    """An attention module is one named ``*Attention`` with no ``*Attention`` module inside it
+    (T5's ``T5LayerSelfAttention`` wraps the ``T5Attention`` that computes)."""
+    if not type(module).__name__.endswith("Attention"):
+        return False
+    children: list[object] = list(getattr(module, "children", list)())
+    return not any(type(c).__name__.endswith("Attention") for c in children)
+
+
+def attention_stacks(model: object) -> list[AttentionLayer] | None:
+    """Return the attention layers of an encoder–decoder ``model`` in atlas order, or ``None`` for a
+    model with one stack (decoder-only or encoder-only).
+
+    Atlas layer ``l`` is encoder layer ``l`` for ``l < E``, decoder self-attention layer ``l − E``
+    for ``E ≤ l < E + D``, and cross-attention layer ``l − E − D`` after that. A decoder module is
+    cross-attention when its attribute name is the family's :attr:`ArchSpec.cross_attention`.
+    """
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return None
+    cross = arch_spec(str(getattr(config, "model_type", ""))).cross_attention
+    names = {id(m): n for n, m in model.named_modules()}  # type: ignore[attr-defined]
+    found: dict[str, list[tuple[int, str]]] = {kind: [] for kind in ATTN_KINDS}
+    for kind, stack in (("encoder", model.get_encoder()), ("decoder", model.get_decoder())):  # type: ignore[attr-defined]
+        for name, module in stack.named_modules():
+            if not _is_attention(module):
+                continue
+            number = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+            if number is None:
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            is_cross = kind == "decoder" and (leaf == cross if cross else "cross" in leaf.lower())
+            found["cross" if is_cross else kind].append((int(number.group(1)), names[id(module)]))
+    out: list[AttentionLayer] = []
+    for kind in ATTN_KINDS:
+        for stack_layer, name in sorted(found[kind]):
+            out.append(AttentionLayer(kind, stack_layer, len(out), name))
+    return out
