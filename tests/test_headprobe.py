@@ -173,7 +173,7 @@ def test_bad_probe_input_is_a_one_line_error(tmp_path: Path) -> None:
         build_probe_task(tokenizer, str(one))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "label": 1}\n{"text": 3}\n')
-    with pytest.raises(HeadatlasError, match="line 2"):
+    with pytest.raises(HeadatlasError, match=":2: "):
         build_probe_task(tokenizer, str(bad))
 
 

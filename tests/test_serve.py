@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
+from starlette.applications import Starlette
+from starlette.routing import Route
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -16,7 +20,6 @@ from conftest import XSS
 from headatlas.cli import app as cli_app
 from headatlas.serve import DEFAULT_HOST, atlas_model, create_app
 from headatlas.serve.app import MAX_BODY_BYTES
-from headatlas.serve.openapi import OPENAPI
 from tiny_models import eager_attentions
 
 
@@ -26,10 +29,13 @@ def atlas(tiny_atlas_dir: Path) -> ha.Atlas:
 
 
 @pytest.fixture(scope="module")
-def client(atlas: ha.Atlas, tiny_loaded: ha.LoadedModel) -> TestClient:
-    return TestClient(
-        create_app(atlas, tiny_loaded, max_tokens=64, max_chars=2000, max_heads=4), base_url=LOCAL
-    )
+def app(atlas: ha.Atlas, tiny_loaded: ha.LoadedModel) -> Starlette:
+    return create_app(atlas, tiny_loaded, max_tokens=64, max_chars=2000, max_heads=4)
+
+
+@pytest.fixture(scope="module")
+def client(app: Starlette) -> TestClient:
+    return TestClient(app, base_url=LOCAL)
 
 
 LOCAL = "http://127.0.0.1"
@@ -216,13 +222,129 @@ def test_unexpected_failure_is_a_json_500(
     assert "secret" not in _error(response, 500)
 
 
-def test_openapi_documents_every_api_route(
-    client: TestClient, atlas: ha.Atlas, tiny_loaded: ha.LoadedModel
+PAGES = {("get", "/")}
+"""Routes that answer an HTML page or a static asset, not JSON: the only routes the OpenAPI
+document leaves out."""
+
+HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+
+HEAD = [{"layer": 0, "head": 0}]
+AS_JSON = {"content-type": "application/json"}
+AS_FORM = {"content-type": "application/x-www-form-urlencoded"}
+
+EXAMPLES: dict[tuple[str, str], list[tuple[str, int, dict[str, Any]]]] = {
+    ("get", "/openapi.json"): [("both", 200, {})],
+    ("get", "/api/info"): [("both", 200, {}), ("atlas", 200, {}), ("model", 200, {})],
+    ("get", "/api/atlas"): [("both", 200, {}), ("atlas", 200, {}), ("model", 404, {})],
+    ("get", "/api/heads"): [
+        ("both", 200, {}),
+        ("both", 200, {"params": {"score": "induction", "top": 5}}),
+        ("atlas", 200, {"params": {"role": "previous-token", "top": 12}}),
+        ("both", 400, {"params": {"top": "many"}}),
+        ("model", 404, {}),
+    ],
+    ("post", "/api/attention"): [
+        ("both", 200, {"json": {"text": "The dog ran.", "heads": [{"layer": 2, "head": 3}, *HEAD]}}),
+        ("both", 200, {"json": {"text": "The dog ran.", "heads": HEAD, "format": "uint8"}}),
+        ("model", 200, {"json": {"text": XSS, "heads": HEAD, "format": "float"}}),
+        ("both", 400, {"content": b"{not json", "headers": AS_JSON}),
+        ("both", 413, {"content": b'{"text": "' + b"a" * (MAX_BODY_BYTES + 10) + b'"}', "headers": AS_JSON}),
+        ("both", 415, {"content": b'{"text": "hi", "heads": []}', "headers": AS_FORM}),
+        ("both", 422, {"json": {"text": "hi", "heads": []}}),
+        ("busy", 429, {"json": {"text": "hi", "heads": HEAD}}),
+        ("atlas", 503, {"json": {"text": "hi", "heads": HEAD}}),
+    ],
+}
+"""``(app, status, request)`` for each documented operation, drawing every status it declares. The
+apps: ``both`` (atlas and live model), ``atlas`` (no model), ``model`` (no atlas), ``busy`` (both,
+its model lock held)."""
+
+
+@pytest.fixture(scope="module")
+def spec(app: Starlette, client: TestClient) -> dict[str, Any]:
+    """The OpenAPI document as the app serves it, fetched from the route that serves it."""
+    response = client.get(app.url_path_for("openapi"))
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    document: dict[str, Any] = response.json()
+    assert document["openapi"].startswith("3.1.")
+    return document
+
+
+def _operations(spec: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Return ``{(method, path): operation}`` for every operation the document declares."""
+    return {
+        (method, path): operation
+        for path, item in spec["paths"].items()
+        for method, operation in item.items()
+        if method in HTTP_METHODS
+    }
+
+
+def _validator(spec: dict[str, Any], schema: dict[str, Any]) -> jsonschema.Draft202012Validator:
+    """Return a validator of ``schema``, a schema in ``spec`` whose ``$ref``s point into ``spec``."""
+    rooted = {**schema, "components": spec.get("components", {})}
+    jsonschema.Draft202012Validator.check_schema(rooted)
+    return jsonschema.Draft202012Validator(rooted)
+
+
+def test_openapi_documents_every_route_and_serves_every_documented_path(
+    app: Starlette, spec: dict[str, Any]
 ) -> None:
-    spec = client.get("/openapi.json").json()
-    assert spec == OPENAPI and spec["openapi"].startswith("3.")
-    routes = {r.path for r in create_app(atlas, tiny_loaded).routes if r.path.startswith("/api/")}  # type: ignore[attr-defined]
-    assert routes == set(spec["paths"])
+    served: set[tuple[str, str]] = set()
+    for route in app.routes:
+        assert isinstance(route, Route), f"{route!r} is not a plain route: list static mounts in PAGES"
+        served |= {(m.lower(), route.path) for m in route.methods or () if m != "HEAD"}
+    documented = set(_operations(spec))
+    assert served >= PAGES, "PAGES lists a route the app does not serve"
+    assert not PAGES & documented
+    assert served - PAGES == documented, (
+        f"undocumented: {served - PAGES - documented}, not served: {documented - served}"
+    )
+    client = TestClient(app, base_url=LOCAL)
+    for _, path in PAGES:
+        assert client.get(path).headers["content-type"].startswith("text/html"), path
+
+
+def test_answers_match_their_openapi_schemas(
+    app: Starlette, spec: dict[str, Any], atlas: ha.Atlas, tiny_loaded: ha.LoadedModel
+) -> None:
+    """Every documented operation, called on the apps, answers JSON that the schema the document
+    declares for its status accepts (the requests of its 200s match the documented request too)."""
+    operations = _operations(spec)
+    assert set(EXAMPLES) == set(operations), "give EXAMPLES requests for each documented operation"
+    for (method, path), calls in EXAMPLES.items():
+        declared = {int(status) for status in operations[method, path]["responses"]}
+        assert {status for _, status, _ in calls} == declared, f"{method} {path}: draw each declared status"
+    apps = {
+        "both": app,
+        "atlas": create_app(atlas, None),
+        "model": create_app(None, tiny_loaded),
+        "busy": create_app(atlas, tiny_loaded, busy_timeout=0.01),
+    }
+    clients = {name: TestClient(served, base_url=LOCAL) for name, served in apps.items()}
+    busy = apps["busy"].state.viewer.lock
+    assert busy.acquire(timeout=1)
+    try:
+        for (method, path), calls in EXAMPLES.items():
+            operation = operations[method, path]
+            for name, status, request in calls:
+                where = f"{method.upper()} {path} on the {name!r} app ({request})"[:300]
+                response = clients[name].request(method.upper(), path, **request)
+                assert response.status_code == status, f"{where}: {response.text[:300]}"
+                assert response.headers["content-type"] == "application/json", where
+                schema = operation["responses"][str(status)]["content"]["application/json"]["schema"]
+                errors = [
+                    f"{e.json_path}: {e.message}"[:300]
+                    for e in _validator(spec, schema).iter_errors(response.json())
+                ]
+                assert not errors, f"{where} answered {status} off its schema: {errors[:3]}"
+                if status == 200 and "json" in request:
+                    sent = operation["requestBody"]["content"]["application/json"]["schema"]
+                    assert not list(_validator(spec, sent).iter_errors(request["json"])), where
+                if status == 200 and "params" in request:
+                    assert set(request["params"]) <= {p["name"] for p in operation.get("parameters", [])}
+    finally:
+        busy.release()
 
 
 def test_serve_binds_localhost_by_default(tiny_atlas_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

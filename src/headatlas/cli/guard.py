@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,41 +34,6 @@ app.add_typer(guard_app, name="guard")
 GuardOpt = Annotated[Path, typer.Option("--guard", help="guard directory written by guard fit")]
 
 
-def _read_rows(path: Path, need_label: bool) -> Iterator[dict[str, Any] | str]:
-    """Yield the rows of a JSONL file, or a one-line message for a bad line (then stop)."""
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as exc:
-        yield f"cannot read {str(path)!r}: {exc.strerror}"
-        return
-    wanted = ("instruction", "data", "label") if need_label else ("instruction", "data")
-    with handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield f"{path}:{number}: not JSON ({exc.msg})"
-                return
-            missing = [k for k in wanted if not isinstance(row, dict) or k not in row]
-            if missing:
-                yield f"{path}:{number}: the row has no {missing[0]!r} field"
-                return
-            row["_line"] = number
-            yield row
-
-
-def _jsonl(path: Path, need_label: bool) -> list[dict[str, Any]]:
-    """Return every row of a JSONL file; a bad line is a one-line error naming it."""
-    rows = []
-    for row in _read_rows(path, need_label):
-        if isinstance(row, str):
-            fail(row)
-        rows.append(row)
-    return rows
-
-
 @guard_app.command(
     "fit",
     epilog=example(
@@ -95,9 +59,9 @@ def guard_fit(
 ) -> None:
     """Pick the important heads, calibrate the threshold and fit the learned variants."""
     quiet_libraries(False)
-    from ..apps.guard import Guard
+    from ..apps.guard import Guard, load_rows
 
-    rows = None if heads_from == "synthetic" else _jsonl(Path(heads_from), need_label=True)
+    rows = None if heads_from == "synthetic" else run(lambda: load_rows(heads_from, need_label=True))
     loaded = load_model(model)
     with progress_bar() as bar:
         guard = run(lambda: Guard.fit(loaded, rows, n_sigma, k_sigma, batch_size, step(bar, "fitting")))
@@ -156,51 +120,17 @@ def guard_score(
     )
 
 
-def _write(results: list[Any]) -> None:
-    for result in results:
-        sys.stdout.write(json.dumps(result.to_dict()) + "\n")
-    sys.stdout.flush()
-
-
-def _flush(guard: Any, path: Path, batch: list[dict[str, Any]]) -> str | None:
-    """Score and write ``batch``; on a bad row write the rows before it and return its error."""
-    from ..core.errors import HeadatlasError
-
-    try:
-        _write(guard.results(guard.features(batch, len(batch))))
-        return None
-    except HeadatlasError:
-        pass
-    for row in batch:  # find the bad row, keeping every result before it
-        try:
-            _write(guard.results(guard.features([row], 1)))
-        except HeadatlasError as exc:
-            return f"{path}:{row['_line']}: {exc.render(lambda name: name)}"
-    return None
-
-
 def _stream(guard: Any, path: Path, batch_size: int) -> None:
-    """Write one JSON line per row to stdout as its batch is scored; stop at a bad row (one line)."""
-    total = sum(1 for line in path.open(encoding="utf-8") if line.strip())
-    error: str | None = None
+    """Write one JSON line per row to stdout as its batch is scored; a bad row is a one-line error
+    after every result before it."""
+    from ..apps.guard import stream_scores
+
+    def write(result: Any) -> None:
+        sys.stdout.write(json.dumps(result.to_dict()) + "\n")
+        sys.stdout.flush()
+
     with progress_bar() as bar:
-        task = bar.add_task("scoring", total=total)
-        batch: list[dict[str, Any]] = []
-        for row in _read_rows(path, need_label=False):
-            if isinstance(row, str):
-                error = row
-                break
-            batch.append(row)
-            if len(batch) == batch_size:
-                error = _flush(guard, path, batch)
-                bar.advance(task, len(batch))
-                batch = []
-                if error:
-                    break
-        if batch:
-            error = _flush(guard, path, batch) or error
-    if error:
-        fail(error)
+        run(lambda: stream_scores(guard, path, write, batch_size, step(bar, "scoring")))
 
 
 @guard_app.command(
@@ -218,10 +148,9 @@ def guard_eval(
     quiet_libraries(False)
     import numpy as np
 
-    from ..apps.guard import Guard
-    from ..core.storage import atomic_path
+    from ..apps.guard import DETECTORS, Guard, load_rows, write_evaluation
 
-    rows = _jsonl(jsonl, need_label=True)
+    rows = run(lambda: load_rows(jsonl, need_label=True))
     loaded = load_model(model)
     g = run(lambda: Guard.load(guard, loaded))
     labels = np.array([int(r["label"]) for r in rows])
@@ -231,7 +160,7 @@ def guard_eval(
     table = Table(title=f"{jsonl.name}: {len(rows)} rows, {int(labels.sum())} injected")
     for column in ("detector", "AUROC", "AUPRC", "FPR@95%TPR"):
         table.add_column(column, justify="left" if column == "detector" else "right")
-    for name in ("focus", "heads-lr", "residual-probe", "length"):
+    for name in DETECTORS:
         if name in report:
             m = report[name]
             table.add_row(name, f"{m['auroc']:.3f}", f"{m['auprc']:.3f}", f"{m['fpr_at_95_tpr']:.3f}")
@@ -246,17 +175,5 @@ def guard_eval(
         "(chosen on the rows themselves: a bound on any one head's focus score, not a result)"
     )
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "eval.json") as tmp:
-            Path(tmp).write_text(json.dumps(report, indent=1), encoding="utf-8")
-        scores = g.detector_scores(feats)
-        with atomic_path(out / "scores.jsonl") as tmp:
-            Path(tmp).write_text(
-                "".join(
-                    json.dumps({"label": int(labels[k]), **{d: float(s[k]) for d, s in scores.items()}})
-                    + "\n"
-                    for k in range(len(rows))
-                ),
-                encoding="utf-8",
-            )
+        run(lambda: write_evaluation(out, report, g.detector_scores(feats), labels))
         err_console.print(f"wrote {out}/eval.json and scores.jsonl")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..atlas import TABLE_FILE, Atlas
-from ..errors import HeadatlasError, param
-from ..loading import reload_spec
+from ..atlas.table import Atlas
+from ..core.errors import HeadatlasError, param
+from ..core.storage import TABLE_FILE
+from ..model.load import reload_spec
 from .app import create_app
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "atlas_model", "check_port", "create_app", "resolve_target", "run"]
@@ -20,8 +21,8 @@ DEFAULT_PORT = 8765
 
 def atlas_model(atlas: Atlas) -> str | None:
     """Return what to pass to :func:`headatlas.load` for the model an atlas was scanned from
-    (:func:`headatlas.loading.reload_spec` of its recorded facts), ``None`` for an in-memory model."""
-    return reload_spec(atlas.meta.get("model", {}))
+    (:func:`headatlas.model.load.reload_spec` of its recorded facts), ``None`` for an in-memory model."""
+    return reload_spec(atlas.model)
 
 
 def resolve_target(target: str, model: str | None = None) -> tuple[Atlas | None, str | None]:

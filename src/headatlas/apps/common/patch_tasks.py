@@ -25,7 +25,6 @@ token (the metadata counts how many were).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 from ...batteries.base import ProbeSequence, make_batch, pad_id
 from ...capture import padded_positions
 from ...core.errors import HeadatlasError, param
+from ...core.jsonl import read_jsonl
 from ...data.sequences import sequence_frame
 from ...data.words import ANTONYMS, CAPITALIZE_WORDS, COUNTRY_CAPITALS, load_word_pairs
 from ...model.info import LoadedModel
@@ -168,19 +168,11 @@ def read_pair_file(path: str | Path) -> PatchTask:
     Raises :class:`HeadatlasError` naming the line for a malformed row, an empty file, or a row
     whose answer equals its wrong answer.
     """
-    from ...data.sequences import read_utf8
-
     file = Path(path)
     pairs = []
-    for number, line in enumerate(read_utf8(file).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise HeadatlasError(f"{file}:{number} is not JSON: write one object per line") from None
+    for number, row in read_jsonl(file, hint="write one object per line"):
         fields = ("clean", "corrupt", "answer", "wrong")
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row.get(k) for k in fields):
+        if not all(isinstance(row.get(k), str) and row.get(k) for k in fields):
             raise HeadatlasError(f"{file}:{number} needs non-empty strings {', '.join(fields)}")
         if row["answer"].strip() == row["wrong"].strip():
             raise HeadatlasError(

