@@ -24,7 +24,7 @@ from headatlas.core.errors import HeadatlasError, check_at_least, param
 from headatlas.core.heads import check_heads, head_name, parse_head, parse_heads
 from headatlas.core.roles import RULES
 from headatlas.core.scores import LOCAL_WINDOW, SCORES
-from headatlas.core.storage import atomic_path
+from headatlas.core.storage import atomic_dir, atomic_path
 from headatlas.data.sequences import chat_frame, encode_text, sequence_frame
 from headatlas.detectors.attention import DETECTOR_SCORES
 from headatlas.functional import FUNCTIONAL_BATTERIES, battery_spec
@@ -272,6 +272,21 @@ def test_atomic_path_keeps_the_old_file_on_error(tmp_path: Path) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_dir_replaces_a_directory_all_at_once(tmp_path: Path) -> None:
+    target = tmp_path / "checkpoint"
+    target.mkdir()
+    (target / "old.bin").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "new.bin").write_text("half")
+        raise RuntimeError("crash")
+    assert [p.name for p in target.iterdir()] == ["old.bin"] and list(tmp_path.iterdir()) == [target]
+    with atomic_dir(target) as tmp:
+        assert tmp.parent == tmp_path and not any(tmp.iterdir())
+        (tmp / "new.bin").write_text("new")
+        assert (target / "old.bin").exists()  # nothing changes until the block ends
+    assert [p.name for p in target.iterdir()] == ["new.bin"] and list(tmp_path.iterdir()) == [target]
 
 
 # ---------------------------------------------------------------- the scan config

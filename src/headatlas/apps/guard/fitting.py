@@ -3,7 +3,8 @@
 - Important heads (Hung et al. 2024, Attention Tracker): keep head h when
   (mean_benign − mean_attack) − n·(std_benign + std_attack) > 0 over its focus values.
 - Threshold: calibrated on benign rows only, τ = mean − k·std of their focus score.
-- Logistic regression (standardised features, L2 penalty, L-BFGS in torch): on all heads'
+- Logistic regression (standardised features, L2 penalty; the one fitter of
+  :mod:`headatlas.apps.common.logreg`): on all heads'
   focus values (the learned head variant), and on the last token's residual stream at one layer
   (PIShield, Zou et al. 2025), the layer chosen by a two-fold split of the training rows.
 """
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from ...core.errors import HeadatlasError, param
+from ..common.logreg import fit_logreg
 from .metrics import auroc
 
 
@@ -67,27 +69,21 @@ class Logistic:
 
 
 def fit_logistic(x: np.ndarray, labels: np.ndarray, l2: float = 1.0) -> Logistic:
-    """Return a :class:`Logistic` fitted on ``x [row, feature]`` with penalty ``l2 · |w|² / 2`` (mean loss + l2/n)."""
-    y_np = np.asarray(labels, dtype=np.float64)
+    """Return a :class:`Logistic` fitted on ``x [row, feature]``: mean log-loss + ``l2 · |w|² / (2n)``.
+
+    Fitted by the one logistic regression (:func:`~headatlas.apps.common.logreg.fit_logreg`, float64)
+    as a two-class problem: its optimum has ``W₁ = −W₀ = w / 2``, so its penalty
+    ``(λ / 2)(|W₀|² + |W₁|²)`` is this one with ``λ = 2 · l2 / n``.
+    """
+    y_np = np.asarray(labels).astype(int)
     if y_np.min() == y_np.max():
         raise HeadatlasError("training rows need both labels (benign 0 and injected 1)")
     mean = x.mean(0)
     scale = x.std(0) + 1e-6
-    xs = torch.tensor((x - mean) / scale, dtype=torch.float64)  # [row, feature]
-    y = torch.tensor(y_np)  # [row]
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(xs @ w + b, y)
-        loss = loss + l2 * (w @ w) / (2 * len(y))
-        loss.backward()  # type: ignore[no-untyped-call]
-        return loss
-
-    opt.step(closure)  # type: ignore[no-untyped-call]
-    return Logistic(w.detach().numpy().copy(), float(b.detach()), mean, scale)
+    xs = torch.tensor((x - mean) / scale, dtype=torch.float64)[None]  # [1, row, feature]
+    fit = fit_logreg(xs, torch.tensor(y_np), 2, l2=2.0 * l2 / len(y_np), max_iter=200)
+    weight = (fit.weight[0, :, 1] - fit.weight[0, :, 0]).numpy().copy()  # [feature]
+    return Logistic(weight, float(fit.bias[0, 1] - fit.bias[0, 0]), mean, scale)
 
 
 def choose_layer(residual: np.ndarray, labels: np.ndarray, seed: int = 0) -> int:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +24,7 @@ from ...atlas.table import Atlas, open_atlas
 from ...capture import ablate
 from ...core.errors import HeadatlasError, check_at_least, param
 from ...core.heads import Head, head_name
-from ...core.storage import TABLE_FILE, check_output_dir, write_json
+from ...core.storage import TABLE_FILE, atomic_dir, check_output_dir, write_json
 from ...model.info import LoadedModel
 
 if TYPE_CHECKING:
@@ -138,21 +136,11 @@ def save_pruned(pruned: LoadedModel, out: Path, report: dict[str, object] | None
     Ctrl-C while saving leaves the old directory (or none), never old and new files mixed.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    old = out.with_name(f".{out.name}.{os.getpid()}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:
         pruned.model.save_pretrained(tmp)
         pruned.tokenizer.save_pretrained(tmp)
         if report is not None:
             write_json(tmp / PRUNE_REPORT, report)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return out
 
 

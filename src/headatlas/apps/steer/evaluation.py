@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import copy
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -26,6 +25,7 @@ import torch
 from ...batteries.base import ProbeSequence, make_batch, pad_id
 from ...capture import output_projections, output_weight, padded_positions
 from ...core.errors import HeadatlasError
+from ...core.storage import atomic_dir, atomic_path
 from ...data.sequences import encode_text
 from ...data.ud import ewt_sentences
 from ...model.info import LoadedModel
@@ -235,16 +235,9 @@ def export_bake(loaded: LoadedModel, steering: Steering, alpha: float, out: str 
         for layer, shift in shifts.items():
             bias = cast(torch.Tensor, output_projections(baked_loaded)[layer].bias)
             bias += shift.to(bias)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(target) as tmp:
         baked.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -252,7 +245,6 @@ def export_lm_eval(loaded: LoadedModel, steering: Steering, alpha: float, out: s
     """Write ``steer.pt`` for lm-evaluation-harness ``--model steered``: ``{hook point: {
     "steering_vector" [1, d_model] = W_O δ, "steering_coefficient": 1.0, "action": "add"}}``
     (hook points are the output projections' module names); return the file."""
-    from ...core.storage import atomic_path
 
     names = {id(module): name for name, module in loaded.model.named_modules()}
     projections = output_projections(loaded)
