@@ -2,7 +2,8 @@
 
 - :mod:`.atlas`: ``scan``, ``show``, ``map``
 - :mod:`.view`: ``report``, ``serve``
-- :mod:`.apps`: ``importance``, ``redundancy``, ``prune``, ``prune-curve``, ``verify``
+- :mod:`.prune`: ``importance``, ``redundancy``, ``prune``, ``prune-curve``
+- :mod:`.verify`: ``verify``
 - :mod:`.patch`: ``patch``, ``circuit``
 - :mod:`.probe`: ``probe``
 - :mod:`.steer`: ``steer fit``, ``steer eval``, ``steer generate``, ``steer export``
@@ -20,13 +21,13 @@ from __future__ import annotations
 
 import sys
 
-from . import atlas, data, guard, interop, kv, patch, probe, steer, view, zoo
-from . import prune as apps
+from . import atlas, data, guard, interop, kv, patch, probe, prune, steer, verify, view, zoo
 from .common import app, err_console
 
 __all__ = ["app", "main"]
 _COMMANDS = (
-    apps,
+    prune,
+    verify,
     atlas,
     data,
     guard,
