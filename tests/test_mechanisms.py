@@ -24,7 +24,7 @@ from headatlas.core.errors import HeadatlasError, check_at_least, param
 from headatlas.core.heads import check_heads, head_name, parse_head, parse_heads
 from headatlas.core.roles import RULES
 from headatlas.core.scores import LOCAL_WINDOW, SCORES
-from headatlas.core.storage import atomic_dir, atomic_path
+from headatlas.core.storage import atomic_dir, atomic_path, owned_files, write_json
 from headatlas.data.sequences import chat_frame, encode_text, sequence_frame
 from headatlas.detectors.attention import DETECTOR_SCORES
 from headatlas.functional import FUNCTIONAL_BATTERIES, battery_spec
@@ -287,6 +287,26 @@ def test_atomic_dir_replaces_a_directory_all_at_once(tmp_path: Path) -> None:
         (tmp / "new.bin").write_text("new")
         assert (target / "old.bin").exists()  # nothing changes until the block ends
     assert [p.name for p in target.iterdir()] == ["new.bin"] and list(tmp_path.iterdir()) == [target]
+
+
+def test_an_atlas_written_over_removes_what_headatlas_wrote_and_keeps_the_users_files(
+    tiny_loaded: ha.LoadedModel, tmp_path: Path
+) -> None:
+    from matplotlib.figure import Figure
+
+    from headatlas.report.figures import save_figure
+
+    out = tmp_path / "atlas"
+    ha.scan(tiny_loaded, probes=["repeat"], n_prompts=2, seq_len=24, out=out)
+    write_json(out / "verify-induction.json", {})
+    save_figure(Figure(figsize=(1, 1)), out / "figures" / "scores" / "induction.png")
+    (out / "figures" / "mine.png").write_bytes(b"the user's")
+    (out / "notes.txt").write_text("the user's")
+    assert sorted(owned_files(out)) == ["figures/scores/induction.png", "verify-induction.json"]
+    ha.scan(tiny_loaded, probes=["repeat"], n_prompts=2, seq_len=24, out=out, force=True)
+    assert not (out / "verify-induction.json").exists() and not (out / "figures" / "scores").exists()
+    assert (out / "figures" / "mine.png").read_bytes() == b"the user's"
+    assert (out / "notes.txt").read_text() == "the user's" and owned_files(out) == []
 
 
 # ---------------------------------------------------------------- the scan config

@@ -29,11 +29,13 @@ from ..core.scores import VECTOR_SCORES, ordered
 from ..core.storage import (
     EXAMPLES_FILE,
     META_FILE,
+    OWNED_FILE,
     SIDE_TABLE_NAME,
     TABLE_FILE,
     atomic_path,
     check_output_dir,
     has_partial,
+    owned_files,
     write_json,
 )
 from ..model.info import ModelInfo
@@ -50,9 +52,6 @@ REQUIRED_COLUMNS = ("layer", "head", "kv_head", "roles")
 """Columns every atlas table has."""
 NOT_SCORES = frozenset({"layer", "head", "kv_head", "cluster", "stack_layer"})
 """Numeric columns that identify or group heads; they never rank them."""
-OWNED_FILES = ("report.html", "redundancy_js.npy", "redundancy_cos.npy")
-"""Files an atlas dir may hold besides the table, side tables, examples, ``verify-*.json`` and
-``figures/``: everything a new atlas replaces when it is written over an old one."""
 
 
 def versions() -> dict[str, str]:
@@ -446,27 +445,31 @@ def merge_atlases(base: Atlas, new: Atlas) -> Atlas:
 
 def discard_atlas(directory: str | Path) -> None:
     """Remove every file an atlas in ``directory`` owns: table, metadata, examples, its side tables,
-    ``verify-*.json``, the report, redundancy matrices and ``figures/`` pictures. Other files stay.
+    and every other file headatlas wrote there (:func:`~headatlas.core.storage.owned_files`: the
+    report, figures, verify and redundancy files, ...), then the folders those leave empty. A file
+    headatlas did not write stays.
 
     Called when a new atlas replaces an old one (``force=True``), so nothing of the old model's
     (examples, figures, tables) survives next to the new one.
     """
-    src = Path(directory)
+    src = Path(directory).absolute()
     names: list[str] = []
     try:
         old = json.loads((src / META_FILE).read_text(encoding="utf-8"))
         names = [str(t) for t in old.get("tables", [])] if isinstance(old, dict) else []
     except (OSError, ValueError):
         pass
-    owned = [src / TABLE_FILE, src / META_FILE, src / EXAMPLES_FILE, *(src / n for n in OWNED_FILES)]
+    owned = [src / TABLE_FILE, src / META_FILE, src / EXAMPLES_FILE]
     owned += [src / f"{n}.parquet" for n in names if SIDE_TABLE_NAME.match(n)]
-    owned += list(src.glob("verify-*.json"))
-    figures = src / "figures"
-    if figures.is_dir():
-        owned += [p for p in figures.rglob("*") if p.is_file() and p.suffix in (".png", ".svg", ".pdf")]
+    owned += [(src / n) for n in owned_files(src) if (src / n).resolve().is_relative_to(src.resolve())]
     for path in owned:
-        if path.is_file():
+        if path.is_file() and not path.is_symlink():
             path.unlink()
+            for folder in path.parents:  # folders the owned files leave empty (figures/scores, figures)
+                if folder == src or any(folder.iterdir()):
+                    break
+                folder.rmdir()
+    (src / OWNED_FILE).unlink(missing_ok=True)
 
 
 def open_atlas(info: ModelInfo, directory: str | Path | None) -> Atlas:

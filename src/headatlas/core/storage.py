@@ -42,6 +42,11 @@ EXAMPLES_FILE = "examples.npz"
 ATLAS_FILES = frozenset({TABLE_FILE, META_FILE, EXAMPLES_FILE})
 """The files that make an atlas directory an atlas; never overwritten by anything else."""
 LOCK_FILE = ".headatlas.lock"
+OWNED_FILE = ".headatlas-files.json"
+"""In an atlas directory: every other file headatlas wrote there (relative paths), so that an atlas
+written over it (``scan --force``) removes exactly those and never a file of the user's."""
+OWNER_DEPTH = 3
+"""How many directories up from a written file an atlas directory is looked for (``DIR/figures/scores/x.png``)."""
 
 
 @contextlib.contextmanager
@@ -50,7 +55,8 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
 
     ``suffix`` is appended to the temporary name (some writers, e.g. ``np.savez``, insist on an
     extension). On an exception the temporary file is removed and ``target`` is untouched. The
-    parent directory is created if needed.
+    parent directory is created if needed. A file written inside an atlas directory is recorded
+    in its :data:`OWNED_FILE` (:func:`owned_files`).
     """
     path = Path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,9 +64,50 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+        _record_owned(path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _atlas_root(path: Path) -> Path | None:
+    """The nearest atlas directory holding ``path`` (at most :data:`OWNER_DEPTH` levels up), or None."""
+    for parent in list(path.absolute().parents)[:OWNER_DEPTH]:
+        if (parent / TABLE_FILE).is_file():
+            return parent
+    return None
+
+
+def _record_owned(path: Path) -> None:
+    """Add ``path`` to its atlas directory's :data:`OWNED_FILE` (the atlas's own files need not be)."""
+    root = _atlas_root(path)
+    if root is None or path.name == OWNED_FILE:
+        return
+    relative = path.absolute().relative_to(root).as_posix()
+    if relative in ATLAS_FILES:
+        return
+    known = owned_files(root)
+    if relative in known:
+        return
+    manifest = root / OWNED_FILE
+    tmp = manifest.with_name(f".{manifest.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(sorted({*known, relative}), indent=1), encoding="utf-8")
+        os.replace(tmp, manifest)
+    except OSError:  # a read-only atlas dir: the file is written, only not recorded
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def owned_files(directory: str | Path) -> list[str]:
+    """Return the files (paths relative to ``directory``) headatlas wrote into an atlas directory
+    besides the atlas itself: figures, the report, verify and redundancy files, side outputs."""
+    manifest = Path(directory) / OWNED_FILE
+    try:
+        names = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [str(n) for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from ..core.errors import HeadatlasError
 from ..core.heads import head_name
 from ..core.roles import RULES
 from ..core.scores import score_spec
+from ..core.storage import atomic_path
 from .data import NO_ROLE_COLOR, ROLE_COLORS, display_token, head_roles, is_causal_map, scalar_scores
 
 logger = logging.getLogger(__name__)
@@ -62,10 +63,9 @@ def save_figure(fig: Figure, out: str | Path, dpi: int = 110) -> Path:
     path = Path(out)
     if path.suffix.lower() not in FORMATS:
         raise HeadatlasError(f"cannot write {str(path)!r}: give a file ending in {', '.join(FORMATS)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), atomic_path(path, suffix=path.suffix) as tmp:
         warnings.filterwarnings("ignore", message=r"Glyph .* missing")
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     return path
 
 
