@@ -71,11 +71,13 @@ def test_a_signed_score_counts_relative_to_its_largest_magnitude(atlas: Atlas) -
 def test_an_exported_pattern_and_a_plan_follow_one_rule(atlas: Atlas) -> None:
     """``export --format duo`` writes the KV-head scores ``kv plan`` ranks by: the plan keeps exactly
     the KV heads with the highest exported gates."""
-    atlas.set_matrix("retrieval", np.array([[0.1, 0.0, 0.2, 0.4], [0.8, 0.3, 0.0, 0.05], [0.6, 0.1, 0.9, 0.7]]))
+    atlas.set_matrix(
+        "retrieval", np.array([[0.1, 0.0, 0.2, 0.4], [0.8, 0.3, 0.0, 0.05], [0.6, 0.1, 0.9, 0.7]])
+    )
     gates = kv_gates(atlas, "retrieval")
     scores, names = kv.kv_scores(atlas, "retrieval")
     assert names == ["retrieval"] and np.array_equal(gates, scores)
-    plan = kv.plan(atlas, budget=400, by="retrieval", sink=4, recent=64, context=1024)
+    plan = kv.plan(atlas, budget=200, by="retrieval", sink=4, recent=32, context=512)
     kept = {(layer, k) for layer, heads in enumerate(plan.full_heads) for k in heads}
     ranked = sorted(np.ndindex(gates.shape), key=lambda lk: -gates[lk])
     assert kept == set(ranked[: len(kept)]) and 0 < len(kept) < gates.size

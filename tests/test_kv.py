@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -224,7 +225,8 @@ def test_compensation_token_is_the_mean_of_dropped_tokens() -> None:
 
 
 def _atlas(info: ha.ModelInfo, retrieval: np.ndarray) -> Atlas:
-    atlas = Atlas.minimal(info)
+    """An atlas of ``info``'s model recorded with a 4096-token context (plans are made at 2048)."""
+    atlas = Atlas.minimal(dataclasses.replace(info, context_length=4096))
     atlas.set_matrix("retrieval", retrieval)
     return atlas
 
@@ -264,6 +266,9 @@ def test_plan_bad_input_is_refused_in_one_line(tmp_path) -> None:  # type: ignor
         "scan with --probes repeat --add": {"keep_fraction": 0.5, "by": "induction"},
         "below what streaming every head keeps": {"keep_fraction": 0.01, "context": 512},
         "give one of": {},
+        "^budget must be at least 1, got 0": {"budget": 0},
+        "^context 100,000,000 is beyond": {"keep_fraction": 0.5, "context": 10**8},
+        "^sink must be at least 0": {"keep_fraction": 0.5, "sink": -3},
     }
     for message, options in cases.items():
         with pytest.raises(

@@ -11,6 +11,7 @@ import pytest
 import headatlas as ha
 from headatlas.atlas.stats import HeadStats
 from headatlas.batteries.base import make_batch
+from headatlas.batteries.natural import natural_battery
 from headatlas.capture.views import DenseView
 from headatlas.detectors.attention import DETECTORS, Context
 from headatlas.scanning.config import ScanConfig
@@ -210,10 +211,40 @@ def test_force_keeps_old_atlas_until_new_one_is_done(
 def test_bad_input_is_a_clear_error(
     llama: ha.LoadedModel, corpus_file: Path, kwargs: dict, match: str
 ) -> None:
-    args = {"text_file": corpus_file, "n_prompts": 2, "seq_len": 16, **kwargs}
+    args = {
+        "n_prompts": 2,
+        "seq_len": 16,
+        **({} if "texts" in kwargs else {"text_file": corpus_file}),
+        **kwargs,
+    }
     with pytest.raises(ha.HeadatlasError, match=match) as info:
         ha.scan(llama, **args)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"texts": ["The cat sat."], "text_file": "corpus"}, "give one"),
+        ({"config": ScanConfig(n_prompts=2, seq_len=16), "n_prompts": 3}, "inside it"),
+        ({"config": ScanConfig(n_prompts=2, seq_len=16), "probes": ["repeat"]}, "inside it"),
+        ({"seq_len": "32"}, "^seq_len must be an integer, got '32'"),
+        ({"n_prompts": 2.5}, "^n_prompts must be an integer"),
+    ],
+)
+def test_contradictory_or_mistyped_settings_are_refused(
+    llama: ha.LoadedModel, corpus_file: Path, kwargs: dict, match: str
+) -> None:
+    args = {key: corpus_file if value == "corpus" else value for key, value in kwargs.items()}
+    with pytest.raises(ha.HeadatlasError, match=match) as info:
+        ha.scan(llama, **args)
+    assert "\n" not in str(info.value)
+
+
+def test_one_string_is_one_item_never_its_characters(llama: ha.LoadedModel) -> None:
+    assert ScanConfig.of("natural", "The cat sat on the mat.").texts == ("The cat sat on the mat.",)
+    atlas = ha.scan(llama, probes="natural", texts="The cat sat on the mat.")  # type: ignore[arg-type]
+    assert atlas.meta["probes"] == ["natural"] and atlas.meta["batteries"]["texts"]["n_texts"] == 1
 
 
 def test_empty_text_file(llama: ha.LoadedModel, tmp_path: Path) -> None:
@@ -221,6 +252,22 @@ def test_empty_text_file(llama: ha.LoadedModel, tmp_path: Path) -> None:
     empty.write_text("\n\n")
     with pytest.raises(ha.HeadatlasError, match="empty"):
         ha.scan(llama, text_file=empty, n_prompts=2, seq_len=16)
+
+
+def test_a_long_passage_fills_sequences_and_nothing_is_dropped() -> None:
+    """One long line (a one-line text file) fills as many sequences as it has tokens; each sequence
+    continues where the last stopped, and a word cut at a boundary is no fake continuation."""
+    tok = make_tokenizer(add_bos=False)
+    line = " ".join(CORPUS * 4)
+    stream = tok(line)["input_ids"]
+    assert len(stream) > 4 * 32
+    battery = natural_battery(tok, [line], 4, 32, 0, "one line")
+    assert [len(s.ids) for s in battery.sequences] == [32] * 4
+    assert [t for s in battery.sequences for t in s.ids] == stream[: 4 * 32]
+    assert "tokens_available" not in battery.params  # nothing was missing
+    for prev, seq in zip(battery.sequences, battery.sequences[1:], strict=False):
+        words = seq.word_ids or ()
+        assert words[0] == -1 or words[0] != (prev.word_ids or ())[-1]
 
 
 def test_corrupt_atlas_is_a_clear_error(tmp_path: Path) -> None:

@@ -57,8 +57,10 @@ def natural_battery(
     """Battery ``natural``: up to ``n_prompts`` sequences of ``seq_len`` tokens packed from ``corpus``.
 
     Passages are drawn in a seeded random order and joined by spaces; each sequence is framed as
-    the tokenizer frames a text (:func:`~headatlas.data.sequences.sequence_frame`) and filled with
-    whole passages, the last one cut to fit. The corpus is read once: text is never repeated. When
+    the tokenizer frames a text (:func:`~headatlas.data.sequences.sequence_frame`) and filled to
+    ``seq_len``; a passage that does not fit goes on in the next sequence, so no text is dropped
+    and one long passage (a one-line file) fills as many sequences as it has tokens for. The
+    corpus is read once: text is never repeated. When
     it runs out first, what is left becomes one shorter last sequence, a warning says how many
     tokens there were against how many were asked for, and ``params`` records both.
     """
@@ -79,10 +81,18 @@ def natural_battery(
     available = 0
 
     def emit(length: int) -> None:
+        """Frame the first ``length`` tokens as one sequence; the rest starts the next one (a word cut
+        at the boundary has its leading pieces marked as no word there, so none is a fake
+        continuation)."""
         nonlocal ids, words
         framed, framed_words = frame.wrap(ids[:length], words[:length])
         sequences.append(ProbeSequence(tuple(framed), tuple(framed_words or ())))
-        ids, words = [], []
+        cut = words[length - 1] if length else -1
+        ids, words = ids[length:], words[length:]
+        for k, word in enumerate(words):
+            if cut < 0 or word != cut:
+                break
+            words[k] = -1
 
     for index in order:
         if len(sequences) == n_prompts:

@@ -8,6 +8,7 @@ the library never talks about flags a Python user does not have.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Collection
 from typing import Any
@@ -57,9 +58,20 @@ class HeadatlasError(Exception):
         return _PARAM.sub(lambda m: name_of(m.group(1)), self.template)
 
 
-def check_at_least(name: str, value: int | float, low: int | float) -> None:
-    """Raise :class:`HeadatlasError` naming parameter ``name`` unless ``value >= low``."""
-    if isinstance(value, bool) or not value >= low:
+def check_number(name: str, value: Any, integer: bool = False) -> None:
+    """Raise :class:`HeadatlasError` naming parameter ``name`` unless ``value`` is a finite number
+    (an integer with ``integer``); ``True``/``False`` and strings are not numbers."""
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        what = "an integer" if integer else "a finite number"
+        raise HeadatlasError(f"{param(name)} must be {what}, got {value!r}")
+
+
+def check_at_least(name: str, value: Any, low: int | float) -> None:
+    """Raise :class:`HeadatlasError` naming parameter ``name`` unless ``value`` is a finite number
+    ``>= low``, and an integer when ``low`` is one (pass ``0.0`` for a real-valued parameter)."""
+    check_number(name, value, integer=isinstance(low, int))
+    if not value >= low:
         raise HeadatlasError(f"{param(name)} must be at least {low}, got {value}")
 
 

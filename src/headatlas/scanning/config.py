@@ -45,6 +45,10 @@ class ScanConfig:
     align_file: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("probes", "texts"):  # one string is one item, never its characters
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         check_at_least("n_prompts", self.n_prompts, 1)
         check_at_least("seq_len", self.seq_len, 8)
         check_at_least("batch_size", self.batch_size, 1)
@@ -70,6 +74,10 @@ class ScanConfig:
             raise HeadatlasError(
                 f"the align battery and {param('align_file')} go together: give both or neither"
             )
+        if self.texts is not None and self.text_file is not None:
+            raise HeadatlasError(
+                f"{param('texts')} and {param('text_file')} both replace the natural battery's text: give one"
+            )
         for given, name in ((self.text_file, "text_file"), (self.texts, "texts")):
             if given is not None and "natural" not in self.probes:
                 raise HeadatlasError(
@@ -85,10 +93,12 @@ class ScanConfig:
         align_file: str | Path | None = None,
         **settings: Any,
     ) -> ScanConfig:
-        """Build a config from lists and paths as callers hold them (tuples and strings inside)."""
+        """Build a config from lists and paths as callers hold them (tuples and strings inside).
+
+        A single string for ``probes`` or ``texts`` is one item (never its characters)."""
         return cls(
-            probes=tuple(probes),
-            texts=None if texts is None else tuple(texts),
+            probes=(probes,) if isinstance(probes, str) else tuple(probes),
+            texts=None if texts is None else (texts,) if isinstance(texts, str) else tuple(texts),
             text_file=None if text_file is None else str(text_file),
             align_file=None if align_file is None else str(align_file),
             **settings,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ...atlas.table import Atlas
-from ...core.errors import HeadatlasError, param
+from ...core.errors import HeadatlasError, check_at_least, check_number, param
 from ...core.storage import atomic_path
 from ..common.kv_heads import kv_head_scores, relative_scores
 
@@ -144,17 +144,22 @@ def plan(
     """
     if (keep_fraction is None) == (budget is None):
         raise HeadatlasError(f"give one of {param('keep_fraction')} or {param('budget')}")
-    if context < 1:
-        raise HeadatlasError(f"{param('context')} must be positive, got {context}")
-    if budget is not None:
-        keep_fraction = budget / context
-    assert keep_fraction is not None
-    if not (0 < keep_fraction <= 1) or math.isnan(keep_fraction):
-        raise HeadatlasError(f"{param('keep_fraction')} must be in (0, 1], got {keep_fraction:g}")
-    if sink < 0 or recent < 1:
+    check_at_least("context", context, 1)
+    longest = atlas.model.context_length
+    if longest is not None and context > longest:
         raise HeadatlasError(
-            f"{param('sink')} must be ≥ 0 and {param('recent')} ≥ 1, got {sink} and {recent}"
+            f"{param('context')} {context:,} is beyond {atlas.model.name}'s context of {longest:,} tokens"
         )
+    if budget is not None:
+        check_at_least("budget", budget, 1)
+        if budget > context:
+            raise HeadatlasError(f"{param('budget')} {budget} is more than the {param('context')} {context}")
+        keep_fraction = budget / context
+    check_number("keep_fraction", keep_fraction)
+    if not 0 < keep_fraction <= 1:  # type: ignore[operator]
+        raise HeadatlasError(f"{param('keep_fraction')} must be in (0, 1], got {keep_fraction:g}")
+    check_at_least("sink", sink, 0)
+    check_at_least("recent", recent, 1)
     slots = _slots(sink, recent, compensate)
     if slots >= context:
         raise HeadatlasError(
