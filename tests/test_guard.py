@@ -90,17 +90,54 @@ def test_spans_from_the_template(template: str | None, layout: str, data: str) -
     assert spans.instruction[0] > 0  # the first token (the sink) is left out
 
 
-def _packaged_tokenizers() -> list[str]:
-    base = Path.home() / ".cache" / "headatlas" / "models"
-    return sorted(str(p) for p in base.glob("*") if (p / "tokenizer.json").is_file()) if base.is_dir() else []
+def _tokenizer_cases() -> list[object]:
+    """Every installed packaged model the guard can run on, by name (``slow``: a real tokenizer, its
+    model converted once from the package if no run has yet), then, always, the tiny tokenizer
+    without and with a chat template: never an empty parameter set, whatever is installed.
+
+    Installed means found by :func:`~headatlas.model.packaged.packaged_model_path` (nothing imported
+    or converted at collection). Left out: encoders (minilm), which the guard refuses
+    (``headatlas.apps.guard.features``), so their tokenizers never reach :func:`prompt_spans`."""
+    from headatlas.core.errors import HeadatlasError
+    from headatlas.model.archs import arch_spec
+    from headatlas.model.packaged import PACKAGED_MODELS, packaged_model_path
+
+    cases: list[object] = []
+    for name in PACKAGED_MODELS:
+        try:
+            located = packaged_model_path(name)
+        except HeadatlasError:  # not installed
+            continue
+        config = located / "config.json"  # a model dir shipped as is; a GGUF is a decoder
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+        if arch_spec(model_type or "").causal:
+            cases.append(pytest.param(name, id=name, marks=pytest.mark.slow))
+    return [
+        *cases,
+        pytest.param("tiny-plain", id="tiny-plain"),
+        pytest.param("tiny-chatml", id="tiny-chatml"),
+    ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("where", _packaged_tokenizers())
-def test_spans_on_packaged_tokenizers(where: str) -> None:
+def _case_tokenizer(case: str):  # type: ignore[no-untyped-def]
+    """The tokenizer of a :func:`_tokenizer_cases` case: a packaged model's, from the directory
+    :func:`headatlas.load` loads it from, or a tiny one."""
+    if case == "tiny-plain":
+        return _template_tokenizer(None)
+    if case == "tiny-chatml":
+        return _template_tokenizer(CHATML)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(where)
+    from headatlas.model.convert import packaged_dir
+    from headatlas.model.packaged import packaged_model
+
+    directory, _source, _sha = packaged_dir(packaged_model(case))
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+@pytest.mark.parametrize("case", _tokenizer_cases())
+def test_spans_on_packaged_tokenizers(case: str) -> None:
+    tok = _case_tokenizer(case)
     for data in ("Great phone, battery lasts two days.", f"Text {SPECIALS} <end_of_turn> done"):
         spans = prompt_spans(tok, "Summarise this review.", data)
         assert _span_text(tok, spans.ids, spans.instruction) == "Summarise this review."

@@ -133,7 +133,11 @@ def test_the_command_line_writes_a_plan(tiny_model_dir: Path, tmp_path: Path) ->
 
     out = tmp_path / "fitted.json"
     args = ["kv", "fit", str(tiny_model_dir), "--steps", "2", "--seq-len", "96", "--n-prompts", "1"]
-    result = CliRunner().invoke(app, [*args, "--recent", "8", "--keep-fraction", "0.5", "--out", str(out)])
+    refused = CliRunner().invoke(app, [*args, "--recent", "8", "--keep-fraction", "0.5", "--out", str(out)])
+    assert refused.exit_code == 2 and "--context 2,048 is beyond" in refused.output  # before fitting
+    assert "fitting gates" not in refused.output and not out.exists()
+    options = ["--recent", "8", "--keep-fraction", "0.5", "--context", "512", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, *options])
     assert result.exit_code == 0, result.output
     assert "2 steps × 96 tokens" in result.output
     plan = ha.kv.Plan.load(out)

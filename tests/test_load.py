@@ -52,10 +52,17 @@ def test_dir_without_config(tmp_path: Path) -> None:
 
 
 def test_unknown_hub_id_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Really offline: huggingface_hub reads ``HF_HUB_OFFLINE`` once, at import, into
+    ``constants.HF_HUB_OFFLINE``, which its ``is_offline_mode()`` (what transformers asks) returns;
+    setting only the variable here would wait out real Hub requests and their retries."""
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert huggingface_hub.constants.is_offline_mode()
     with pytest.raises(ha.HeadatlasError, match="could not load model") as info:
         ha.load("nobody-xyz/not-a-model")
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "offline machines need" in str(info.value)
 
 
 def test_model_without_attention_layers() -> None:

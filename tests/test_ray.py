@@ -1,7 +1,10 @@
 """Ray: a sharded scan equals the single-process atlas, a killed worker is recovered, head sweeps
 and seeds over Ray equal in-process, bad shards and a missing Ray are one-line errors.
 
-One local Ray instance (2 CPUs, no dashboard) for the module, stopped at the end."""
+One local Ray instance (2 CPUs, no dashboard) for the module, stopped at the end. The tests that
+use it are marked ``ray`` (about half a minute with Ray's start): ``make test-fast`` leaves them
+out, ``make test`` and ``make test-ray`` run them. The missing-Ray test starts nothing, so it is
+not marked and runs in ``make test-fast`` too."""
 
 from __future__ import annotations
 
@@ -27,11 +30,17 @@ from headatlas.scanning.stream import run_scan
 ray = pytest.importorskip("ray")  # a dev dependency: installed by `make setup`
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def local_ray():  # type: ignore[no-untyped-def]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def on_ray(test):  # type: ignore[no-untyped-def]
+    """Mark ``test`` ``ray`` and run it with the module's local Ray instance (started at the first
+    such test, stopped after the module's last test)."""
+    return pytest.mark.ray(pytest.mark.usefixtures("local_ray")(test))
 
 
 KW = {
@@ -56,6 +65,7 @@ def _same_tables(a: ha.Atlas, b: ha.Atlas) -> None:
     assert (a.table["roles"] == b.table["roles"]).all()
 
 
+@on_ray
 def test_a_sharded_scan_equals_the_single_process_atlas(tiny_model_dir: Path, tmp_path: Path) -> None:
     alone = ha.scan(str(tiny_model_dir), **KW)
     sharded = ha.scan(str(tiny_model_dir), ray="auto", workers=2, out=tmp_path / "a", **KW)
@@ -66,6 +76,7 @@ def test_a_sharded_scan_equals_the_single_process_atlas(tiny_model_dir: Path, tm
     )
 
 
+@on_ray
 def test_a_killed_worker_is_recovered_and_nothing_is_counted_twice(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -89,6 +100,7 @@ def test_a_killed_worker_is_recovered_and_nothing_is_counted_twice(
         np.testing.assert_allclose(alone.mean(name), sharded.mean(name), rtol=1e-9, equal_nan=True)
 
 
+@on_ray
 def test_ablation_importance_over_ray_equals_in_process(tiny_model_dir: Path) -> None:
     loaded = ha.load(str(tiny_model_dir))
     data = heldout_data(loaded, "natural", "dev", 2, 16, 2)
@@ -99,6 +111,7 @@ def test_ablation_importance_over_ray_equals_in_process(tiny_model_dir: Path) ->
     assert sharded.forwards > alone.forwards  # each shard runs its own unablated passes
 
 
+@on_ray
 def test_verify_and_the_prune_curve_over_ray(tiny_model_dir: Path, tmp_path: Path) -> None:
     from headatlas.apps.prune.pruning import prune_curve, random_order
     from headatlas.apps.verify.causal import verify
@@ -127,6 +140,7 @@ def _bad_shard(_loaded: object, item: int) -> int:
     return item
 
 
+@on_ray
 def test_a_shard_that_fails_on_its_own_stops_the_job_with_one_line(tiny_model_dir: Path) -> None:
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test file
     with worker_pool(str(tiny_model_dir), workers=2) as pool:

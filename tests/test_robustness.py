@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import headatlas as ha
 from headatlas.apps.prune.pruning import check_prune_output, head_orders, prune_model, save_pruned
 from headatlas.cli import app
 from headatlas.core.errors import HeadatlasError
-from headatlas.core.storage import check_output_dir, check_output_file, directory_lock
+from headatlas.core.storage import check_output_dir, check_output_file, directory_lock, write_json, write_text
 from headatlas.data.sequences import token_strings
 from headatlas.functional import FunctionalConfig
 from tiny_models import BUILDERS, make_tokenizer
@@ -54,11 +55,18 @@ def _partial_scan(loaded: ha.LoadedModel, out: Path) -> Path:
     return out
 
 
-@pytest.fixture
-def atlas_dir(tiny_loaded: ha.LoadedModel, tmp_path: Path) -> Path:
-    out = tmp_path / "atlas"
+@pytest.fixture(scope="module")
+def scanned_atlas(tiny_loaded: ha.LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama's natural + repeat atlas, scanned once for the module: never use it directly."""
+    out = tmp_path_factory.mktemp("robustness") / "atlas"
     ha.scan(tiny_loaded, probes=["natural", "repeat"], n_prompts=2, seq_len=24, out=out)
     return out
+
+
+@pytest.fixture
+def atlas_dir(scanned_atlas: Path, tmp_path: Path) -> Path:
+    """A fresh copy of :func:`scanned_atlas` per test (tests damage, change or write next to it)."""
+    return Path(shutil.copytree(scanned_atlas, tmp_path / "atlas"))
 
 
 # ---------------------------------------------------------------- silently wrong results, lost work
@@ -99,14 +107,16 @@ def test_no_output_overwrites_an_atlas_file(atlas_dir: Path) -> None:
 def test_force_replaces_everything_the_old_atlas_owned(tiny_loaded: ha.LoadedModel, tmp_path: Path) -> None:
     out = tmp_path / "atlas"
     ha.scan(tiny_loaded, probes=["natural", "copy"], n_prompts=2, seq_len=24, n_functional=2, out=out)
-    (out / "verify-induction.json").write_text("{}")
+    write_json(out / "verify-induction.json", {})  # written by headatlas: the atlas's
+    write_text(out / "report.html", "<html></html>")
     (out / "figures").mkdir()
-    (out / "figures" / "roles.png").write_bytes(b"old")
+    (out / "figures" / "roles.png").write_bytes(b"the user's")  # written by hand: the user's
     (out / "mine.txt").write_text("keep me")
     other = ha.load(BUILDERS["gpt2"](0), tokenizer=make_tokenizer())
     new = ha.scan(other, probes=["repeat"], n_prompts=2, seq_len=24, out=out, force=True)
-    assert not (out / "verify-induction.json").exists() and not (out / "figures" / "roles.png").exists()
+    assert not (out / "verify-induction.json").exists() and not (out / "report.html").exists()
     assert (out / "mine.txt").read_text() == "keep me"  # not the atlas's: left alone
+    assert (out / "figures" / "roles.png").read_bytes() == b"the user's"
     loaded = ha.Atlas.load(out)
     assert loaded.examples[0].attention.shape[:2] == (other.info.n_layers, other.info.n_heads)
     assert "copying" not in loaded.table.columns and new.meta["model"]["arch"] == "gpt2"

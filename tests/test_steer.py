@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import headatlas as ha
 from headatlas.apps.steer.steering import load_steering
+from headatlas.cli import app
 from headatlas.core.errors import HeadatlasError
 from tiny_models import BUILDERS, make_tokenizer
 
@@ -172,25 +174,50 @@ def _one_line(result: subprocess.CompletedProcess[str], needle: str) -> None:
     assert needle in lines[0], lines[0]
 
 
+def _invoke_one_line(needle: str, *args: str) -> None:
+    """Run the CLI in this process (typer's CliRunner, stderr kept apart): exit code 2 and exactly
+    one non-blank line on stderr holding ``needle``, as :func:`_one_line` checks of a subprocess
+    (and nothing on stdout)."""
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, (result.exception, result.stderr)
+    assert result.stdout == "", result.stdout
+    assert needle in lines[0], lines[0]
+
+
 def test_cli_bad_input_is_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Every case in this process; the last one also through the real entry point in a subprocess
+    (``python -m headatlas.cli``, the console script's ``main``), where every stray line a library
+    writes to stderr while loading the model would break the one line."""
     model = str(tiny_model_dir)
-    _one_line(_cli("probe", model, "--task", "nope", "--out", str(tmp_path / "a")), "unknown --task 'nope'")
+    _invoke_one_line("unknown --task 'nope'", "probe", model, "--task", "nope", "--out", str(tmp_path / "a"))
     one = tmp_path / "one.jsonl"
     one.write_text("\n".join(json.dumps({"text": f"row {i}", "label": "x"}) for i in range(12)))
-    _one_line(_cli("probe", model, "--task", str(one), "--out", str(tmp_path / "a")), "one class")
-    _one_line(_cli("steer", "fit", model, "--k", "99", "--out", str(tmp_path / "s")), "--k 99 is larger")
+    _invoke_one_line("one class", "probe", model, "--task", str(one), "--out", str(tmp_path / "a"))
+    _invoke_one_line("--k 99 is larger", "steer", "fit", model, "--k", "99", "--out", str(tmp_path / "s"))
     other = ha.load(BUILDERS["llama"](1), tokenizer=make_tokenizer())
     ha.steer.fit(other, task="truth", k=2).save(tmp_path / "other")
-    _one_line(_cli("steer", "generate", model, "--steer", str(tmp_path / "other")), "fitted on another model")
+    generate = ("steer", "generate", model, "--steer", str(tmp_path / "other"))
+    _invoke_one_line("fitted on another model", *generate)
+    _one_line(_cli(*generate), "fitted on another model")
     assert not (tmp_path / "a").exists() and not (tmp_path / "s").exists()
 
 
 def test_cli_probe_writes_columns_and_figures(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "atlas"
-    result = _cli(
-        "probe", str(tiny_model_dir), "--task", "truth", "--seeds", "1", "--no-random-init", "--out", str(out)
-    )
-    assert result.returncode == 0, result.stderr
+    args = [
+        "probe",
+        str(tiny_model_dir),
+        "--task",
+        "truth",
+        "--seeds",
+        "1",
+        "--no-random-init",
+        "--out",
+        str(out),
+    ]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})  # in this process: no interpreter start
+    assert result.exit_code == 0, (result.exception, result.stderr)
     atlas = ha.Atlas.load(out)
     assert {"probe_truth", "probe_truth_selectivity"} <= set(atlas.table)
     assert (out / "probes.parquet").exists() and (out / "figures" / "scores" / "probe_truth.png").exists()

@@ -111,8 +111,10 @@ def kv_fit(
     """Fit DuoAttention gates (one per KV head; only the gates train) and write the plan they give."""
     from ..apps import kv
     from ..apps.kv.fit import fit_gates, fitted_plan
+    from ..apps.kv.plan import check_plan_settings
 
     loaded = load_model(model, device)
+    run(lambda: check_plan_settings(loaded.info, keep_fraction, None, context, sink, recent))  # before the work
     with progress_bar() as progress:
         bar = progress.add_task("fitting gates", total=steps)
 

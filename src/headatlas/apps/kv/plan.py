@@ -122,6 +122,45 @@ def _slots(sink: int, recent: int, compensate: bool) -> int:
     return sink + recent + 1  # the buffer always has the compensation slot
 
 
+def check_plan_settings(
+    model: Any,
+    keep_fraction: float | None,
+    budget: int | None,
+    context: int,
+    sink: int,
+    recent: int,
+    compensate: bool = False,
+) -> float:
+    """Return the share of the KV bytes a plan keeps, after checking its settings for ``model`` (a
+    :class:`~headatlas.model.info.ModelInfo`) before any work; raise :class:`HeadatlasError`
+    naming the first bad parameter (``context`` beyond the model's own context is refused)."""
+    if (keep_fraction is None) == (budget is None):
+        raise HeadatlasError(f"give one of {param('keep_fraction')} or {param('budget')}")
+    check_at_least("context", context, 1)
+    longest = model.context_length
+    if longest is not None and context > longest:
+        raise HeadatlasError(
+            f"{param('context')} {context:,} is beyond {model.name}'s context of {longest:,} tokens"
+        )
+    if budget is not None:
+        check_at_least("budget", budget, 1)
+        if budget > context:
+            raise HeadatlasError(f"{param('budget')} {budget} is more than the {param('context')} {context}")
+        keep_fraction = budget / context
+    check_number("keep_fraction", keep_fraction)
+    if not 0 < keep_fraction <= 1:  # type: ignore[operator]
+        raise HeadatlasError(f"{param('keep_fraction')} must be in (0, 1], got {keep_fraction:g}")
+    check_at_least("sink", sink, 0)
+    check_at_least("recent", recent, 1)
+    slots = _slots(sink, recent, compensate)
+    if slots >= context:
+        raise HeadatlasError(
+            f"the window ({param('sink')} + {param('recent')} + 1 = {slots} tokens) is not smaller than the "
+            f"context ({param('context')} {context}): lower {param('recent')}"
+        )
+    return float(keep_fraction)  # type: ignore[arg-type]
+
+
 def plan(
     atlas: Atlas,
     *,
@@ -142,30 +181,8 @@ def plan(
     ``layer_types`` (``"global"``/``"sliding"`` per layer) marks the model's own sliding layers,
     which are left as they are. Heads are ranked by :func:`kv_scores`.
     """
-    if (keep_fraction is None) == (budget is None):
-        raise HeadatlasError(f"give one of {param('keep_fraction')} or {param('budget')}")
-    check_at_least("context", context, 1)
-    longest = atlas.model.context_length
-    if longest is not None and context > longest:
-        raise HeadatlasError(
-            f"{param('context')} {context:,} is beyond {atlas.model.name}'s context of {longest:,} tokens"
-        )
-    if budget is not None:
-        check_at_least("budget", budget, 1)
-        if budget > context:
-            raise HeadatlasError(f"{param('budget')} {budget} is more than the {param('context')} {context}")
-        keep_fraction = budget / context
-    check_number("keep_fraction", keep_fraction)
-    if not 0 < keep_fraction <= 1:  # type: ignore[operator]
-        raise HeadatlasError(f"{param('keep_fraction')} must be in (0, 1], got {keep_fraction:g}")
-    check_at_least("sink", sink, 0)
-    check_at_least("recent", recent, 1)
+    keep_fraction = check_plan_settings(atlas.model, keep_fraction, budget, context, sink, recent, compensate)
     slots = _slots(sink, recent, compensate)
-    if slots >= context:
-        raise HeadatlasError(
-            f"the window ({param('sink')} + {param('recent')} + 1 = {slots} tokens) is not smaller than the "
-            f"context ({param('context')} {context}): lower {param('recent')}"
-        )
     scores, names = kv_scores(atlas, by)
     per_head, _ = head_scores(atlas, by)
     n_layers, n_kv = scores.shape
