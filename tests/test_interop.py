@@ -105,8 +105,10 @@ def test_imports_that_do_not_fit_the_model_are_refused(atlas: Atlas, tmp_path: P
         import_annotation(atlas, tmp_path / "duo3", "duo")
     with pytest.raises(HeadatlasError, match="unknown format"):
         import_annotation(atlas, FIXTURES / "retrieval_head.json", "maps")
-    with pytest.raises(HeadatlasError, match="new lower-case column name"):
+    with pytest.raises(HeadatlasError, match="already a column of this atlas"):
         import_annotation(atlas, FIXTURES / "retrieval_head.json", "headkv", name="layer")
+    with pytest.raises(HeadatlasError, match="new lower-case column name"):
+        import_annotation(atlas, FIXTURES / "retrieval_head.json", "headkv", name="Mixed")
     (tmp_path / "bad.json").write_text('{"params": {}}')
     with pytest.raises(HeadatlasError, match="important_heads"):
         import_annotation(atlas, tmp_path / "bad.json", "attention-tracker")

@@ -20,7 +20,8 @@ import headatlas as ha
 from headatlas.apps.prune.pruning import check_prune_output, head_orders, prune_model, save_pruned
 from headatlas.cli import app
 from headatlas.core.errors import HeadatlasError
-from headatlas.core.storage import check_output_dir, check_output_file, directory_lock, write_json, write_text
+from headatlas.core.outputs import check_output_dir, check_output_file
+from headatlas.core.storage import directory_lock, write_json, write_text
 from headatlas.data.sequences import token_strings
 from headatlas.functional import FunctionalConfig
 from tiny_models import BUILDERS, make_tokenizer
@@ -165,14 +166,14 @@ def test_outputs_are_checked_before_any_work(tmp_path: Path, tiny_model_dir: Pat
         assert res.exit_code == 2 and "is a file" in res.output, (command, res.output)
     with pytest.raises(HeadatlasError, match="holds an atlas"):
         check_prune_output(atlas_dir)
-    with pytest.raises(HeadatlasError, match="model's own directory"):
+    with pytest.raises(HeadatlasError, match="where the model's files live"):
         check_prune_output(tiny_model_dir, str(tiny_model_dir), force=True)
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "cat.jpg").write_bytes(b"x")
     with pytest.raises(HeadatlasError, match="not empty"):
         check_prune_output(foreign)
-    check_prune_output(foreign, force=True)
+    check_prune_output(foreign, force=True)  # then written beside cat.jpg (tests/test_outputs.py)
     readonly = tmp_path / "ro"
     readonly.mkdir()
     readonly.chmod(0o500)

@@ -24,6 +24,7 @@ import pandas as pd
 
 from ..core.errors import RESCAN, HeadatlasError, param
 from ..core.heads import head_name
+from ..core.outputs import check_output_dir
 from ..core.roles import RULES, assign_roles
 from ..core.scores import VECTOR_SCORES, ordered
 from ..core.storage import (
@@ -33,7 +34,6 @@ from ..core.storage import (
     SIDE_TABLE_NAME,
     TABLE_FILE,
     atomic_path,
-    check_output_dir,
     has_partial,
     owned_files,
     write_json,

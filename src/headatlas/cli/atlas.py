@@ -307,7 +307,7 @@ def map_(
 ) -> None:
     """Draw a text's attention: one head with tokens on both axes, or a grid of every head."""
     quiet_libraries(False)
-    from ..core.storage import check_output_file
+    from ..core.outputs import check_output_file
     from ..report.figures import FORMATS, GRID_TILE, SINGLE_TILE, attention_figure, grid_figure
     from ..report.maps import check_head, read_text, text_attention
 

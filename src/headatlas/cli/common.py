@@ -77,6 +77,13 @@ DeviceMapOpt = Annotated[
     ),
 ]
 OffloadOpt = Annotated[Path | None, typer.Option(help='folder for layers a --device-map sends to "disk"')]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="write into a non-empty --out this command did not write (its other files stay; same-named files are replaced)",
+    ),
+]
 
 
 def example(*commands: str) -> str:

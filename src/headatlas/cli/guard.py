@@ -10,8 +10,10 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ..core.errors import check_at_least, check_number
 from .common import (
     BatchSizeOpt,
+    ForceOpt,
     ModelArg,
     app,
     console,
@@ -56,10 +58,18 @@ def guard_fit(
     ] = None,
     k_sigma: Annotated[float, typer.Option(help="k of the benign threshold mean − k·std")] = 2.0,
     batch_size: BatchSizeOpt = 8,
+    force: ForceOpt = False,
 ) -> None:
     """Pick the important heads, calibrate the threshold and fit the learned variants."""
     quiet_libraries(False)
-    from ..apps.guard import Guard, load_rows
+    from ..apps.guard import GUARD_FOLDER, Guard, load_rows
+    from ..core.outputs import check_output_folder
+
+    run(lambda: check_output_folder(out, GUARD_FOLDER, force))
+    if n_sigma is not None:
+        run(lambda: check_number("n_sigma", n_sigma))
+    run(lambda: check_number("k_sigma", k_sigma))
+    run(lambda: check_at_least("batch_size", batch_size, 1))
 
     rows = None if heads_from == "synthetic" else run(lambda: load_rows(heads_from, need_label=True))
     loaded = load_model(model)
@@ -98,6 +108,7 @@ def guard_score(
     from ..apps.guard import Guard
     from ..data.sequences import read_utf8
 
+    run(lambda: check_at_least("batch_size", batch_size, 1))
     given = [x for x in (data, data_file, jsonl) if x is not None]
     if len(given) != 1:
         fail("give exactly one of --data, --data-file, --jsonl")
@@ -143,12 +154,18 @@ def guard_eval(
     jsonl: Annotated[Path, typer.Option(help="labelled rows {instruction, data, label 0/1}")],
     out: Annotated[Path | None, typer.Option(help="write eval.json and scores.jsonl here")] = None,
     batch_size: BatchSizeOpt = 8,
+    force: ForceOpt = False,
 ) -> None:
     """Print AUROC, AUPRC and FPR@95 %TPR of every detector and the length-only baseline."""
     quiet_libraries(False)
     import numpy as np
 
-    from ..apps.guard import DETECTORS, Guard, load_rows, write_evaluation
+    from ..apps.guard import DETECTORS, EVAL_FOLDER, Guard, load_rows, write_evaluation
+    from ..core.outputs import check_output_folder
+
+    if out is not None:
+        run(lambda: check_output_folder(out, EVAL_FOLDER, force))
+    run(lambda: check_at_least("batch_size", batch_size, 1))
 
     rows = run(lambda: load_rows(jsonl, need_label=True))
     loaded = load_model(model)

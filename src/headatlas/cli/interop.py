@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import app, console, example, fail, run
+from .common import ForceOpt, app, console, example, fail, run
 
 
 @app.command(
@@ -28,11 +28,15 @@ def compare(
         Path | None,
         typer.Option(help="directory for compare_scores.csv, compare_roles.csv, compare.json, compare.png"),
     ] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Compare two atlases: per score, Spearman over heads and top-k overlap; heads gained and lost per role."""
-    from ..apps.compare.diff import compare_atlases, write_comparison
+    from ..apps.compare.diff import COMPARE_FOLDER, compare_atlases, write_comparison
     from ..atlas.table import Atlas
+    from ..core.outputs import check_output_folder
 
+    if out is not None:
+        run(lambda: check_output_folder(out, COMPARE_FOLDER, force))
     a = run(lambda: Atlas.load(atlas_a))
     b = run(lambda: Atlas.load(atlas_b))
     names = [s.strip() for s in scores.split(",") if s.strip()] if scores else None
@@ -86,19 +90,26 @@ def export(
     fmt: FormatOpt,
     score: Annotated[str, typer.Option(help="the atlas score to export")],
     out: Annotated[Path, typer.Option(help="file to write (a directory for --format duo)")],
-    k: Annotated[int, typer.Option(help="attention-tracker: the k highest heads")] = 10,
+    k: Annotated[
+        int | None, typer.Option(help="attention-tracker: the k highest heads [default: 10]")
+    ] = None,
     threshold: Annotated[
         float | None, typer.Option(help="attention-tracker: heads with score ≥ this (instead of --k)")
     ] = None,
-    sink: Annotated[int, typer.Option(help="duo: sink tokens of streaming heads")] = 64,
-    recent: Annotated[int, typer.Option(help="duo: recent tokens of streaming heads")] = 256,
+    sink: Annotated[
+        int | None, typer.Option(help="duo: sink tokens of streaming heads [default: 64]")
+    ] = None,
+    recent: Annotated[
+        int | None, typer.Option(help="duo: recent tokens of streaming heads [default: 256]")
+    ] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Write one atlas score in another tool's format (Retrieval_Head, HeadKV, DuoAttention, Attention Tracker, CSV)."""
     from ..apps.interop.exchange import check_export_target, export_atlas
     from ..atlas.table import Atlas
 
     atlas = run(lambda: Atlas.load(directory))
-    run(lambda: check_export_target(fmt, out))
+    run(lambda: check_export_target(fmt, out, force))
     path = run(
         lambda: export_atlas(atlas, fmt, score, out, k=k, threshold=threshold, sink=sink, recent=recent)
     )
@@ -127,7 +138,7 @@ def import_(
     """Add a foreign head annotation to an atlas as a column, so show, report, compare and verify read it."""
     from ..apps.interop.exchange import import_annotation
     from ..atlas.table import open_atlas
-    from ..core.storage import check_output_dir
+    from ..core.outputs import check_output_dir
     from .common import load_model, locked
 
     if not path.exists():

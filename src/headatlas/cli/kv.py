@@ -11,7 +11,10 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .common import DeviceOpt, ModelArg, app, console, example, fail, load_model, progress_bar, run
+from .common import DeviceOpt, ForceOpt, ModelArg, app, console, example, fail, load_model, progress_bar, run
+
+EVAL_FORMAT = "headatlas-kv-eval"
+"""The ``format`` of the file ``kv eval --json`` writes (the rows under ``rows``)."""
 
 kv_app = typer.Typer(
     help="Head-wise KV caches: full KV for retrieval heads, sink + recent window for the rest.",
@@ -46,15 +49,23 @@ def kv_plan(
     model: Annotated[
         str | None, typer.Option(help="the atlas's model, to leave its own sliding-window layers as they are")
     ] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Make a KV plan: the best-scoring KV heads keep every token, the rest stream."""
     from ..apps import kv
-    from ..atlas.table import Atlas
+    from ..apps.kv.plan import FORMAT
+    from ..atlas.table import Atlas, check_same_model
+    from ..core.outputs import check_output_file
 
     if keep_fraction is None and budget is None:
         keep_fraction = 0.25
+    run(lambda: check_output_file(out, (".json",), force=force, kind=FORMAT))
     atlas = run(lambda: Atlas.load(atlas_dir))
-    types = kv.layer_types(load_model(model).model) if model else None
+    types = None
+    if model:
+        loaded = load_model(model)
+        run(lambda: check_same_model(atlas, loaded.info, str(atlas_dir)))
+        types = kv.layer_types(loaded.model)
     plan = run(
         lambda: kv.plan(
             atlas,
@@ -107,14 +118,19 @@ def kv_fit(
         typer.Option(help="answer: the MSE on the answer's positions (DuoAttention's); all: every position"),
     ] = "answer",
     device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
 ) -> None:
     """Fit DuoAttention gates (one per KV head; only the gates train) and write the plan they give."""
     from ..apps import kv
     from ..apps.kv.fit import fit_gates, fitted_plan
-    from ..apps.kv.plan import check_plan_settings
+    from ..apps.kv.plan import FORMAT, check_plan_settings
+    from ..core.outputs import check_output_file
 
+    run(lambda: check_output_file(out, (".json",), force=force, kind=FORMAT))
     loaded = load_model(model, device)
-    run(lambda: check_plan_settings(loaded.info, keep_fraction, None, context, sink, recent))  # before the work
+    run(
+        lambda: check_plan_settings(loaded.info, keep_fraction, None, context, sink, recent)
+    )  # before the work
     with progress_bar() as progress:
         bar = progress.add_task("fitting gates", total=steps)
 
@@ -163,22 +179,35 @@ def kv_eval(
     chunk: Annotated[
         int | None, typer.Option(help="prefill chunk length (default: the whole prompt)")
     ] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows as JSON")] = None,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help='also write the rows as JSON ({"format", "model", "plan", "rows"})'),
+    ] = None,
     device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
 ) -> None:
     """Compare a KV plan with the plain cache on RULER-style tasks (same prompts, one run)."""
     from ..apps import kv
     from ..apps.kv import evaluate
     from ..apps.kv.tasks import make_samples
+    from ..core.errors import check_at_least
+    from ..core.outputs import check_output_file
     from ..core.storage import atomic_path
 
+    if json_out is not None:
+        run(lambda: check_output_file(json_out, (".json",), name="json", force=force, kind=EVAL_FORMAT))
     kv_plan = run(lambda: kv.Plan.load(plan))
-    try:
-        sizes = [int(x) for x in lengths.split(",") if x.strip()]
-    except ValueError:
-        fail(f"--lengths must be comma-separated integers, got {lengths!r}")
+    sizes = [int(x) for x in lengths.split(",") if x.strip().isdigit()]
+    if not sizes or len(sizes) != len([x for x in lengths.split(",") if x.strip()]):
+        fail(f"--lengths must be comma-separated whole numbers of tokens, got {lengths!r}")
+    run(lambda: check_at_least("n", n, 1))
+    if chunk is not None:
+        run(lambda: check_at_least("chunk", chunk, 1))
     loaded = load_model(model, device=device)
     run(lambda: kv_plan.check_model(loaded.info))
+    longest = loaded.info.context_length
+    if longest is not None and max(sizes) > longest:
+        fail(f"--lengths {max(sizes):,} is beyond {loaded.info.name}'s context of {longest:,} tokens")
     if max(sizes) <= kv_plan.sink + kv_plan.recent + 1:
         fail(
             f"the window (--sink + --recent + 1 = {kv_plan.sink + kv_plan.recent + 1}) is not smaller than --lengths"
@@ -214,8 +243,9 @@ def kv_eval(
                     )
     console.print(table)
     if json_out is not None:
+        record = {"format": EVAL_FORMAT, "model": loaded.info.name, "plan": str(plan), "rows": rows}
         with atomic_path(json_out) as tmp:
-            tmp.write_text(json.dumps(rows, indent=1))
+            tmp.write_text(json.dumps(record, indent=1))
 
 
 @kv_app.command(
@@ -229,10 +259,12 @@ def kv_export(
     plan: Annotated[Path, typer.Argument(help="plan JSON from headatlas kv plan")],
     format: Annotated[str, typer.Option("--format", help="duo (DuoAttention / kvpress) or headkv")] = "duo",
     out: Annotated[Path, typer.Option(help="directory to write into")] = Path("kv_export"),
+    force: ForceOpt = False,
 ) -> None:
     """Write a KV plan in the files DuoAttention, kvpress's DuoAttentionPress or HeadKV read."""
     from ..apps import kv
 
+    run(lambda: kv.check_export_target(format, out, force))
     kv_plan = run(lambda: kv.Plan.load(plan))
     for path in run(lambda: kv.export(kv_plan, format, out)):
         console.print(f"wrote {path}")

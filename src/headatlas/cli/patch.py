@@ -68,7 +68,7 @@ def patch(
     from ..apps.patch.patching import patch as run_patch
     from ..atlas.table import open_atlas
     from ..core.errors import check_at_least
-    from ..core.storage import check_output_dir
+    from ..core.outputs import check_output_dir
     from ..report.figures import score_figure
 
     run(lambda: check_at_least("rows_per_pass", rows_per_pass, 1))
@@ -146,7 +146,7 @@ def circuit(
     from ..apps.patch.circuit import circuit_figure, ioi_circuit, write_circuit
     from ..atlas.table import open_atlas
     from ..core.errors import check_at_least
-    from ..core.storage import check_output_dir
+    from ..core.outputs import check_output_dir
 
     if task != "ioi":
         fail(f"--task {task!r}: circuit knows the ioi task only (its classes need the IOI name structure)")

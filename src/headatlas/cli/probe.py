@@ -60,7 +60,7 @@ def probe(
     from ..apps.probe.probing import probe_figures, run_probes, write_probes
     from ..atlas.table import open_atlas
     from ..core.errors import check_at_least
-    from ..core.storage import check_output_dir
+    from ..core.outputs import check_output_dir
 
     run(lambda: check_task_name(task))
     run(lambda: check_at_least("seeds", seeds, 1))

@@ -14,6 +14,7 @@ from ..core.heads import head_name
 from .common import (
     DeviceMapOpt,
     DeviceOpt,
+    ForceOpt,
     ModelArg,
     OffloadOpt,
     RayOpt,
@@ -67,7 +68,7 @@ def importance(
     from ..apps.prune.importance import METHODS, compute_importance, write_importance
     from ..atlas.table import open_atlas
     from ..core.errors import check_choice
-    from ..core.storage import check_output_dir
+    from ..core.outputs import check_output_dir
     from ..model.load import reload_spec
 
     run(lambda: check_choice("method", method, METHODS))
@@ -106,7 +107,7 @@ def redundancy(
     from ..apps.common.evaluation import heldout_data
     from ..apps.prune.redundancy import measure, plot_redundancy, write_redundancy
     from ..atlas.table import open_atlas
-    from ..core.storage import check_output_dir
+    from ..core.outputs import check_output_dir
 
     run(lambda: check_output_dir(out))
     loaded = load_model(model, device)
@@ -145,9 +146,7 @@ def prune(
     atlas: Annotated[Path | None, typer.Option(help="atlas with the --by column")] = None,
     seed: Annotated[int, typer.Option(help="seed for --by random")] = 0,
     allow_empty_layers: AllowEmptyOpt = False,
-    force: Annotated[
-        bool, typer.Option("--force", help="replace a non-empty --out that holds no pruned checkpoint")
-    ] = False,
+    force: ForceOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     n_seqs: Annotated[int, typer.Option(help="held-out EWT test sequences for perplexity")] = 16,
     seq_len: SeqLenOpt = 256,
@@ -229,16 +228,18 @@ def prune_curve(
     device: DeviceOpt = "cpu",
     ray: RayOpt = None,
     workers: WorkersOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Perplexity as heads are removed, by importance against random (Michel et al. 2019, Fig. 3)."""
     quiet_libraries(False)
     from ..apps.common.evaluation import heldout_data
-    from ..apps.prune.pruning import check_fraction, head_orders, plot_curve
+    from ..apps.prune.pruning import CURVE_FOLDER, check_fraction, head_orders, plot_curve
     from ..apps.prune.pruning import prune_curve as run_curve
-    from ..core.storage import check_output_dir, write_json
+    from ..core.outputs import check_output_folder
+    from ..core.storage import write_json
     from ..model.load import reload_spec
 
-    run(lambda: check_output_dir(out))
+    run(lambda: check_output_folder(out, CURVE_FOLDER, force))
     values = floats(fractions, "--fractions")
     for value in values:
         run(partial(check_fraction, value, "fractions"))
@@ -254,7 +255,7 @@ def prune_curve(
                     loaded, orders, values, data, allow_empty_layers, step(progress, "perplexity"), pool
                 )
             )
-    write_json(out / "prune-curve.json", result)
+    write_json(out / CURVE_FOLDER.marker, result)
     figure = plot_curve(result, out / "prune-curve.png")
     curves: dict[str, dict[str, list[float]]] = result["curves"]  # type: ignore[assignment]
     for name, curve in curves.items():

@@ -8,7 +8,19 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import DeviceOpt, ModelArg, app, console, example, fail, floats, load_model, quiet_libraries, run
+from .common import (
+    DeviceOpt,
+    ForceOpt,
+    ModelArg,
+    app,
+    console,
+    example,
+    fail,
+    floats,
+    load_model,
+    quiet_libraries,
+    run,
+)
 
 steer_app = typer.Typer(
     help="Inference-time intervention: fit, evaluate, generate with and export head-output steering.",
@@ -34,17 +46,18 @@ def steer_fit(
     seed: Annotated[int, typer.Option(help="seed of the fact split and of the random control")] = 0,
     out: Annotated[Path, typer.Option(help="steering directory to write")] = Path("steer"),
     device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
 ) -> None:
     """Probe every head on the task, keep the top k, and save their directions and σ."""
     quiet_libraries(False)
     from ..apps.common.probe_tasks import check_task_name
-    from ..apps.steer.steering import DIRECTIONS, fit
+    from ..apps.steer.steering import DIRECTIONS, STEER_FOLDER, fit
     from ..core.errors import check_choice
-    from ..core.storage import check_output_dir
+    from ..core.outputs import check_output_folder
 
     run(lambda: check_task_name(task))
     run(lambda: check_choice("direction", direction, DIRECTIONS))
-    run(lambda: check_output_dir(out))
+    run(lambda: check_output_folder(out, STEER_FOLDER, force))
     loaded = load_model(model, device)
     with console.status(f"fitting probes on every head for {task} …"):
         steering = run(lambda: fit(loaded, task, k, direction, alpha, seed))
@@ -142,18 +155,20 @@ def steer_export(
         str | None, typer.Option(help="the model (default: the one named in steer.json)")
     ] = None,
     alpha: Annotated[float | None, typer.Option(help="strength α (default: the steering's)")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Fold the shift into the output projections' biases (bake) or write lm-evaluation-harness's steering file."""
     quiet_libraries(False)
-    from ..apps.steer.evaluation import export_bake, export_lm_eval
+    from ..apps.steer.evaluation import check_export_target, export_bake, export_lm_eval
     from ..apps.steer.steering import load_steering
 
-    if format not in ("bake", "lm-eval"):
-        fail(f"unknown --format {format!r}: use bake or lm-eval")
     saved = run(lambda: load_steering(steer))
     spec = model or saved.params.get("model_spec")
     if not spec:
         fail(f"{steer} does not say how to load its model ({saved.model_name}): give --model")
+    if Path(out).resolve() == Path(steer).resolve():
+        fail(f"--out {str(out)!r} is the steering directory itself: give another directory")
+    run(lambda: check_export_target(format, out, force, model=spec))
     loaded = load_model(spec)
     steering = run(lambda: load_steering(steer, loaded))
     used = steering.alpha if alpha is None else alpha

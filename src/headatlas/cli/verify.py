@@ -58,7 +58,7 @@ def verify(
     from ..apps.verify.causal import verify as run_verify
     from ..atlas.table import Atlas, check_same_model
     from ..capture import check_mode
-    from ..core.storage import check_output_dir
+    from ..core.outputs import check_output_dir
     from ..functional import FunctionalConfig
     from ..serve import atlas_model
 

@@ -18,7 +18,7 @@ def report(
 ) -> None:
     """Write a self-contained HTML report (one file, works offline) and DIR/figures/."""
     from ..atlas.table import Atlas
-    from ..core.storage import check_output_dir, check_output_file
+    from ..core.outputs import check_output_dir, check_output_file
     from ..report.html import REPORT_FILE, write_report
 
     atlas = run(lambda: Atlas.load(directory))

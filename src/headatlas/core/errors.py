@@ -9,6 +9,7 @@ the library never talks about flags a Python user does not have.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Callable, Collection
 from typing import Any
@@ -61,8 +62,8 @@ class HeadatlasError(Exception):
 def check_number(name: str, value: Any, integer: bool = False) -> None:
     """Raise :class:`HeadatlasError` naming parameter ``name`` unless ``value`` is a finite number
     (an integer with ``integer``); ``True``/``False`` and strings are not numbers."""
-    kinds: tuple[type, ...] = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(float(value)):
         what = "an integer" if integer else "a finite number"
         raise HeadatlasError(f"{param(name)} must be {what}, got {value!r}")
 

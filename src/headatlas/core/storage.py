@@ -7,9 +7,7 @@ location, and the names every writer shares.
   leaves half a file where a good one was, and a reader never sees a partial write.
 - A command that writes into a directory holds :func:`directory_lock` on it, so a second writer
   gets a one-line error instead of racing the first.
-- Outputs are checked before any work (:func:`check_output_dir`, :func:`check_output_file`): a
-  file where a directory is wanted, a directory where a file is wanted, an atlas file about to be
-  overwritten, or a location that cannot be written is refused before a model is even loaded.
+- Outputs are checked before any work by :mod:`headatlas.core.outputs`.
 """
 
 from __future__ import annotations
@@ -19,11 +17,11 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import HeadatlasError, param
+from .errors import HeadatlasError
 
 try:  # POSIX; elsewhere the lock is a no-op
     import fcntl
@@ -181,11 +179,14 @@ def directory_lock(directory: str | Path) -> Iterator[None]:
 
     A second headatlas process (or a second lock in this one) gets :class:`HeadatlasError` at
     once, naming the process that holds it. The lock is released on exit, also on error; the OS
-    releases it if the process dies.
+    releases it if the process dies. A run that wrote nothing (it failed before its first file)
+    leaves neither the lock file nor the directories the lock created.
     """
     path = Path(directory)
+    created = [p for p in (path, *path.parents) if not p.exists()]
     path.mkdir(parents=True, exist_ok=True)
     handle = open(path / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+    held = False
     try:
         if fcntl is not None:
             try:
@@ -198,66 +199,27 @@ def directory_lock(directory: str | Path) -> Iterator[None]:
                     f"another headatlas process{who} is writing to {str(path)!r}: wait for it to finish "
                     "or use another directory"
                 ) from None
+        held = True
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
         yield
     finally:
+        if held:
+            _leave_nothing_empty(path, created)
         handle.close()  # closing releases the lock
 
 
-def _nearest_existing(path: Path) -> Path:
-    current = path.absolute()
-    while not current.exists() and current != current.parent:
-        current = current.parent
-    return current
-
-
-def _check_writable(path: Path, name: str) -> None:
-    """Raise unless ``path`` (a directory, existing or to be created) can be written."""
-    anchor = _nearest_existing(path)
-    if not anchor.is_dir():
-        raise HeadatlasError(f"{param(name)} {str(path)!r}: {str(anchor)!r} is a file, not a directory")
-    if not os.access(anchor, os.W_OK | os.X_OK):
-        raise HeadatlasError(f"{param(name)} {str(path)!r}: {str(anchor)!r} is not writable")
-
-
-def check_output_dir(path: str | Path, name: str = "out") -> None:
-    """Raise :class:`HeadatlasError` (naming parameter ``name``) unless ``path`` is a directory that
-    exists and is writable, or can be created. Called before any work."""
-    target = Path(path)
-    if target.exists() and not target.is_dir():
-        raise HeadatlasError(f"{param(name)} {str(target)!r} is a file: give a directory")
-    _check_writable(target, name)
-
-
-def check_output_file(
-    path: str | Path,
-    suffixes: Collection[str],
-    name: str = "out",
-    replaceable: Collection[str] | None = None,
-    force: bool = False,
-) -> None:
-    """Raise :class:`HeadatlasError` unless ``path`` may be written as a file, before any work.
-
-    It must end in one of ``suffixes``, must not be a directory or an atlas file
-    (:data:`ATLAS_FILES`), and its directory must be writable. An existing file whose suffix is not
-    in ``replaceable`` (default: ``suffixes``) is only replaced with ``force``.
-    """
-    target = Path(path)
-    if target.is_dir():
-        raise HeadatlasError(f"{param(name)} {str(target)!r} is a directory: give a file name")
-    if target.suffix.lower() not in suffixes:
-        raise HeadatlasError(f"{param(name)} {str(target)!r}: give a file ending in {', '.join(suffixes)}")
-    if target.name in ATLAS_FILES:
-        raise HeadatlasError(f"{param(name)} {str(target)!r} is an atlas file: give another file name")
-    allowed = suffixes if replaceable is None else replaceable
-    if target.exists() and target.suffix.lower() not in allowed and not force:
-        raise HeadatlasError(
-            f"{param(name)} {str(target)!r} exists: pass {param('force', 'force=True')} to replace it"
-        )
-    _check_writable(target.parent, name)
+def _leave_nothing_empty(path: Path, created: list[Path]) -> None:
+    """After a writer that found nothing to write (a run that failed early): remove the lock and the
+    directories the lock itself created, so no empty directory with a lock in it is left."""
+    if any(p.name != LOCK_FILE for p in path.iterdir()):
+        return
+    with contextlib.suppress(OSError):
+        (path / LOCK_FILE).unlink()
+        for folder in created:  # innermost first
+            folder.rmdir()
 
 
 def cache_dir() -> Path:

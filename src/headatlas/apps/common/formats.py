@@ -34,10 +34,13 @@ from typing import Any
 import numpy as np
 
 from ...core.errors import HeadatlasError, param
+from ...core.outputs import Folder
 from ...core.storage import atomic_path
 
 DUO_TSV = "full_attention_heads.tsv"
 DUO_CONFIG = "config.json"
+DUO_FOLDER = Folder("a DuoAttention export", DUO_TSV)
+"""A DuoAttention pattern folder; its ``config.json`` is the pattern's, never a model's."""
 _HEAD_KEY = re.compile(r"^(\d+)-(\d+)$")
 
 
@@ -221,6 +224,14 @@ def read_scores_csv(path: str | Path, n_layers: int | None = None, n_heads: int 
     ids = frame[["layer", "head"]]
     if not all(pd.api.types.is_integer_dtype(ids[c]) for c in ids) or bool((ids < 0).any().any()):
         raise HeadatlasError(f"{str(path)!r}: layer and head must be non-negative integers")
+    if not pd.api.types.is_numeric_dtype(frame[column]):
+        raise HeadatlasError(f"{str(path)!r}: the {column!r} column holds values that are not numbers")
+    twice = frame[ids.duplicated(keep=False)]
+    if len(twice):
+        first = twice.iloc[0]
+        raise HeadatlasError(
+            f"{str(path)!r} lists head L{int(first['layer'])}H{int(first['head'])} more than once: one row per head"
+        )
     rows = n_layers or int(ids["layer"].max()) + 1
     cols = n_heads or int(ids["head"].max()) + 1
     out = np.full((rows, cols), np.nan)

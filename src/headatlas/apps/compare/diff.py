@@ -20,14 +20,17 @@ from matplotlib.figure import Figure
 from ...atlas.table import Atlas
 from ...core.errors import HeadatlasError, check_at_least
 from ...core.heads import head_name
+from ...core.outputs import Folder, check_output_dir
 from ...core.roles import RULES
-from ...core.storage import atomic_path, check_output_dir, write_json
+from ...core.storage import atomic_path, write_json
 from ...report.figures import save_figure
 
 SCORES_FILE = "compare_scores.csv"
 ROLES_FILE = "compare_roles.csv"
 JSON_FILE = "compare.json"
 FIGURE_FILE = "compare.png"
+COMPARE_FOLDER = Folder("compare", JSON_FILE)
+"""The comparison folder: ``compare`` writes its tables, ``compare.json`` and the figure there."""
 SCORE_COLUMNS = ("score", "spearman", "top_k_overlap", "k", "heads", "mean_a", "mean_b", "top_a", "top_b")
 ROLE_COLUMNS = ("role", "a", "b", "kept", "gained", "lost", "gained_heads", "lost_heads")
 

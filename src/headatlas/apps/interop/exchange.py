@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from ...atlas.table import Atlas
-from ...core.errors import HeadatlasError, check_at_least, param
+from ...core.errors import HeadatlasError, check_at_least, check_number, param
+from ...core.outputs import check_output_file, check_output_folder
 from ...core.scores import SCORES
-from ...core.storage import check_output_dir, check_output_file
 from ..common.formats import (
+    DUO_FOLDER,
     FORMATS,
     check_format,
     read_attention_tracker,
@@ -60,14 +61,15 @@ def top_heads(atlas: Atlas, score: str, k: int | None, threshold: float | None) 
     ]
 
 
-def check_export_target(fmt: str, out: str | Path) -> None:
-    """Raise :class:`HeadatlasError` unless ``out`` can take format ``fmt`` (a directory for
-    ``duo``, a ``.json`` or ``.csv`` file otherwise), before any work."""
+def check_export_target(fmt: str, out: str | Path, force: bool = False) -> None:
+    """Raise :class:`HeadatlasError` unless ``out`` can take format ``fmt`` (a DuoAttention pattern
+    folder for ``duo``, never a model's directory; a ``.json`` or ``.csv`` file otherwise), before
+    any work (:mod:`headatlas.core.outputs`)."""
     check_format(fmt)
     if fmt == "duo":
-        check_output_dir(out)
+        check_output_folder(out, DUO_FOLDER, force)
     else:
-        check_output_file(out, (".csv",) if fmt == "csv" else (".json",))
+        check_output_file(out, (".csv",) if fmt == "csv" else (".json",), force=force)
 
 
 def export_atlas(
@@ -75,26 +77,39 @@ def export_atlas(
     fmt: str,
     score: str,
     out: str | Path,
-    k: int | None = 10,
+    k: int | None = None,
     threshold: float | None = None,
-    sink: int = 64,
-    recent: int = 256,
+    sink: int | None = None,
+    recent: int | None = None,
 ) -> Path:
     """Write ``score`` of ``atlas`` in format ``fmt`` to ``out``; return what was written.
 
-    ``duo``: a directory of KV-head gates (:func:`kv_gates`) with ``sink``/``recent``;
-    ``attention-tracker``: the heads of :func:`top_heads` (``k`` or ``threshold``); the others: one
-    score per head.
+    ``duo``: a directory of KV-head gates (:func:`kv_gates`) with ``sink`` (default 64) and
+    ``recent`` (default 256); ``attention-tracker``: the heads of :func:`top_heads` (``k``, default
+    10, or ``threshold``); the others: one score per head. A setting the format does not use is
+    refused.
     """
     check_format(fmt)
     atlas.check_score(score)
+    used = {"duo": ("sink", "recent"), "attention-tracker": ("k", "threshold")}.get(fmt, ())
+    given = {"k": k, "threshold": threshold, "sink": sink, "recent": recent}
+    unused = [name for name, value in given.items() if value is not None and name not in used]
+    if unused:
+        raise HeadatlasError(f"{param(unused[0])} does not apply to {param('format')} {fmt}: leave it out")
     if fmt == "duo":
+        sink, recent = 64 if sink is None else sink, 256 if recent is None else recent
         check_at_least("sink", sink, 0)
         check_at_least("recent", recent, 1)
         return write_duo(out, kv_gates(atlas, score), sink, recent)
     if fmt == "attention-tracker":
-        name = atlas.model.name
-        return write_attention_tracker(out, top_heads(atlas, score, k, threshold), name)
+        if k is not None and threshold is not None:
+            raise HeadatlasError(f"give {param('k')} or {param('threshold')}, not both")
+        if threshold is not None:
+            check_number("threshold", threshold)
+        heads = top_heads(atlas, score, 10 if k is None and threshold is None else k, threshold)
+        if not heads:
+            raise HeadatlasError(f"no head has {score} ≥ {param('threshold')} {threshold:g}: lower it")
+        return write_attention_tracker(out, heads, atlas.model.name)
     if fmt == "csv":
         return write_scores_csv(out, atlas.matrix(score))
     return write_headkv(out, atlas.matrix(score))
@@ -152,12 +167,14 @@ def import_annotation(
     format, ``retrieval`` for the retrieval-head, headkv and duo formats).
     """
     column = name or "imported_" + fmt.replace("-", "_")
-    if (
-        column in ("layer", "head", "kv_head", "roles")
-        or not column.isidentifier()
-        or column != column.lower()
-    ):
+    if not column.isidentifier() or column != column.lower():
         raise HeadatlasError(f"{param('name')} {column!r} must be a new lower-case column name")
+    imported = atlas.meta.get("imported", {})
+    taken = column in atlas.table.columns or f"{column}_n" in atlas.table.columns
+    if taken and column not in imported:  # a measured score or an id: never replaced by an import
+        raise HeadatlasError(
+            f"{param('name')} {column!r} is already a column of this atlas (not an imported one): give a new name"
+        )
     like = like if like is not None else DEFAULT_LIKE.get(fmt)
     if like is not None and like not in SCORES:
         raise HeadatlasError(f"unknown {param('like')} score {like!r}")

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ...core.errors import HeadatlasError, param
-from ..common.formats import DUO_CONFIG, DUO_TSV, check_format, read_duo, write_duo, write_headkv
+from ...core.outputs import Folder, check_output_folder
+from ..common.formats import DUO_CONFIG, DUO_FOLDER, DUO_TSV, check_format, read_duo, write_duo, write_headkv
 from .backends import headwise as backend_kv
 from .cache import HeadwiseCache, HeadwiseLayer, plain_layers
 from .plan import PRESETS, Plan, all_full, from_heads, head_scores, kv_scores, plan
@@ -32,6 +33,7 @@ __all__ = [
     "Plan",
     "all_full",
     "build_cache",
+    "check_export_target",
     "compressed",
     "export",
     "fill_from",
@@ -211,6 +213,16 @@ def prefill(
 
 
 HEADKV_FILE = "head_scores.json"
+
+
+HEADKV_FOLDER = Folder("kv export --format headkv", HEADKV_FILE)
+
+
+def check_export_target(fmt: str, out: str | Path, force: bool = False) -> None:
+    """Raise :class:`HeadatlasError` unless ``kv export --format fmt`` may write the folder ``out``,
+    before any work (never a model's directory: a DuoAttention pattern has its own ``config.json``)."""
+    spec = check_format(fmt)
+    check_output_folder(out, DUO_FOLDER if spec.name == "duo" else HEADKV_FOLDER, force)
 
 
 def export(kv_plan: Plan, fmt: str, out: str | Path) -> list[Path]:

@@ -24,14 +24,15 @@ from ...atlas.table import Atlas, open_atlas
 from ...capture import ablate
 from ...core.errors import HeadatlasError, check_at_least, param
 from ...core.heads import Head, head_name
-from ...core.storage import TABLE_FILE, atomic_dir, check_output_dir, write_json
+from ...core.outputs import Folder, check_output_folder, output_folder
+from ...core.progress import Progress
+from ...core.storage import write_json
 from ...model.info import LoadedModel
+from ...model.surgery import apply_layouts, attention_modules, plan_layouts, record_layouts
+from ..common.evaluation import EvalData, count_params, forward_seconds, perplexity
 
 if TYPE_CHECKING:
     from ...scanning.parallel import WorkerPool
-from ...core.progress import Progress
-from ...model.surgery import apply_layouts, attention_modules, plan_layouts, record_layouts
-from ..common.evaluation import EvalData, count_params, forward_seconds, perplexity
 
 logger = logging.getLogger(__name__)
 
@@ -99,44 +100,30 @@ PRUNE_REPORT = "headatlas-prune.json"
 """Written into every pruned checkpoint; marks a directory ``prune`` may replace."""
 
 
-def check_prune_output(out: str | Path, model: str | None = None, force: bool = False) -> None:
-    """Refuse a checkpoint directory ``prune`` must not write, before any work.
+CURVE_FOLDER = Folder("prune-curve", "prune-curve.json")
+"""Where ``prune-curve`` writes ``prune-curve.json`` and ``prune-curve.png``."""
+PRUNE_FOLDER = Folder("prune", PRUNE_REPORT)
+"""The pruned checkpoint folder: ``prune`` replaces a folder holding :data:`PRUNE_REPORT` whole."""
 
-    ``out`` must not be a file, an atlas directory, or the model's own directory (``model``: the
-    spec or source the model is loaded from), and a non-empty directory that ``prune`` did not
-    write is replaced only with ``force``.
-    """
-    target = Path(out)
-    check_output_dir(target)
-    if model is not None and Path(model).exists() and target.resolve() == Path(model).resolve().parent:
-        raise HeadatlasError(
-            f"{param('out')} {str(target)!r} is where the model's file lives: give a new directory"
-        )
-    if model is not None and Path(model).is_dir() and target.resolve() == Path(model).resolve():
-        raise HeadatlasError(
-            f"{param('out')} {str(target)!r} is the model's own directory: give a new directory"
-        )
-    if not target.is_dir() or not any(target.iterdir()):
-        return
-    if (target / TABLE_FILE).exists():
-        raise HeadatlasError(
-            f"{param('out')} {str(target)!r} holds an atlas: give a directory for the checkpoint"
-        )
-    if not (target / PRUNE_REPORT).exists() and not force:
-        raise HeadatlasError(
-            f"{param('out')} {str(target)!r} is not empty and holds no pruned checkpoint: give a new "
-            f"directory, or pass {param('force', 'force=True')} to replace its contents"
-        )
+
+def check_prune_output(out: str | Path, model: str | None = None, force: bool = False) -> None:
+    """Refuse a checkpoint directory ``prune`` must not write, before any work
+    (:func:`~headatlas.core.outputs.check_output_folder`): a file, an atlas, a model's directory
+    (``model``: the spec or source the model is loaded from), or a non-empty directory ``prune`` did
+    not write unless ``force`` (then the checkpoint is written beside what is there)."""
+    check_output_folder(out, PRUNE_FOLDER, force, model=model)
 
 
 def save_pruned(pruned: LoadedModel, out: Path, report: dict[str, object] | None = None) -> Path:
     """Write the pruned model, tokenizer and ``report`` to ``out`` atomically (safetensors).
 
     Everything is written into a temporary directory next to ``out`` that then replaces it, so a
-    Ctrl-C while saving leaves the old directory (or none), never old and new files mixed.
+    Ctrl-C while saving leaves the old directory (or none), never old and new files mixed; a
+    directory ``prune`` did not write (allowed by ``force``) keeps its other files
+    (:func:`~headatlas.core.outputs.output_folder`).
     """
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with output_folder(out, PRUNE_FOLDER) as tmp:
         pruned.model.save_pretrained(tmp)
         pruned.tokenizer.save_pretrained(tmp)
         if report is not None:

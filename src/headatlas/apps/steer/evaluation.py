@@ -24,8 +24,10 @@ import torch
 
 from ...batteries.base import ProbeSequence, make_batch, pad_id
 from ...capture import output_projections, output_weight, padded_positions
-from ...core.errors import HeadatlasError
-from ...core.storage import atomic_dir, atomic_path
+from ...core.errors import HeadatlasError, check_choice
+from ...core.heads import head_name
+from ...core.outputs import Folder, check_output_file, check_output_folder, output_folder
+from ...core.storage import atomic_path, write_json
 from ...data.sequences import encode_text
 from ...data.ud import ewt_sentences
 from ...model.info import LoadedModel
@@ -201,6 +203,24 @@ def output_shifts(loaded: LoadedModel, steering: Steering, alpha: float) -> dict
     return out
 
 
+EXPORT_FORMATS = ("bake", "lm-eval")
+BAKE_FOLDER = Folder("steer export --format bake", "headatlas-steer-bake.json")
+"""A baked checkpoint: the marker records which steering and α it holds."""
+LM_EVAL_FOLDER = Folder("steer export --format lm-eval", "steer.pt")
+"""Where lm-evaluation-harness's steering file goes when ``out`` is a directory."""
+
+
+def check_export_target(fmt: str, out: str | Path, force: bool = False, model: str | None = None) -> None:
+    """Raise :class:`HeadatlasError` unless ``steer export --format fmt`` may write ``out``, before
+    any work: a baked checkpoint's folder, or for ``lm-eval`` a ``.pt`` file or a folder for
+    ``steer.pt`` (:mod:`headatlas.core.outputs`)."""
+    check_choice("format", fmt, EXPORT_FORMATS)
+    if fmt == "lm-eval" and Path(out).suffix == ".pt":
+        check_output_file(out, (".pt",), force=force)
+        return
+    check_output_folder(out, BAKE_FOLDER if fmt == "bake" else LM_EVAL_FOLDER, force, model=model)
+
+
 def export_bake(loaded: LoadedModel, steering: Steering, alpha: float, out: str | Path) -> Path:
     """Write a checkpoint of ``loaded`` with the shift at ``alpha`` folded into the output
     projections' biases (``b + W_O δ``) and return its directory. Models whose projection has no
@@ -235,9 +255,11 @@ def export_bake(loaded: LoadedModel, steering: Steering, alpha: float, out: str 
         for layer, shift in shifts.items():
             bias = cast(torch.Tensor, output_projections(baked_loaded)[layer].bias)
             bias += shift.to(bias)
-    with atomic_dir(target) as tmp:
+    with output_folder(target, BAKE_FOLDER) as tmp:
         baked.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
+        heads = [head_name(*h) for h in steering.shift.heads]
+        write_json(tmp / BAKE_FOLDER.marker, {"task": steering.task, "alpha": alpha, "heads": heads})
     return target
 
 
@@ -257,7 +279,7 @@ def export_lm_eval(loaded: LoadedModel, steering: Steering, alpha: float, out: s
         for layer, shift in output_shifts(loaded, steering, alpha).items()
     }
     target = Path(out)
-    target = target / "steer.pt" if target.suffix != ".pt" else target
+    target = target / LM_EVAL_FOLDER.marker if target.suffix != ".pt" else target
     with atomic_path(target, suffix=".pt") as tmp:
         torch.save(config, tmp)
     return target

@@ -1,7 +1,7 @@
 """Inference-time intervention (Li et al. 2023, "Inference-Time Intervention: Eliciting Truthful
 Answers from a Language Model"): shift the outputs of the heads whose probes work best.
 
-- :func:`fit`: probes on a binary task (:mod:`.headprobe`), heads ranked by dev (validation)
+- :func:`fit`: probes on a binary task (:mod:`headatlas.apps.common.head_features`), heads ranked by dev (validation)
   accuracy, the top ``k`` kept. Direction per head: the mass-mean shift (mean of the positive
   class − mean of the negative, normalised) or the probe's weight (normalised, in the raw feature
   space); σ = std of the training activations projected on it. A control of ``k`` random heads
@@ -28,6 +28,7 @@ import torch
 from ...capture import head_outputs
 from ...core.errors import HeadatlasError, check_choice, param
 from ...core.heads import head_name, parse_head
+from ...core.outputs import Folder
 from ...core.storage import atomic_path, write_json
 from ...model.identity import same_weights, weights_record
 from ...model.info import LoadedModel
@@ -39,6 +40,8 @@ from ..common.probe_tasks import ProbeTask, build_probe_task
 DIRECTIONS = ("mass-mean", "probe")
 STEER_JSON = "steer.json"
 STEER_TENSORS = "steer.safetensors"
+STEER_FOLDER = Folder("steer fit", STEER_JSON)
+"""A steering directory: ``steer fit`` writes :data:`STEER_JSON` and :data:`STEER_TENSORS` there."""
 DEFAULT_ALPHA = 15.0
 """Li et al. 2023's α."""
 

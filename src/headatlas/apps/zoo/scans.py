@@ -27,8 +27,9 @@ import pandas as pd
 
 from ...atlas.table import Atlas
 from ...core.errors import HeadatlasError, param
+from ...core.outputs import check_output_dir
 from ...core.roles import RULES
-from ...core.storage import check_output_dir, directory_lock, write_json, write_text
+from ...core.storage import directory_lock, write_json, write_text
 from ...model.load import load
 from ...report.figures import zoo_figure
 from ...scanning.config import ScanConfig
