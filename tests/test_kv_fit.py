@@ -87,7 +87,7 @@ def test_fit_trains_only_the_gates_and_gives_a_plan(tiny_loaded: ha.LoadedModel)
     top = divmod(int(result.alpha.argmax()), tiny_loaded.info.n_kv_heads)
     assert top[1] in plan.full_heads[top[0]], "the most needed KV head stays full"
     assert plan.rule["by"] == ["duo_gate"] and plan.rule["fit"]["steps"] == 8
-    with pytest.raises(HeadatlasError, match="must be below --seq-len"):
+    with pytest.raises(HeadatlasError, match=r"^recent 64 must be below seq_len 64"):
         fit_gates(tiny_loaded, steps=1, seq_len=64, recent=64)
     with pytest.raises(HeadatlasError, match=r"loss.on must be answer or all"):
         fit_gates(tiny_loaded, steps=1, seq_len=96, recent=8, loss_on="middle")

@@ -60,9 +60,35 @@ def test_unknown_hub_id_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert huggingface_hub.constants.is_offline_mode()
-    with pytest.raises(ha.HeadatlasError, match="could not load model") as info:
+    with pytest.raises(
+        ha.HeadatlasError, match=r"^no model 'nobody-xyz/not-a-model' here and offline mode is on"
+    ) as info:
         ha.load("nobody-xyz/not-a-model")
-    assert "\n" not in str(info.value) and "offline machines need" in str(info.value)
+    assert "\n" not in str(info.value) and "give 'default'" in str(info.value)
+    with pytest.raises(ha.HeadatlasError, match="did you mean 'default'"):
+        ha.load("defualt")
+
+
+def test_an_unreachable_hub_is_one_line_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not in offline mode, but no network: one quick probe, no retries of transformers' own."""
+    import socket
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(ha.HeadatlasError, match=r"huggingface\.co cannot be reached"):
+        ha.load("nobody-xyz/not-a-model")
+
+
+def test_a_path_object_loads_like_a_string(tiny_model_dir: Path) -> None:
+    assert ha.load(tiny_model_dir).info.n_layers == ha.load(str(tiny_model_dir)).info.n_layers
+    with pytest.raises(ha.HeadatlasError, match=r"^model must be a packaged name"):
+        ha.load(12)  # type: ignore[arg-type]
 
 
 def test_model_without_attention_layers() -> None:

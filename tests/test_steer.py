@@ -72,7 +72,7 @@ def test_saved_steering_round_trips_and_refuses_another_model(
     with pytest.raises(HeadatlasError, match="fitted on another model") as err:
         load_steering(tmp_path / "s", other)
     assert "\n" not in str(err.value)
-    with pytest.raises(HeadatlasError, match="not a steering directory"):
+    with pytest.raises(HeadatlasError, match="not a readable steering directory"):
         load_steering(tmp_path / "nothing", tiny_loaded)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ..core.errors import RESCAN, HeadatlasError, param
+from ..core.errors import RESCAN, HeadatlasError, check_at_least, param
 from ..core.heads import head_name
 from ..core.outputs import check_output_dir
 from ..core.roles import RULES, assign_roles
@@ -248,6 +249,7 @@ class Atlas:
 
     def top(self, score: str, k: int = 10, ascending: bool = False) -> pd.DataFrame:
         """Return the ``k`` heads with the highest (or lowest) ``score``."""
+        check_at_least("k", k, 0)
         self.check_score(score)
         return self.table.sort_values(score, ascending=ascending, na_position="last").head(k)
 
@@ -293,6 +295,10 @@ class Atlas:
     @classmethod
     def load(cls, directory: str | Path) -> Atlas:
         """Read an atlas saved by :meth:`save`; raise :class:`HeadatlasError` if missing or corrupt."""
+        if not isinstance(directory, str | os.PathLike):
+            raise HeadatlasError(
+                f"{param('directory')} must be a path to an atlas directory, got {directory!r}"
+            )
         src = Path(directory)
         table_file, meta_file = src / TABLE_FILE, src / META_FILE
         if not table_file.exists():

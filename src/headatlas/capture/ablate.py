@@ -1,4 +1,4 @@
-"""Silence chosen query heads, on the one head-output hook (:func:`~.heads.head_outputs`).
+"""Silence chosen query heads, on the one head-output hook (:func:`~.hook.head_outputs`).
 
 This is the head gate of Michel et al. 2019 ("Are Sixteen Heads Really Better than One?") set
 to 0 (``mode="zero"``), or mean ablation (``mode="mean"``), which replaces the head's output by
@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..core.errors import check_choice
 from ..core.heads import Head, check_heads, heads_by_layer
+from ..model.info import LoadedModel, check_loaded
 from .hook import head_outputs
-
-if TYPE_CHECKING:
-    from ..model.info import LoadedModel
 
 MODES = ("zero", "mean")
 """Ablation modes."""
@@ -34,18 +32,19 @@ def check_mode(mode: str) -> None:
 @contextmanager
 def ablate(
     loaded: LoadedModel,
-    heads: Iterable[Head],
+    heads: Iterable[Head | str] | str,
     mode: str = "zero",
     means: dict[Head, torch.Tensor] | None = None,
 ) -> Iterator[None]:
-    """Within the ``with`` block, silence query heads ``heads`` (``(layer, head)`` pairs).
+    """Within the ``with`` block, silence query heads ``heads`` (``(layer, head)`` pairs or names such
+    as ``"L3H1"``).
 
     ``mode="zero"`` sets each head's output to 0. ``mode="mean"`` sets it to ``means[(layer,
     head)]`` (``[d_head]``) when given, else to its mean over the batch's positions in the current
     forward pass. Hooks are removed on exit, also on error. The model's weights are not touched.
     """
     check_mode(mode)
-    info = loaded.info
+    info = check_loaded(loaded).info
     by_layer = heads_by_layer(check_heads(heads, info.n_layers, info.n_heads))
 
     def silence(layer: int, z: torch.Tensor, _context: Any) -> torch.Tensor:

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..core.errors import HeadatlasError
 from ..model.archs import arch_spec, match_layer
-
-if TYPE_CHECKING:
-    from ..model.info import LoadedModel
+from ..model.info import LoadedModel, check_loaded
 
 HeadCallback = Callable[[int, torch.Tensor, Any], "torch.Tensor | None"]
 """``(layer, z [batch, query, head, d_head], context) -> replacement z or None``."""
@@ -88,7 +86,9 @@ def head_outputs(
     included (outputs are per query head), and with gradients (a replacement may depend on
     tensors that require grad). Raises :class:`HeadatlasError` for a layer without a projection.
     """
-    loaded.info.require_one_stack("reading or writing head outputs (ablation, importance, patching, probes)")
+    check_loaded(loaded).info.require_one_stack(
+        "reading or writing head outputs (ablation, importance, patching, probes)"
+    )
     projections = output_projections(loaded)
     chosen = sorted(projections) if layers is None else sorted(set(layers))
     missing = [layer for layer in chosen if layer not in projections]

@@ -21,19 +21,17 @@ import inspect
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..core.errors import HeadatlasError
+from ..core.errors import HeadatlasError, check_choice, param
 from ..model.archs import arch_spec, attention_stacks
+from ..model.info import LoadedModel, check_loaded
 from .backends import eager as backend_eager
 from .backends import headatlas as backend
 from .probs import allowed_keys, attention_probs, block_rows
 from .views import AttentionView, DenseView, LseView
-
-if TYPE_CHECKING:
-    from ..model.info import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +41,17 @@ QKVCallback = Callable[
     [int, torch.Tensor, torch.Tensor, torch.Tensor, Any],
     "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None",
 ]
+
+
+def check_finite(layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
+    """Raise :class:`HeadatlasError` when layer ``layer``'s ``query [batch, head, query, d_head]`` or
+    ``key [batch, kv_head, key, d_head]`` hold NaN or infinite values: every score of the layer (and
+    of the layers after it) would be meaningless."""
+    if not (bool(torch.isfinite(query).all()) and bool(torch.isfinite(key).all())):
+        raise HeadatlasError(
+            f"layer {layer}'s queries or keys hold NaN or infinite values: the model's weights or its "
+            "inputs are damaged (for float16, try float32)"
+        )
 
 
 class CaptureSession:
@@ -112,6 +121,7 @@ class CaptureSession:
         self.layers_seen.add(layer)
         if self.mode == "none":
             return
+        check_finite(layer, query, key)
         batch, n_heads, n_query, _ = query.shape
         n_key = key.shape[2]
         causal = bool(getattr(module, "is_causal", self.loaded.info.causal))
@@ -162,6 +172,7 @@ class CaptureSession:
         ):
             return None
         self.layers_seen.add(layer)
+        check_finite(layer, query, key)
         causal = bool(getattr(module, "is_causal", self.loaded.info.causal))
         allowed: torch.Tensor | None = None
         additive: torch.Tensor | None = None
@@ -292,9 +303,8 @@ def capture(loaded: LoadedModel, on_view: ViewCallback, mode: str = "auto") -> I
     materialises probabilities (both are exact); ``"none"`` sends no views (for sessions that only
     use :attr:`CaptureSession.on_qkv`).
     """
-    if mode not in ("auto", "dense", "none"):
-        raise ValueError(f"unknown capture mode {mode!r}")
-    model = loaded.model
+    check_choice("mode", mode, ("auto", "dense", "none"))
+    model = check_loaded(loaded).model
     previous: Any = model.config._attn_implementation
     fallback = not supports_backend(loaded)
     name = (
@@ -317,7 +327,7 @@ def capture(loaded: LoadedModel, on_view: ViewCallback, mode: str = "auto") -> I
 def attention_maps(
     loaded: LoadedModel,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
     layers: set[int] | None = None,
     decoder_input_ids: torch.Tensor | None = None,
     decoder_attention_mask: torch.Tensor | None = None,
@@ -329,7 +339,20 @@ def attention_maps(
     (``decoder_input_ids [batch, target]``): its atlas layers are the encoder's
     ``[batch, head, source, source]``, the decoder's ``[batch, head, target, target]`` and the
     cross-attention's ``[batch, head, target, source]`` (:attr:`ModelInfo.attn_kinds`).
+    ``attention_mask [batch, seq]`` defaults to all ones (no padding).
     """
+    check_loaded(loaded)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise HeadatlasError(
+            f"{param('input_ids')} must be a [batch, seq] tensor of token ids, got "
+            f"{getattr(input_ids, 'shape', type(input_ids).__name__)}"
+        )
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise HeadatlasError(
+            f"{param('attention_mask')} must be a tensor shaped like input_ids, [batch, seq]"
+        )
     blocks: dict[int, list[torch.Tensor]] = {}
 
     def keep(view: AttentionView) -> None:

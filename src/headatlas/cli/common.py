@@ -286,8 +286,13 @@ def labelled_steps(progress: Any) -> Callable[[str, int, int], None]:
 
 
 def floats(text: str, option: str) -> list[float]:
-    """Parse comma-separated numbers given to ``option``."""
+    """Parse the comma-separated finite numbers given to ``option`` (at least one)."""
+    import math
+
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         fail(f"{option} {text!r}: give comma-separated numbers")
+    if not values or not all(math.isfinite(v) for v in values):
+        fail(f"{option} {text!r}: give one or more finite numbers, comma-separated")
+    return values

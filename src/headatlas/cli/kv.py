@@ -141,7 +141,8 @@ def kv_fit(
             lambda: fit_gates(
                 loaded, steps=steps, seq_len=seq_len, n_prompts=n_prompts, sink=sink, recent=recent,
                 lam=lam, seed=seed, tasks=[t for t in tasks.split(",") if t], loss_on=loss_on, on_step=on_step,
-            )
+            ),
+            flags={"lam": "--lambda"},
         )  # fmt: skip
     types = kv.layer_types(loaded.model)
     plan = run(lambda: fitted_plan(loaded, result, keep_fraction, context, layer_types=types))

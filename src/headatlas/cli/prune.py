@@ -168,7 +168,7 @@ def prune(
     if (fraction is None) == (heads is None):
         fail("give exactly one of --fraction F or --heads L3H1,...")
     if fraction is not None:
-        run(lambda: check_fraction(fraction))
+        run(lambda: check_fraction(fraction, allow_zero=False))
     run(lambda: check_prune_output(out, model, force))
     loaded = load_model(model, device)
     run(lambda: check_prune_output(out, loaded.info.source, force))

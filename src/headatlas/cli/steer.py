@@ -87,6 +87,8 @@ def steer_eval(
     from ..core.storage import write_json
 
     values = floats(alphas, "--alphas")
+    if n_text < 1:
+        fail(f"--n-text must be at least 1, got {n_text}")
     loaded = load_model(model, device)
     steering = run(lambda: load_steering(steer, loaded))
     with console.status(f"evaluating {len(values)} α values, steered and random …"):
@@ -131,11 +133,21 @@ def steer_generate(
     from ..apps.steer.evaluation import generate
     from ..apps.steer.steering import load_steering
 
+    if not prompt.strip():
+        fail("--prompt is empty: give the text to continue")
+    if alpha is not None:
+        floats(str(alpha), "--alpha")
+    if max_new_tokens < 1:
+        fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     loaded = load_model(model, device)
     steering = run(lambda: load_steering(steer, loaded))
     used = steering.alpha if alpha is None else alpha
-    console.print(f"[bold]unsteered:[/] {generate(loaded, None, prompt, None, max_new_tokens)!r}")
-    console.print(f"[bold]α = {used:g}:[/] {generate(loaded, steering, prompt, used, max_new_tokens)!r}")
+    console.print(
+        f"[bold]unsteered:[/] {run(lambda: generate(loaded, None, prompt, None, max_new_tokens))!r}"
+    )
+    console.print(
+        f"[bold]α = {used:g}:[/] {run(lambda: generate(loaded, steering, prompt, used, max_new_tokens))!r}"
+    )
 
 
 @steer_app.command(

@@ -62,13 +62,28 @@ def check_layer(layer: int, n_layers: int) -> None:
         raise HeadatlasError(f"no layer {layer}: out of range, layers are 0..{n_layers - 1}")
 
 
-def check_heads(heads: Iterable[Head], n_layers: int, n_heads: int) -> list[Head]:
-    """Return ``heads`` as a list after checking each is a head of an ``n_layers × n_heads`` model.
+def check_heads(heads: Iterable[Head | str] | str, n_layers: int, n_heads: int) -> list[Head]:
+    """Return ``heads`` as a list of ``(layer, head)`` after checking each is a head of an
+    ``n_layers × n_heads`` model. A head may be a pair or any spelling :func:`parse_head` reads
+    (``"L3H1"``); a string is a comma-separated list of them.
 
     The one validator of head indices: ablation, pruning, maps and the viewer all use it.
     """
+    if isinstance(heads, str):
+        heads = [h for h in heads.split(",") if h.strip()]
+    try:
+        items = list(heads)
+    except TypeError:
+        raise HeadatlasError(
+            f"heads are a list of (layer, head) pairs or L3H1 names, got {heads!r}"
+        ) from None
     out: list[Head] = []
-    for layer, head in heads:
+    for item in items:
+        if isinstance(item, str):
+            item = parse_head(item)
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise HeadatlasError(f"a head is a pair (layer, head) or a name like L3H1, got {item!r}")
+        layer, head = item
         if not (_is_int(layer) and _is_int(head)):
             raise HeadatlasError(f"a head is a pair of integers (layer, head), got ({layer!r}, {head!r})")
         if not (0 <= layer < n_layers and 0 <= head < n_heads):

@@ -11,6 +11,7 @@ import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..core.errors import HeadatlasError
 from ..core.storage import atomic_dir, cache_dir
@@ -35,6 +36,42 @@ def _without_gguf_progress_bar() -> Iterator[None]:
         gguf_utils.tqdm = saved
 
 
+def gguf_size(path: Path) -> tuple[int, int]:
+    """Return ``(bytes on disk, bytes the header promises)`` of GGUF file ``path``: the header and
+    tensor table are read (as the ``gguf`` package reads them), the tensors' data is not.
+
+    Raises :class:`HeadatlasError` for a file whose header cannot be read.
+    """
+    import gguf
+    import numpy as np
+
+    class _Header(gguf.GGUFReader):  # type: ignore[misc]
+        promised = 0
+
+        def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
+            for field in fields:
+                _length, _name, _n_dims, dims, raw_dtype, offset = field.parts
+                block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(raw_dtype[0])]
+                end = int(start_offs + offset[0]) + int(np.prod(dims)) * size // block
+                self.promised = max(self.promised, end)
+
+    try:
+        header = _Header(str(path))
+    except (ValueError, KeyError, IndexError, OSError) as exc:
+        raise HeadatlasError(f"{str(path)!r} is not a readable GGUF file ({str(exc)[:120]})") from None
+    return path.stat().st_size, int(header.promised)
+
+
+def check_gguf(path: Path) -> None:
+    """Raise :class:`HeadatlasError` unless the GGUF file ``path`` holds every byte its header promises
+    (a truncated download or copy says so, before any conversion)."""
+    have, promised = gguf_size(path)
+    if have < promised:
+        raise HeadatlasError(
+            f"{str(path)!r} is truncated ({have:,} of {promised:,} bytes): copy or download it again"
+        )
+
+
 def needs_conversion(spec: str) -> bool:
     """Whether loading packaged model ``spec`` will first convert its GGUF (once, tens of seconds)."""
     entry = PACKAGED_MODELS.get(spec)
@@ -50,6 +87,7 @@ def _convert_gguf(gguf: Path, target: Path, sha256: str, origin: str) -> None:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(gguf)
     logger.info("converting %s to fp32 safetensors in %s (once)", gguf.name, target)
     with _without_gguf_progress_bar():
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")

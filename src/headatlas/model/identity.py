@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..core.errors import HeadatlasError
 from ..core.storage import cache_dir, write_json
 
 if TYPE_CHECKING:
@@ -84,3 +85,21 @@ def bytes_sha256(paths: list[Path]) -> str:
             while block := fh.read(1 << 22):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def check_finite_weights(model: Any, name: str) -> None:
+    """Raise :class:`HeadatlasError` naming the first parameter or buffer of ``model`` that holds a
+    NaN or an infinite value (a damaged file of the right size loads without complaint otherwise)."""
+    import torch
+
+    with torch.no_grad():
+        for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if (
+                tensor.is_floating_point()
+                and tensor.device.type != "meta"
+                and not bool(torch.isfinite(tensor).all())
+            ):
+                raise HeadatlasError(
+                    f"model {name!r} holds NaN or infinite values in {key}: its weights are damaged, "
+                    "reinstall or re-download them"
+                )

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..core.errors import HeadatlasError
+from ..core.errors import HeadatlasError, param
 from .archs import arch_spec, attention_stacks
 
 if TYPE_CHECKING:
@@ -194,3 +194,14 @@ def _encoder_decoder_layers(config: Any, name: str, found: int, n_heads: int) ->
             "an atlas needs one head count for every layer"
         )
     return encoder + 2 * decoder
+
+
+def check_loaded(value: Any, name: str = "loaded") -> LoadedModel:
+    """Return ``value`` after checking it is a :class:`LoadedModel` (what :func:`headatlas.load`
+    returns); raise :class:`HeadatlasError` naming parameter ``name`` otherwise."""
+    if not isinstance(value, LoadedModel):
+        raise HeadatlasError(
+            f"{param(name)} must be the LoadedModel headatlas.load returns, got {type(value).__name__}: "
+            "load it first (ha.load(...))"
+        )
+    return value

@@ -11,6 +11,7 @@ string is tried as a hub id (which fails with a one-line error when offline).
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,8 +20,8 @@ from safetensors import SafetensorError
 
 from ..core.errors import HeadatlasError, check_choice, param
 from ..core.storage import cache_dir, check_cache_dir
-from .convert import packaged_dir
-from .identity import file_sha256, weight_files
+from .convert import check_gguf, packaged_dir
+from .identity import check_finite_weights, file_sha256, weight_files
 from .info import LoadedModel, ModelInfo, model_info
 from .packaged import PACKAGED_MODELS, packaged_model_path
 
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "default"
 _DTYPES = ("float32", "bfloat16", "float16")
+HUB_HOST = "huggingface.co"
+HUB_TIMEOUT = 3.0
+"""Seconds to wait for the hub before saying it cannot be reached."""
 _PACKAGED_NAMES = ", ".join(repr(name) for name in PACKAGED_MODELS)
 
 
@@ -146,6 +150,38 @@ def reload_spec(model: dict[str, Any] | ModelInfo) -> str | None:
     return str(source)
 
 
+def _torch_module() -> type:
+    import torch
+
+    return torch.nn.Module
+
+
+def _check_hub_reachable(spec: str) -> None:
+    """Raise a one-line :class:`HeadatlasError` at once when ``spec`` (not a packaged name, not a path)
+    would have to come from the Hugging Face hub and the hub cannot be reached: offline mode, or no
+    answer within a few seconds (instead of transformers' retries and repeated warnings)."""
+    import difflib
+    import socket
+
+    import huggingface_hub.constants as hub
+
+    close = difflib.get_close_matches(spec, list(PACKAGED_MODELS), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    reason = None
+    if hub.is_offline_mode():
+        reason = "offline mode is on (HF_HUB_OFFLINE)"
+    else:
+        try:
+            socket.create_connection((HUB_HOST, 443), timeout=HUB_TIMEOUT).close()
+        except OSError:
+            reason = f"{HUB_HOST} cannot be reached"
+    if reason is not None:
+        raise HeadatlasError(
+            f"no model {spec!r} here and {reason}: {hint}give {_PACKAGED_NAMES}, a local Hugging Face "
+            "model dir or a .gguf file"
+        )
+
+
 def load(
     model: str | PreTrainedModel = DEFAULT_MODEL,
     *,
@@ -173,7 +209,14 @@ def load(
 
     torch_dtype = _resolve_dtype(dtype)
     target_device = _resolve_device(device)
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
     if not isinstance(model, str):
+        if not hasattr(model, "config") or not isinstance(model, _torch_module()):
+            raise HeadatlasError(
+                f"{param('model')} must be a packaged name, a path, a hub id or a transformers model, "
+                f"got {type(model).__name__}"
+            )
         if tokenizer is None:
             raise HeadatlasError("load(model_object) needs tokenizer=...: pass the model's tokenizer")
         name = getattr(model.config, "_name_or_path", "") or type(model).__name__
@@ -198,6 +241,7 @@ def load(
                 "a .gguf file or a hub id"
             )
         if path.is_file() and path.suffix == ".gguf":
+            check_gguf(path)
             directory, gguf_file = path.parent, path.name
             source, sha = str(path.resolve()), file_sha256([path])
         elif path.is_dir():
@@ -209,6 +253,7 @@ def load(
             weights = weight_files(path)
             sha = file_sha256(weights) if weights else None
         else:
+            _check_hub_reachable(model)
             directory, source, sha = Path(model), model, None
     try:
         kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -247,5 +292,6 @@ def load(
             f"— offline machines need {_PACKAGED_NAMES}, a local dir or a .gguf file"
         ) from exc
     hf_model = (hf_model if device_map is not None else hf_model.to(target_device)).eval()
+    check_finite_weights(hf_model, model)
     info = model_info(hf_model, name=name, source=source, sha256=sha)
     return LoadedModel(hf_model, tok, info)

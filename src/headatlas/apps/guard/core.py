@@ -18,6 +18,17 @@ import numpy as np
 from ...core.errors import HeadatlasError, param
 from ...core.heads import head_name
 from ...core.outputs import Folder
+from ...core.records import (
+    check_record,
+    is_bool,
+    is_dict,
+    is_int,
+    is_number,
+    is_text,
+    list_of,
+    one_of,
+    optional,
+)
 from ...core.storage import write_json
 from ...model.identity import same_weights, weights_record
 from ...model.info import LoadedModel
@@ -39,6 +50,44 @@ GUARD_FOLDER = Folder("guard fit", "guard.json")
 """A guard directory: ``guard fit`` writes ``guard.json`` and ``attention_tracker.json`` there."""
 DETECTORS = ("focus", "heads-lr", "residual-probe", "length")
 """What ``eval`` reports: 1 − focus, the head regression, the residual probe, the data's length."""
+
+
+_LOGISTIC = {
+    "weight": list_of(is_number),
+    "bias": is_number,
+    "mean": list_of(is_number),
+    "scale": list_of(is_number),
+}
+GUARD_FIELDS = {
+    "format": one_of(FORMAT),
+    "model": is_text,
+    "model_spec": optional(is_text),
+    "model_sha256": is_text,
+    "params_sha256": optional(is_text),
+    "important_heads": list_of(list_of(is_int(0))),
+    "important_head_names": list_of(is_text),
+    "n_sigma": is_number,
+    "n_sigma_auto": is_bool,
+    "k_sigma": is_number,
+    "threshold": is_number,
+    "trained_on": is_dict,
+    "heads_lr": is_dict,
+    "residual_probe": optional(is_dict),
+}
+"""The fields of ``guard.json`` (:func:`check_guard_config`)."""
+
+
+def check_guard_config(config: dict[str, Any], where: str) -> None:
+    """Raise :class:`HeadatlasError` unless ``config`` is a whole ``guard.json``: every field, the
+    head pairs, and the two regressions' weights."""
+    check_record(config, GUARD_FIELDS, where, "guard", frozenset({"params_sha256", "n_sigma_auto"}))
+    if not config["important_heads"] or any(len(h) != 2 for h in config["important_heads"]):
+        raise HeadatlasError(f"{where}: field 'important_heads' needs one or more [layer, head] pairs")
+    check_record(config["heads_lr"], _LOGISTIC, f"{where} (heads_lr)", "logistic regression")
+    probe = config["residual_probe"]
+    if probe is not None:
+        check_record(probe, {"layer": is_int(0), "model": is_dict}, f"{where} (residual_probe)", "probe")
+        check_record(probe["model"], _LOGISTIC, f"{where} (residual_probe)", "logistic regression")
 
 
 @dataclass(frozen=True)
@@ -126,15 +175,21 @@ class Guard:
         path = Path(directory) / GUARD_FOLDER.marker
         if not path.is_file():
             raise HeadatlasError(f"no guard at {str(directory)!r} (no guard.json): run headatlas guard fit")
-        config = json.loads(path.read_text(encoding="utf-8"))
-        if config.get("format") != FORMAT:
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise HeadatlasError(
+                f"{str(path)!r} is not readable JSON ({exc.__class__.__name__}): fit it again"
+            ) from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise HeadatlasError(f"{str(path)!r} is not a headatlas guard ({FORMAT})")
-        spec = config.get("model_spec")
+        check_guard_config(config, repr(str(path)))
+        spec: str | None = config.get("model_spec")
         if model is None and not spec:
             raise HeadatlasError(
                 f"the guard in {str(directory)!r} was fitted on an in-memory model: pass {param('model')}"
             )
-        loaded = _loaded(model if model is not None else spec)
+        loaded = _loaded(model if model is not None else str(spec))
         if not same_weights(config, loaded):
             raise HeadatlasError(
                 f"the guard in {str(directory)!r} was fitted on {config['model']} "

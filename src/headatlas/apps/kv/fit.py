@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ...atlas.table import Atlas
-from ...core.errors import HeadatlasError, check_at_least, param
+from ...core.errors import HeadatlasError, check_at_least, check_number, param
 from ...model.info import LoadedModel
 from .backends import gate as backend_gate
 from .evaluate import encode
@@ -67,8 +67,16 @@ def fit_gates(
     loaded.info.require_one_stack("kv fit")
     check_at_least("steps", steps, 1)
     check_at_least("n_prompts", n_prompts, 1)
+    check_at_least("seq_len", seq_len, 8)
+    check_at_least("sink", sink, 0)
+    check_at_least("recent", recent, 1)
+    check_number("lam", lam)
+    if lam < 0:
+        raise HeadatlasError(f"{param('lam', 'lam')} must be at least 0 (the gates' L1 weight), got {lam}")
     if recent >= seq_len:
-        raise HeadatlasError(f"--recent {recent} must be below --seq-len {seq_len}: nothing would stream")
+        raise HeadatlasError(
+            f"{param('recent')} {recent} must be below {param('seq_len')} {seq_len}: nothing would stream"
+        )
     if loss_on not in ("answer", "all"):
         raise HeadatlasError(f"{param('loss_on')} must be answer or all, got {loss_on!r}")
     unknown = [t for t in tasks if t not in TASKS]

@@ -18,6 +18,7 @@ import numpy as np
 
 from ...atlas.table import Atlas
 from ...core.errors import HeadatlasError, check_at_least, check_number, param
+from ...core.records import check_record, is_bool, is_dict, is_int, is_number, list_of, one_of
 from ...core.storage import atomic_path
 from ..common.kv_heads import kv_head_scores, relative_scores
 
@@ -28,6 +29,24 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 """Named score combinations for ``by``: ``duo`` keeps heads that retrieve or copy from far back
 (DuoAttention's retrieval heads), ``razor`` RazorAttention's echo + induction heads."""
+
+
+PLAN_FIELDS = {
+    "model": is_dict,
+    "full_heads": list_of(list_of(is_int(0))),
+    "sink": is_int(0),
+    "recent": is_int(1),
+    "compensate": is_bool,
+    "context": is_int(1),
+    "rule": is_dict,
+    "atlas": is_dict,
+    "layer_types": list_of(one_of("global", "sliding")),
+    "scores": list_of(list_of(is_number)),
+    "head_scores": list_of(list_of(is_number)),
+    "kv_bytes": is_dict,
+}
+"""The fields of a plan file (:meth:`Plan.load` checks them)."""
+PLAN_OPTIONAL = frozenset({"rule", "atlas", "layer_types", "scores", "head_scores", "kv_bytes", "compensate"})
 
 
 @dataclass
@@ -80,7 +99,21 @@ class Plan:
             )
         data.pop("format")
         data.pop("version", None)
-        return cls(**data)
+        check_record(data, PLAN_FIELDS, repr(str(path)), "KV plan", PLAN_OPTIONAL)
+        plan = cls(**data)
+        plan.check_heads(str(path))
+        return plan
+
+    def check_heads(self, where: str) -> None:
+        """Raise :class:`HeadatlasError` unless the plan's full heads and layer types fit its model."""
+        n_layers, n_kv = self.model.get("n_layers"), self.model.get("n_kv_heads")
+        if not isinstance(n_layers, int) or not isinstance(n_kv, int) or n_layers < 1 or n_kv < 1:
+            raise HeadatlasError(f"{where}: field 'model' needs positive n_layers and n_kv_heads")
+        if len(self.full_heads) != n_layers or (self.layer_types and len(self.layer_types) != n_layers):
+            raise HeadatlasError(f"{where}: field 'full_heads' needs one list per layer ({n_layers})")
+        bad = [k for heads in self.full_heads for k in heads if not 0 <= k < n_kv]
+        if bad:
+            raise HeadatlasError(f"{where}: KV head {bad[0]} does not exist (the model has {n_kv} per layer)")
 
     def check_model(self, info: Any) -> None:
         """Refuse a model other than the plan's (weights sha256, then layer/KV-head shape)."""

@@ -35,7 +35,7 @@ import torch
 
 from ...batteries.base import ProbeSequence, make_batch, pad_id
 from ...capture import head_outputs, padded_positions
-from ...core.errors import HeadatlasError, check_choice
+from ...core.errors import HeadatlasError, check_choice, param
 from ...core.progress import Progress
 from ...model.info import LoadedModel
 from ..common.patch_tasks import Encoded, PatchPair, PatchTask, encode_task, last_logits, metric
@@ -419,12 +419,22 @@ def patch_effects(
     from ..common.patch_tasks import build_task
 
     loaded = model if isinstance(model, LoadedModel) else load(model)
+    if pairs is None or not isinstance(pairs, str | PatchTask | list | tuple):
+        raise HeadatlasError(
+            f"{param('pairs')} must be a task name (ioi, fv:antonym, a .jsonl file), a PatchTask or a list "
+            f"of {{clean, corrupt, answer, wrong}} pairs, got {type(pairs).__name__}"
+        )
     if isinstance(pairs, str):
         task = build_task(loaded.tokenizer, pairs, n, seed)
     elif isinstance(pairs, PatchTask):
         task = pairs
     else:
-        rows = [p if isinstance(p, PatchPair) else PatchPair(**p) for p in pairs]
+        try:
+            rows = [p if isinstance(p, PatchPair) else PatchPair(**p) for p in pairs]
+        except TypeError:
+            raise HeadatlasError(
+                f"each of {param('pairs')} is a PatchPair or a dict with clean, corrupt, answer and wrong"
+            ) from None
         if not rows:
             raise HeadatlasError("no pairs given: pass at least one {clean, corrupt, answer, wrong} pair")
         task = PatchTask("pairs", tuple(rows), params={"task": "pairs", "n": len(rows)})

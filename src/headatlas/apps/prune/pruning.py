@@ -22,7 +22,7 @@ import numpy as np
 
 from ...atlas.table import Atlas, open_atlas
 from ...capture import ablate
-from ...core.errors import HeadatlasError, check_at_least, param
+from ...core.errors import HeadatlasError, check_at_least, check_number, param
 from ...core.heads import Head, head_name
 from ...core.outputs import Folder, check_output_folder, output_folder
 from ...core.progress import Progress
@@ -37,8 +37,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def check_fraction(fraction: float, name: str = "fraction") -> None:
-    """Refuse a fraction outside [0, 1)."""
+def check_fraction(fraction: float, name: str = "fraction", allow_zero: bool = True) -> None:
+    """Refuse a fraction outside [0, 1) (or (0, 1) without ``allow_zero``: pruning nothing is no
+    pruning, while a prune curve starts from the whole model)."""
+    check_number(name, fraction)
+    if not allow_zero and fraction == 0:
+        raise HeadatlasError(f"{param(name)} 0 removes no head: give e.g. 0.2 to remove 20% of heads")
     if not 0.0 <= fraction < 1.0:
         raise HeadatlasError(
             f"{param(name)} {fraction} is outside [0, 1): give e.g. 0.2 to remove 20% of heads"

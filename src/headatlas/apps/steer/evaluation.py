@@ -24,7 +24,7 @@ import torch
 
 from ...batteries.base import ProbeSequence, make_batch, pad_id
 from ...capture import output_projections, output_weight, padded_positions
-from ...core.errors import HeadatlasError, check_choice
+from ...core.errors import HeadatlasError, check_at_least, check_choice, check_number, param
 from ...core.heads import head_name
 from ...core.outputs import Folder, check_output_file, check_output_folder, output_folder
 from ...core.storage import atomic_path, write_json
@@ -104,6 +104,13 @@ def evaluate(
         raise HeadatlasError(
             "steer eval scores completions and next-token loss: give a causal (decoder) model"
         )
+    alphas = [alphas] if isinstance(alphas, int | float) else list(alphas)
+    if not alphas:
+        raise HeadatlasError(f"{param('alphas')} is empty: give at least one strength, e.g. 0,15")
+    for value in alphas:
+        check_number("alphas", value)
+    check_at_least("n_text", n_text, 1)
+    check_at_least("batch_size", batch_size, 1)
     configs: list[Config] = [(kind, float(a)) for kind in ("probe", "random") for a in alphas]
     facts = split_facts(int(steering.params.get("seed", 0) if seed is None else seed))["test"]
     mc: dict[Config, torch.Tensor] = {}
@@ -178,8 +185,21 @@ def generate(
     alpha: float | None = None,
     max_new_tokens: int = 40,
 ) -> str:
-    """Return the greedy continuation of ``prompt`` with ``steering`` applied at ``alpha`` (none: unsteered)."""
+    """Return the greedy continuation of ``prompt`` with ``steering`` applied at ``alpha`` (none: unsteered).
+
+    ``max_new_tokens`` is at least 1 and, with the prompt, within the model's context."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise HeadatlasError(f"{param('prompt')} is empty: give the text to continue")
+    if alpha is not None:
+        check_number("alpha", alpha)
+    check_at_least("max_new_tokens", max_new_tokens, 1)
     ids, _ = encode_text(loaded.tokenizer, prompt)
+    longest = loaded.info.context_length
+    if longest is not None and len(ids) + max_new_tokens > longest:
+        raise HeadatlasError(
+            f"{param('max_new_tokens')} {max_new_tokens:,} and the prompt's {len(ids)} tokens go beyond "
+            f"{loaded.info.name}'s context of {longest:,} tokens"
+        )
     inputs = torch.tensor([ids], device=loaded.device)  # [1, seq]
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad_id(loaded.tokenizer)}
     model: Any = loaded.model

@@ -27,8 +27,9 @@ import torch
 
 from ...capture import head_outputs
 from ...core.errors import HeadatlasError, check_choice, param
-from ...core.heads import head_name, parse_head
+from ...core.heads import check_heads, head_name, parse_head
 from ...core.outputs import Folder
+from ...core.records import check_record, is_dict, is_int, is_number, is_text, list_of, one_of, optional
 from ...core.storage import atomic_path, write_json
 from ...model.identity import same_weights, weights_record
 from ...model.info import LoadedModel
@@ -114,19 +115,57 @@ class Steering:
         return out
 
 
+STEER_FIELDS = {
+    "model_sha256": is_text,
+    "params_sha256": optional(is_text),
+    "model_name": is_text,
+    "n_layers": is_int(1),
+    "n_heads": is_int(1),
+    "task": is_text,
+    "direction": one_of(*DIRECTIONS),
+    "alpha": is_number,
+    "heads": list_of(is_text),
+    "control_heads": list_of(is_text),
+    "val_accuracy": list_of(is_number),
+    "params": is_dict,
+}
+"""The fields of ``steer.json`` (:func:`load_steering` checks them)."""
+_TENSORS = ("directions", "sigma", "control_directions", "control_sigma")
+
+
+def _check_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Raise unless ``steer.safetensors`` holds one direction and one σ per listed head, finite,
+    and every head exists in a model of the recorded shape."""
+    missing = [name for name in _TENSORS if name not in tensors]
+    if missing:
+        raise HeadatlasError(f"{where / STEER_TENSORS} has no {missing[0]!r} tensor: fit the steering again")
+    for kind, prefix in (("heads", ""), ("control_heads", "control_")):
+        heads = check_heads(meta[kind], meta["n_layers"], meta["n_heads"])
+        directions, sigma = tensors[prefix + "directions"], tensors[prefix + "sigma"]
+        if directions.dim() != 2 or len(directions) != len(heads) or sigma.shape != (len(heads),):
+            raise HeadatlasError(f"{where}: {kind} and the tensors in {STEER_TENSORS} do not match in number")
+        if not (bool(torch.isfinite(directions).all()) and bool(torch.isfinite(sigma).all())):
+            raise HeadatlasError(
+                f"{where / STEER_TENSORS} holds NaN or infinite values: fit the steering again"
+            )
+
+
 def load_steering(directory: str | Path, loaded: LoadedModel | None = None) -> Steering:
     """Read a steering directory; with ``loaded``, refuse it unless it was fitted on that model."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     where = Path(directory)
     try:
         meta = json.loads((where / STEER_JSON).read_text(encoding="utf-8"))
         tensors = load_file(str(where / STEER_TENSORS))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise HeadatlasError(
-            f"{param('steer')} {where} is not a steering directory ({exc.__class__.__name__}): "
+            f"{param('steer')} {where} is not a readable steering directory ({exc.__class__.__name__}): "
             "make one with `headatlas steer fit`"
-        ) from exc
+        ) from None
+    check_record(meta, STEER_FIELDS, str(where / STEER_JSON), "steering file", frozenset({"params_sha256"}))
+    _check_tensors(meta, tensors, where)
     if loaded is not None and not same_weights(meta, loaded):
         raise HeadatlasError(
             f"{param('steer')} {where} was fitted on another model ({meta['model_name']}, sha256 "
