@@ -230,6 +230,7 @@ def test_bad_input_is_a_clear_error(
         ({"config": ScanConfig(n_prompts=2, seq_len=16), "probes": ["repeat"]}, "inside it"),
         ({"seq_len": "32"}, "^seq_len must be an integer, got '32'"),
         ({"n_prompts": 2.5}, "^n_prompts must be an integer"),
+        ({"workers": 2}, "^workers counts Ray workers: give ray too"),
     ],
 )
 def test_contradictory_or_mistyped_settings_are_refused(

@@ -429,7 +429,10 @@ def merge_atlases(base: Atlas, new: Atlas) -> Atlas:
     """Return ``base`` with every score column of ``new`` added or replaced (aligned on layer/head).
 
     Side tables and examples of ``new`` are added, ``atlas.json`` records both scans' batteries and
-    probes, and roles are reassigned from all scores. Both must describe the same model.
+    probes (``added`` lists each later scan's probes, seed, tokens and time; ``tokens`` and
+    ``wall_seconds`` are the totals; ``seed`` is ``null`` when the scans used different seeds, all
+    of which are in ``seeds``), and roles are reassigned from all scores. Both must describe the
+    same model.
     """
     if base.shape != new.shape:
         raise HeadatlasError("cannot merge atlases of models with different layer/head counts")
@@ -443,8 +446,17 @@ def merge_atlases(base: Atlas, new: Atlas) -> Atlas:
     meta["probes"] = list(dict.fromkeys([*base.meta.get("probes", []), *new.meta.get("probes", [])]))
     meta["added"] = [
         *base.meta.get("added", []),
-        {k: new.meta.get(k) for k in ("probes", "wall_seconds", "fingerprint")},
+        {k: new.meta.get(k) for k in ("probes", "wall_seconds", "fingerprint", "seed", "tokens")},
     ]
+    meta["tokens"] = int(base.meta.get("tokens") or 0) + int(new.meta.get("tokens") or 0)
+    meta["wall_seconds"] = round(
+        float(base.meta.get("wall_seconds") or 0) + float(new.meta.get("wall_seconds") or 0), 3
+    )
+    if base.meta.get("seed") != new.meta.get("seed"):
+        meta["seed"] = None  # scans with different seeds: each one's is in "added" and the first's in "seeds"
+        meta["seeds"] = list(
+            dict.fromkeys([*base.meta.get("seeds", [base.meta.get("seed")]), new.meta.get("seed")])
+        )
     meta["roles"] = new.meta.get("roles", meta.get("roles"))
     return Atlas(table, meta, new.examples or base.examples, {**base.tables, **new.tables})
 

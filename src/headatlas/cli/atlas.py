@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shlex
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -152,7 +153,9 @@ def scan(
             from ..report.figures import write_figures
 
             drawn = write_figures(atlas, out / "figures")
-        console.print(f"figures → {out / 'figures'} ({len(drawn)} files); `headatlas report {out}` for HTML")
+        console.print(
+            f"figures → {out / 'figures'} ({len(drawn)} files); `headatlas report {shlex.quote(str(out))}` for HTML"
+        )
 
 
 def _scan_progress() -> tuple[Any, Any]:

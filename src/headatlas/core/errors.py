@@ -30,7 +30,8 @@ def param(name: str, python: str | None = None) -> str:
 RESCAN = "rescan"
 """A pseudo-parameter: "make this atlas again", ``scan(..., force=True)`` in Python and the full
 command on the command line (messages from commands without ``--force`` of their own use it)."""
-_CLI_TEXT = {RESCAN: "`headatlas scan MODEL --out DIR --force`"}
+_CLI_TEXT = {RESCAN: "`headatlas scan MODEL --out DIR --force`", "models": "MODELS"}
+"""How the command line writes the parameters that are not flags (commands, positional arguments)."""
 
 
 def flag(name: str) -> str:

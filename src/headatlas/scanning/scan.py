@@ -175,6 +175,10 @@ def scan(
         n_functional=n_functional,
         max_len=max_len,
     )
+    if workers is not None and ray is None:
+        raise HeadatlasError(
+            f"{param('workers')} counts Ray workers: give {param('ray')} too, or leave it out"
+        )
     if config is not None:
         differ = [f.name for f in fields(ScanConfig) if getattr(given, f.name) != f.default]
         if differ:

@@ -151,7 +151,7 @@ def zoo(
     hears ``(model, index, total)`` before each member, ``on_batch`` each batch of its scan.
     """
     if len(models) < 2:
-        raise HeadatlasError(f"a zoo compares models: give at least two {param('models', 'MODELS')}")
+        raise HeadatlasError(f"a zoo compares models: give at least two {param('models')}")
     names = [member_name(m) for m in models]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
