@@ -279,7 +279,9 @@ def test_add_functional_columns_to_an_existing_atlas(tmp_path, tiny_loaded, ewt_
     again = ha.Atlas.load(tmp_path)
     assert np.allclose(again.table["copying"], merged.table["copying"])
     assert merged.meta["tokens"] == first.meta["tokens"] + merged.meta["added"][-1]["tokens"]
-    reseeded = ha.scan(tiny_loaded, probes=["natural"], n_prompts=2, seq_len=32, seed=7, out=tmp_path, add=True)
+    reseeded = ha.scan(
+        tiny_loaded, probes=["natural"], n_prompts=2, seq_len=32, seed=7, out=tmp_path, add=True
+    )
     assert reseeded.meta["seed"] is None and reseeded.meta["seeds"] == [0, 7]  # never one stale seed
     assert [a["seed"] for a in reseeded.meta["added"]] == [0, 7]
     with pytest.raises(HeadatlasError, match="add=True needs"):

@@ -13,6 +13,7 @@ location, and the names every writer shares.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -61,11 +62,21 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
     try:
         yield tmp
+        if tmp.is_file():  # a writer that made a private temporary file: the mode any new file gets
+            os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
         _record_owned(path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+@functools.lru_cache(maxsize=1)
+def _file_mode() -> int:
+    """The permissions of a new file under this process's umask (read once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _atlas_root(path: Path) -> Path | None:

@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
+SHUTDOWN_SECONDS = 1
+"""Longest wait for open connections when the viewer stops."""
 
 
 def atlas_model(atlas: Atlas) -> str | None:
@@ -57,7 +59,15 @@ def check_port(host: str, port: int) -> None:
 
 
 def run(app: object, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
-    """Serve ``app`` with uvicorn until interrupted."""
+    """Serve ``app`` with uvicorn until interrupted; Ctrl-C stops it within about a second (open
+    keep-alive connections of a browser are not waited for longer than :data:`SHUTDOWN_SECONDS`)."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="warning")  # type: ignore[arg-type]
+    uvicorn.run(
+        app,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=SHUTDOWN_SECONDS,
+        timeout_keep_alive=SHUTDOWN_SECONDS,
+    )
