@@ -201,3 +201,72 @@ def test_a_damaged_guard_is_one_line(tiny_loaded: ha.LoadedModel, tmp_path: Path
         with pytest.raises(ha.HeadatlasError, match=match) as info:
             ha.Guard.load(broken, tiny_loaded)
         assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(
+    tiny_model_dir: Path, tiny_atlas_dir: Path, steering: Any, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    from tiny_models import BUILDERS, make_tokenizer
+
+    root = tmp_path_factory.mktemp("cli-inputs")
+    other = root / "other-model"
+    BUILDERS["llama"](1).save_pretrained(other)
+    make_tokenizer().save_pretrained(other)
+    plan = ha.kv.all_full(ha.load(tiny_model_dir).info).save(root / "plan.json")  # the model dir's own
+    return {
+        "steer": steering.save(root / "steer"),
+        "other": other,
+        "plan": plan,
+        "atlas": tiny_atlas_dir,
+        "root": root,
+    }
+
+
+CLI_CASES: dict[str, tuple[list[str], str]] = {
+    "an empty prompt": (["steer", "generate", "{model}", "--steer", "{steer}", "--prompt", ""], "--prompt is empty"),
+    "no new tokens": (["steer", "generate", "{model}", "--steer", "{steer}", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    "a NaN strength": (["steer", "generate", "{model}", "--steer", "{steer}", "--alpha", "nan"], "--alpha 'nan'"),
+    "no strengths to sweep": (["steer", "eval", "{model}", "--steer", "{steer}", "--alphas", ""], "--alphas ''"),
+    "a NaN in the sweep": (["steer", "eval", "{model}", "--steer", "{steer}", "--alphas", "0,nan"], "finite numbers"),
+    "no text": (["steer", "eval", "{model}", "--steer", "{steer}", "--n-text", "0"], "--n-text must be at least 1"),
+    "a negative lambda": (["kv", "fit", "{model}", "--lambda", "-1", "--context", "512", "--out", "{root}/f.json"], "--lambda must be at least 0"),
+    "lengths beyond the context": (["kv", "eval", "{model}", "--plan", "{plan}", "--lengths", "99999"], "beyond"),
+    "lengths that are not numbers": (["kv", "eval", "{model}", "--plan", "{plan}", "--lengths", "long"], "whole numbers"),
+    "an atlas of another model": (["kv", "plan", "{atlas}", "--model", "{other}", "--out", "{root}/p.json"], "another model"),
+    "a zero batch": (["guard", "score", "{model}", "--guard", "{root}/g", "--instruction", "x", "--data", "y", "--batch-size", "0"], "--batch-size must be at least 1"),
+    "pruning nothing": (["prune", "{model}", "--fraction", "0", "--out", "{root}/pruned"], "removes no head"),
+    "workers without Ray": (["scan", "{model}", "--workers", "2", "--out", "{root}/a"], "--workers counts Ray workers"),
+    "one model in a zoo": (["zoo", "{model}", "--out", "{root}/zoo"], "give at least two MODELS"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CLI_CASES))
+def test_the_command_line_refuses_degenerate_input_in_one_line(
+    case: str, cli_inputs: dict[str, Path], tiny_model_dir: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from headatlas.cli import app
+
+    words, message = CLI_CASES[case]
+    values = {key: str(value) for key, value in {**cli_inputs, "model": tiny_model_dir}.items()}
+    args = [word.format(**values) for word in words]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], (case, result.output)
+    assert not (cli_inputs["root"] / "pruned").exists() and not (cli_inputs["root"] / "a").exists()
+
+
+def test_every_file_headatlas_writes_gets_the_usual_permissions(steering: Any, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    where = steering.save(tmp_path / "steer")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in where.iterdir()}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert modes == {STEER_JSON: 0o666 & ~mask, STEER_TENSORS: 0o666 & ~mask}

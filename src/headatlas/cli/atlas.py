@@ -113,6 +113,8 @@ def scan(
     run(lambda: check_out_dir(out, force, resume or add))
     if device_map is not None and ray is not None:
         fail("--device-map splits one model over this node's devices; --ray runs whole copies: pick one")
+    if workers is not None and ray is None:
+        fail("--workers counts Ray workers: give --ray too, or leave it out")
     loaded = load_model(model, device, dtype, device_map, offload_folder)
     describe_model(loaded)
     progress, on_batch = _scan_progress()

@@ -122,11 +122,16 @@ def kv_fit(
 ) -> None:
     """Fit DuoAttention gates (one per KV head; only the gates train) and write the plan they give."""
     from ..apps import kv
-    from ..apps.kv.fit import fit_gates, fitted_plan
+    from ..apps.kv.fit import check_fit_settings, fit_gates, fitted_plan
     from ..apps.kv.plan import FORMAT, check_plan_settings
     from ..core.outputs import check_output_file
 
     run(lambda: check_output_file(out, (".json",), force=force, kind=FORMAT))
+    task_names = [t for t in tasks.split(",") if t]
+    run(
+        lambda: check_fit_settings(steps, seq_len, n_prompts, sink, recent, lam, task_names, loss_on),
+        flags={"lam": "--lambda"},
+    )
     loaded = load_model(model, device)
     run(
         lambda: check_plan_settings(loaded.info, keep_fraction, None, context, sink, recent)

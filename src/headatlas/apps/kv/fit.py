@@ -46,6 +46,39 @@ class FitResult:
     settings: dict[str, float | int | str]
 
 
+def check_fit_settings(
+    steps: int,
+    seq_len: int,
+    n_prompts: int,
+    sink: int,
+    recent: int,
+    lam: float,
+    tasks: Sequence[str],
+    loss_on: str,
+) -> None:
+    """Raise :class:`HeadatlasError` naming the first of :func:`fit_gates`' settings that cannot
+    work, before any work."""
+    check_at_least("steps", steps, 1)
+    check_at_least("n_prompts", n_prompts, 1)
+    check_at_least("seq_len", seq_len, 8)
+    check_at_least("sink", sink, 0)
+    check_at_least("recent", recent, 1)
+    check_number("lam", lam)
+    if lam < 0:
+        raise HeadatlasError(f"{param('lam')} must be at least 0 (the gates' L1 weight), got {lam}")
+    if recent >= seq_len:
+        raise HeadatlasError(
+            f"{param('recent')} {recent} must be below {param('seq_len')} {seq_len}: nothing would stream"
+        )
+    if loss_on not in ("answer", "all"):
+        raise HeadatlasError(f"{param('loss_on')} must be answer or all, got {loss_on!r}")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise HeadatlasError(
+            f"{param('tasks')} must be some of {', '.join(TASKS)}, got {', '.join(tasks) or 'none'}"
+        )
+
+
 def fit_gates(
     loaded: LoadedModel,
     *,
@@ -65,25 +98,7 @@ def fit_gates(
     in turn from ``tasks``, one prompt per step in turn, the loss on the answer's positions or on
     ``"all"`` (module docstring; Xiao et al. 2024). The model is not changed."""
     loaded.info.require_one_stack("kv fit")
-    check_at_least("steps", steps, 1)
-    check_at_least("n_prompts", n_prompts, 1)
-    check_at_least("seq_len", seq_len, 8)
-    check_at_least("sink", sink, 0)
-    check_at_least("recent", recent, 1)
-    check_number("lam", lam)
-    if lam < 0:
-        raise HeadatlasError(f"{param('lam', 'lam')} must be at least 0 (the gates' L1 weight), got {lam}")
-    if recent >= seq_len:
-        raise HeadatlasError(
-            f"{param('recent')} {recent} must be below {param('seq_len')} {seq_len}: nothing would stream"
-        )
-    if loss_on not in ("answer", "all"):
-        raise HeadatlasError(f"{param('loss_on')} must be answer or all, got {loss_on!r}")
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise HeadatlasError(
-            f"{param('tasks')} must be some of {', '.join(TASKS)}, got {', '.join(tasks) or 'none'}"
-        )
+    check_fit_settings(steps, seq_len, n_prompts, sink, recent, lam, tasks, loss_on)
     model, info = loaded.model, loaded.info
     prompts, answers = _teacher_forced(loaded.tokenizer, list(tasks), seq_len, n_prompts, seed)
     where = [loss_positions(p, a, loss_on) for p, a in answers]
