@@ -342,14 +342,16 @@ def attention_maps(
     ``attention_mask [batch, seq]`` defaults to all ones (no padding).
     """
     check_loaded(loaded)
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() < 2:
         raise HeadatlasError(
-            f"{param('input_ids')} must be a [batch, seq] tensor of token ids, got "
-            f"{getattr(input_ids, 'shape', type(input_ids).__name__)}"
+            f"{param('input_ids')} must be a [batch, seq] tensor of token ids (a speech model's: its "
+            f"features), got {getattr(input_ids, 'shape', type(input_ids).__name__)}"
         )
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        attention_mask = torch.ones(input_ids.shape[:2], dtype=torch.long, device=input_ids.device)
+    elif not isinstance(attention_mask, torch.Tensor) or (
+        attention_mask.shape != input_ids.shape if input_ids.dim() == 2 else attention_mask.dim() != 2
+    ):
         raise HeadatlasError(
             f"{param('attention_mask')} must be a tensor shaped like input_ids, [batch, seq]"
         )

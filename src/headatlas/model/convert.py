@@ -126,6 +126,7 @@ def packaged_dir(entry: PackagedModel) -> tuple[Path, str, str | None]:
     target = cache_dir() / "models" / entry.cache_name
     marker = target / _SOURCE_FILE
     if not marker.exists():
+        gguf_path = located
         try:
             if entry.converter == "ct2":
                 _convert_ct2(located, target, file_sha256([located / "model.bin"]), str(located))
@@ -134,11 +135,13 @@ def packaged_dir(entry: PackagedModel) -> tuple[Path, str, str | None]:
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(prefix=f".{entry.cache_name}-", dir=target.parent) as tmp:
-                    gguf = assemble_packaged_gguf(entry.name, Path(tmp))
+                    gguf = gguf_path = assemble_packaged_gguf(entry.name, Path(tmp))
                     origin = f"{entry.packages[0]}:{entry.path}"
                     _convert_gguf(gguf, target, bytes_sha256([gguf]), origin)
-        except (OSError, ValueError, ImportError, KeyError, struct.error) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        except (OSError, ValueError, ImportError, KeyError, struct.error, HeadatlasError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].replace(
+                f"{str(gguf_path)!r} ", ""
+            )
             raise HeadatlasError(
                 f"could not convert the packaged {entry.name} model {entry.path}: {first[:200]}"
             ) from exc

@@ -182,6 +182,35 @@ def _check_hub_reachable(spec: str) -> None:
         )
 
 
+def _locate(model: str) -> tuple[str, Path, str, str | None, str | None]:
+    """Return ``(display name, directory, source, weights sha256, GGUF file name)`` of a model spec:
+    a packaged name (converted once if needed), a ``.gguf`` file, a model directory or a hub id.
+    Raises :class:`HeadatlasError` for a path that does not hold a model and for an unreachable hub."""
+    if model in PACKAGED_MODELS:
+        entry = PACKAGED_MODELS[model]
+        directory, source, sha = packaged_dir(entry)
+        return entry.display_name, directory, source, sha, None
+    path = Path(model).expanduser()
+    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.endswith(".gguf")
+    if looks_local and not path.exists():
+        raise HeadatlasError(
+            f"no model at {model!r}: give {_PACKAGED_NAMES}, a local Hugging Face model dir, "
+            "a .gguf file or a hub id"
+        )
+    if path.is_file() and path.suffix == ".gguf":
+        check_gguf(path)
+        return model, path.parent, str(path.resolve()), file_sha256([path]), path.name
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise HeadatlasError(
+                f"{model!r} is a directory without config.json: not a Hugging Face model dir"
+            )
+        weights = weight_files(path)
+        return model, path, str(path.resolve()), file_sha256(weights) if weights else None, None
+    _check_hub_reachable(model)
+    return model, Path(model), model, None, None
+
+
 def load(
     model: str | PreTrainedModel = DEFAULT_MODEL,
     *,
@@ -226,35 +255,7 @@ def load(
     from transformers import AutoConfig, AutoTokenizer
 
     check_cache_dir()
-    name = model
-    gguf_file: str | None = None
-    if model in PACKAGED_MODELS:
-        entry = PACKAGED_MODELS[model]
-        directory, source, sha = packaged_dir(entry)
-        name = entry.display_name
-    else:
-        path = Path(model).expanduser()
-        looks_local = path.exists() or model.startswith((".", "/", "~")) or model.endswith(".gguf")
-        if looks_local and not path.exists():
-            raise HeadatlasError(
-                f"no model at {model!r}: give {_PACKAGED_NAMES}, a local Hugging Face model dir, "
-                "a .gguf file or a hub id"
-            )
-        if path.is_file() and path.suffix == ".gguf":
-            check_gguf(path)
-            directory, gguf_file = path.parent, path.name
-            source, sha = str(path.resolve()), file_sha256([path])
-        elif path.is_dir():
-            if not (path / "config.json").exists():
-                raise HeadatlasError(
-                    f"{model!r} is a directory without config.json: not a Hugging Face model dir"
-                )
-            directory, source = path, str(path.resolve())
-            weights = weight_files(path)
-            sha = file_sha256(weights) if weights else None
-        else:
-            _check_hub_reachable(model)
-            directory, source, sha = Path(model), model, None
+    name, directory, source, sha, gguf_file = _locate(model)
     try:
         kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if gguf_file:
