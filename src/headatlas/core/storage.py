@@ -93,7 +93,7 @@ def _record_owned(path: Path) -> None:
     if root is None or path.name == OWNED_FILE:
         return
     relative = path.absolute().relative_to(root).as_posix()
-    if relative in ATLAS_FILES:
+    if relative in ATLAS_FILES or relative.startswith(PARTIAL_DIR + "/"):  # the partial scan is resume's
         return
     known = owned_files(root)
     if relative in known:
