@@ -75,7 +75,8 @@ from benchlib import peak_since_reset_mib as _peak_since_reset_mib
 from benchlib import quiet
 from benchlib import reset_peak_rss as _reset_peak_rss
 
-MODELS = ("default", "gpt2")
+MODELS = ("default", "gpt2", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+"""``gpt2`` is a random GPT-2 small built in code; the others are packaged models loaded by name."""
 RUNS = ("sdpa", "sdpa_body", "eager", "scan")
 TL_VARIANTS = ("documented", "shared")
 LABELS = {
@@ -193,8 +194,8 @@ def _load(model_kind: str, n_ctx: int, threads: int | None) -> Any:
 
     if threads is not None:
         torch.set_num_threads(threads)
-    if model_kind == "default":
-        return ha.load("default")
+    if model_kind != "gpt2":
+        return ha.load(model_kind)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(n_layer=12, n_head=12, n_embd=768, n_positions=n_ctx, vocab_size=GPT2_VOCAB)
@@ -216,7 +217,7 @@ def _battery(lm: Any, model_kind: str, batch_size: int, seq_len: int, seed: int)
     from headatlas.scanning.config import ScanConfig
     from headatlas.scanning.scan import build_batteries
 
-    if model_kind == "default":
+    if model_kind != "gpt2":
         (battery,) = build_batteries(
             lm, ScanConfig.of(["natural"], n_prompts=batch_size, seq_len=seq_len, seed=seed)
         )
@@ -379,7 +380,7 @@ def _tl_command(
         "--repeats",
         str(args.repeats),
     ]
-    if model_kind == "default":
+    if model_kind != "gpt2":
         cmd += ["--model-path", str(lm.model.name_or_path)]
     if variant is not None:
         cmd += ["--variant", variant]
@@ -540,8 +541,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--models",
-        default=",".join(MODELS),
-        help="comma-separated subset of default,gpt2 (default: %(default)s)",
+        default="default,gpt2",
+        help=f"comma-separated subset of {','.join(MODELS)} (default: default,gpt2)",
     )
     parser.add_argument(
         "--seq-lens", default="256,1024,2048", help="comma-separated sequence lengths (default: %(default)s)"

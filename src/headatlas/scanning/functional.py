@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from ..core.errors import HeadatlasError, param
 from ..core.storage import FUNCTIONAL_PREFIX, PARTIAL_DIR, SIDE_TABLE_NAME, atomic_path, write_json
 from ..functional import battery_spec
 from ..functional.base import FunctionalConfig, FunctionalResult
+from .stream import cost
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -138,7 +140,10 @@ def run_functional(
                     if on_progress is not None:
                         on_progress(battery, done, total)
 
-                yield battery_spec(name).run(loaded, config, progress)
+                started = time.perf_counter()
+                result = battery_spec(name).run(loaded, config, progress)
+                result.params.update(cost(time.perf_counter() - started))
+                yield result
 
         finished = one_by_one()
     for result in finished:

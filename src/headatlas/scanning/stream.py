@@ -74,6 +74,24 @@ class BatchStats:
     seconds: float
 
 
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far in MiB (``ru_maxrss``), or None where unknown."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
+def cost(seconds: float, tokens: int | None = None) -> dict[str, Any]:
+    """What ``atlas.json`` records of one battery's cost: wall seconds, tokens and tokens/s where
+    known, and the process's peak RSS when it finished (a high-water mark over the whole scan)."""
+    out: dict[str, Any] = {"seconds": round(seconds, 3), "peak_rss_mib": peak_rss_mib()}
+    if tokens:
+        out.update(tokens=int(tokens), tokens_per_second=round(tokens / max(seconds, 1e-9), 1))
+    return out
+
+
 def battery_fingerprint(loaded: LoadedModel, batteries: list[Battery], batch_size: int) -> str:
     """Return a sha256 of what the attention batteries compute on: model facts (and parameter
     dtype), batch size, each battery's parameters and token ids."""
@@ -310,7 +328,10 @@ def run_scan(
     else:
         shards = [_Shard(replace(b, sequences=[]), i, list(seqs), mode) for b, i, seqs in todo]
         results = pool.map_unordered(_run_shard, shards)
+    spent: dict[str, list[float]] = {b.name: [0.0, 0.0] for b in batteries}  # seconds, tokens this run
     for part in results:
+        spent[part.battery][0] += part.seconds
+        spent[part.battery][1] += part.tokens
         stats = stats.merge(part.stats)
         done.setdefault(part.battery, []).append(part.index)
         counters["tokens"] += part.tokens
@@ -321,7 +342,7 @@ def run_scan(
             n_batches = len(plans[part.battery])
             on_batch(BatchDone(part.battery, len(done[part.battery]), n_batches, part.tokens, total_tokens))
     meta = {
-        "batteries": {b.name: b.params for b in batteries},
+        "batteries": {b.name: {**b.params, **cost(spent[b.name][0], int(spent[b.name][1]))} for b in batteries},
         "batch_size": batch_size,
         "tokens": int(counters["tokens"]),
         "forward_seconds": round(counters["seconds"], 3),
