@@ -43,6 +43,11 @@ HAS_QWEN = _packaged_installed("qwen2.5-coder-0.5b")
 requires_qwen = pytest.mark.skipif(
     not HAS_QWEN, reason="the packaged qwen2.5-coder-0.5b model is not installed: run `make models`"
 )
+HAS_QWEN_LARGE = _packaged_installed("qwen2.5-coder-1.5b")
+requires_qwen_large = pytest.mark.skipif(
+    not HAS_QWEN_LARGE,
+    reason="the packaged qwen2.5-coder-1.5b model is not installed: run `make models-large`",
+)
 HAS_WHISPER = _packaged_installed("whisper-tiny-en")
 requires_whisper = pytest.mark.skipif(
     not HAS_WHISPER, reason="the packaged whisper-tiny-en model is not installed: run `make models`"

@@ -100,7 +100,7 @@ def _tokenizer_cases() -> list[object]:
     (``headatlas.apps.guard.features``), so their tokenizers never reach :func:`prompt_spans`."""
     from headatlas.core.errors import HeadatlasError
     from headatlas.model.archs import arch_spec
-    from headatlas.model.packaged import PACKAGED_MODELS, packaged_model_path
+    from headatlas.model.packaged import LARGE_TARGET, PACKAGED_MODELS, packaged_model_path
 
     cases: list[object] = []
     for name in PACKAGED_MODELS:
@@ -111,7 +111,8 @@ def _tokenizer_cases() -> list[object]:
         config = located / "config.json"  # a model dir shipped as is; a GGUF is a decoder
         model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
         if arch_spec(model_type or "").causal:
-            cases.append(pytest.param(name, id=name, marks=pytest.mark.slow))
+            large = PACKAGED_MODELS[name].make_target == LARGE_TARGET  # make test-large only, never CI
+            cases.append(pytest.param(name, id=name, marks=pytest.mark.large if large else pytest.mark.slow))
     return [
         *cases,
         pytest.param("tiny-plain", id="tiny-plain"),

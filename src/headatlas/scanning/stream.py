@@ -342,7 +342,9 @@ def run_scan(
             n_batches = len(plans[part.battery])
             on_batch(BatchDone(part.battery, len(done[part.battery]), n_batches, part.tokens, total_tokens))
     meta = {
-        "batteries": {b.name: {**b.params, **cost(spent[b.name][0], int(spent[b.name][1]))} for b in batteries},
+        "batteries": {
+            b.name: {**b.params, **cost(spent[b.name][0], int(spent[b.name][1]))} for b in batteries
+        },
         "batch_size": batch_size,
         "tokens": int(counters["tokens"]),
         "forward_seconds": round(counters["seconds"], 3),
