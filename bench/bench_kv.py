@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from benchlib import cpu_model, current_rss_mib, peak_since_reset_mib, quiet, reset_peak_rss, usable_cores
+from headatlas.model.compat import cache_kwargs
 
 
 class _Answered:
@@ -56,7 +57,7 @@ def _decode(loaded: Any, ids: torch.Tensor, cache: Any, sample: Any) -> tuple[st
     out = loaded.model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
-        past_key_values=cache,
+        **cache_kwargs(loaded.model, cache),
         max_new_tokens=sample.max_new_tokens,
         do_sample=False,
         pad_token_id=loaded.tokenizer.eos_token_id,

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from benchlib import cpu_model, quiet, usable_cores
+from headatlas.model.compat import cache_kwargs
 
 
 def _time_decode(loaded: Any, ids: torch.Tensor, cache: Any, new: int) -> float:
@@ -34,7 +35,7 @@ def _time_decode(loaded: Any, ids: torch.Tensor, cache: Any, new: int) -> float:
     loaded.model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
-        past_key_values=cache,
+        **cache_kwargs(loaded.model, cache),
         max_new_tokens=new,
         min_new_tokens=new,
         do_sample=False,

@@ -32,7 +32,7 @@ def _generate(model, ids, mask, cache):  # type: ignore[no-untyped-def]
         do_sample=False,
         output_logits=True,
         return_dict_in_generate=True,
-        past_key_values=cache,
+        **kv.cache_kwargs(model, cache),
     )
 
 
@@ -54,7 +54,7 @@ def test_all_full_plan_equals_plain_cache(name: str) -> None:
         loaded.model(
             input_ids=out.sequences[:, :-1],
             attention_mask=torch.ones_like(out.sequences[:, :-1]),
-            past_key_values=plain,
+            **kv.cache_kwargs(loaded.model, plain),
         )
     assert held == sum(layer.keys.nbytes + layer.values.nbytes for layer in plain.layers) + sum(
         layer.nbytes() - layer.keys.nbytes - layer.values.nbytes
@@ -167,7 +167,10 @@ def test_long_decode_never_grows_streaming_heads_and_bytes_follow_the_plan() -> 
         with kv.compressed(loaded, kv_plan) as cache, torch.no_grad():
             pos = (seq_mask.cumsum(-1) - 1).clamp_min(0)
             out = loaded.model(
-                input_ids=ids, attention_mask=seq_mask, position_ids=pos, past_key_values=cache
+                input_ids=ids,
+                attention_mask=seq_mask,
+                position_ids=pos,
+                **kv.cache_kwargs(loaded.model, cache),
             )
             streaming_bytes = set()
             for _ in range(steps):
@@ -175,7 +178,10 @@ def test_long_decode_never_grows_streaming_heads_and_bytes_follow_the_plan() -> 
                 seq_mask = torch.cat([seq_mask, torch.ones_like(token)], 1)
                 pos = seq_mask.sum(-1, keepdim=True) - 1
                 out = loaded.model(
-                    input_ids=token, attention_mask=seq_mask, position_ids=pos, past_key_values=cache
+                    input_ids=token,
+                    attention_mask=seq_mask,
+                    position_ids=pos,
+                    **kv.cache_kwargs(loaded.model, cache),
                 )
                 for layer in cache.layers:
                     held = (layer.s_pos >= 0).sum(1) + (layer.comp_n > 0).long()  # [batch]

@@ -10,9 +10,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from .core.lazy import Export, lazy_getattr
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())  # silent unless the application logs
 
 __version__ = "0.1.0"
 

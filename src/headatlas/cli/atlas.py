@@ -20,7 +20,9 @@ from .common import (
     ModelArg,
     OffloadOpt,
     RayOpt,
+    RevisionOpt,
     SeqLenOpt,
+    TrustRemoteCodeOpt,
     WorkersOpt,
     app,
     console,
@@ -41,6 +43,7 @@ from .common import (
         "headatlas scan default --out atlas --add --probes needle,copy --n-functional 12",
         "headatlas scan ./opus-mt-en-de --probes natural,align --align-file gold.txt --out mt",
         "headatlas scan whisper-tiny-en --probes speech --out whisper",
+        "headatlas scan HuggingFaceTB/SmolLM2-360M --revision main --out smol360",
     )
 )
 def scan(
@@ -92,6 +95,8 @@ def scan(
     workers: WorkersOpt = None,
     device_map: DeviceMapOpt = None,
     offload_folder: OffloadOpt = None,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log progress details")] = False,
 ) -> None:
     """Scan every head of MODEL and write an atlas (and its figures) to --out."""
@@ -115,7 +120,7 @@ def scan(
         fail("--device-map splits one model over this node's devices; --ray runs whole copies: pick one")
     if workers is not None and ray is None:
         fail("--workers counts Ray workers: give --ray too, or leave it out")
-    loaded = load_model(model, device, dtype, device_map, offload_folder)
+    loaded = load_model(model, device, dtype, device_map, offload_folder, revision, trust_remote_code)
     describe_model(loaded)
     progress, on_batch = _scan_progress()
     try:

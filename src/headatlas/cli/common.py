@@ -53,7 +53,11 @@ err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line, a
 
 T = TypeVar("T")
 
-MODEL_HELP = "'default', 'minilm', 'gemma3-270m', 'qwen2.5-coder-0.5b', 'whisper-tiny-en', a local HF model dir, a .gguf file, or a hub id"
+MODEL_HELP = (
+    "a packaged model ('default', 'minilm', 'gemma3-270m', 'qwen2.5-coder-0.5b', 'qwen2.5-coder-1.5b', "
+    "'whisper-tiny-en'), a local HF model dir, a .gguf file, or a hub id Org/Name (from the hub online, "
+    "from the Hugging Face cache offline)"
+)
 ModelArg = Annotated[str, typer.Argument(help=MODEL_HELP)]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
@@ -77,6 +81,17 @@ DeviceMapOpt = Annotated[
     ),
 ]
 OffloadOpt = Annotated[Path | None, typer.Option(help='folder for layers a --device-map sends to "disk"')]
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option(help="hub ids only: the branch, tag or commit to load (default: main)"),
+]
+TrustRemoteCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="run the Python code a hub model ships (off by default: only for models you trust)",
+    ),
+]
 ForceOpt = Annotated[
     bool,
     typer.Option(
@@ -210,10 +225,13 @@ def load_model(
     dtype: str = "float32",
     device_map: str | None = None,
     offload_folder: Path | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Any:
     """Load ``spec`` with :func:`headatlas.load` behind a spinner: the one way commands load a model.
 
-    ``device_map`` is the ``--device-map`` text (:func:`parse_device_map`).
+    ``device_map`` is the ``--device-map`` text (:func:`parse_device_map`); ``revision`` and
+    ``trust_remote_code`` go to :func:`headatlas.load` (hub ids).
     """
     from ..model.convert import needs_conversion
 
@@ -229,7 +247,13 @@ def load_model(
 
         return run(
             lambda: load(
-                spec, device=device, dtype=dtype, device_map=placement, offload_folder=offload_folder
+                spec,
+                device=device,
+                dtype=dtype,
+                device_map=placement,
+                offload_folder=offload_folder,
+                revision=revision,
+                trust_remote_code=trust_remote_code,
             )
         )
 

@@ -61,6 +61,7 @@ from ..capture.views import AttentionView
 from ..core.errors import HeadatlasError
 from ..core.progress import Progress, no_progress
 from ..data.ud import ewt_sentences
+from ..model.compat import cache_kwargs, output_cache
 from ..model.info import LoadedModel
 from .base import BatterySpec, FunctionalConfig, FunctionalResult
 from .needle_prompts import (
@@ -176,7 +177,7 @@ def prefill(loaded: LoadedModel, trial: Trial) -> Any:
     """Run the prompt except its last token (no capture) and return the KV cache."""
     ids = torch.tensor([trial.ids[:-1]], device=loaded.device)  # [batch=1, key]
     with torch.no_grad():
-        return loaded.model.base_model(input_ids=ids, use_cache=True).past_key_values  # no LM head
+        return output_cache(loaded.model.base_model(input_ids=ids, use_cache=True))  # no LM head
 
 
 def greedy_decode(
@@ -208,11 +209,11 @@ def greedy_decode(
         for _ in range(MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens):
             found.clear()
             if session is not None:
-                out = session.forward(input_ids=token, past_key_values=cache, use_cache=True)
+                out = session.forward(input_ids=token, **cache_kwargs(loaded.model, cache), use_cache=True)
             else:
                 with torch.no_grad():
-                    out = loaded.model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+                    out = loaded.model(input_ids=token, **cache_kwargs(loaded.model, cache), use_cache=True)
+            cache = output_cache(out)
             nxt = int(out.logits[0, -1].argmax())
             if session is not None:
                 top = _stack_layers(found, info.n_layers)[:, :, -1]  # [layer, head]
@@ -243,7 +244,7 @@ def teacher_forced(loaded: LoadedModel, trial: Trial, cache: Any) -> tuple[torch
     chunk = torch.tensor([[trial.ids[-1], *trial.gold_ids[:-1]]], device=loaded.device)  # [batch=1, query]
     found, on_view = _top_keys_collector()
     with capture(loaded, on_view, mode="dense") as session:
-        out = session.forward(input_ids=chunk, past_key_values=cache, use_cache=True)
+        out = session.forward(input_ids=chunk, **cache_kwargs(loaded.model, cache), use_cache=True)
     predicted = out.logits[0].argmax(-1).cpu()  # [query]
     v0, v1 = trial.gold_value
     accuracy = float((predicted[v0:v1] == gold[v0:v1]).float().mean())

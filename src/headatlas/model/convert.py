@@ -4,12 +4,10 @@ Face checkpoint, each written atomically into ``$HEADATLAS_CACHE/models``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import struct
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +15,11 @@ from ..core.errors import HeadatlasError
 from ..core.storage import atomic_dir, cache_dir
 from .identity import bytes_sha256, file_sha256, weight_files
 from .packaged import PACKAGED_MODELS, PackagedModel, assemble_packaged_gguf, packaged_model_path
+from .quiet import quiet_third_party
 
 logger = logging.getLogger(__name__)
 _SOURCE_FILE = "headatlas-source.json"
 """In a converted model's cache dir: where its GGUF came from and the GGUF's sha256."""
-
-
-@contextlib.contextmanager
-def _without_gguf_progress_bar() -> Iterator[None]:
-    """Silence transformers' GGUF de-quantisation bar (a raw tqdm that ignores its logging settings)."""
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
-    saved = gguf_utils.tqdm
-    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = saved
 
 
 def gguf_size(path: Path) -> tuple[int, int]:
@@ -89,13 +75,13 @@ def _convert_gguf(gguf: Path, target: Path, sha256: str, origin: str) -> None:
 
     check_gguf(gguf)
     logger.info("converting %s to fp32 safetensors in %s (once)", gguf.name, target)
-    with _without_gguf_progress_bar():
+    with quiet_third_party():
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target) as tmp, quiet_third_party():
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _SOURCE_FILE).write_text(json.dumps({"gguf": origin, "sha256": sha256}, indent=1))
@@ -107,7 +93,7 @@ def _convert_ct2(source: Path, target: Path, sha256: str, origin: str) -> None:
     from .ct2 import convert_whisper
 
     logger.info("converting %s to a Hugging Face checkpoint in %s (once)", source, target)
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target) as tmp, quiet_third_party():
         convert_whisper(source, tmp)
         (tmp / _SOURCE_FILE).write_text(json.dumps({"ct2": origin, "sha256": sha256}, indent=1))
 

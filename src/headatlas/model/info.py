@@ -39,6 +39,8 @@ class ModelInfo:
     """Encoder–decoder models: the kind of each atlas layer (``encoder``, ``decoder``, ``cross``;
     :func:`headatlas.model.archs.attention_stacks`), and ``n_layers`` counts all of them. ``None`` for a
     model with one stack, whose layers are all ``decoder`` (causal) or all ``encoder``."""
+    revision: str | None = None
+    """The commit of the Hugging Face hub snapshot a hub id was loaded from; ``None`` otherwise."""
 
     @property
     def encoder_decoder(self) -> bool:
@@ -67,8 +69,11 @@ class ModelInfo:
         return head // self.group_size
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the fields as a JSON-ready dict (``attn_kinds`` only for encoder–decoder models)."""
+        """Return the fields as a JSON-ready dict (``attn_kinds`` only for encoder–decoder models,
+        ``revision`` only for a model from the hub)."""
         out = asdict(self)
+        if self.revision is None:
+            del out["revision"]
         if self.attn_kinds is None:
             del out["attn_kinds"]
         else:
@@ -102,6 +107,7 @@ class ModelInfo:
             context_length=number("context_length", None),
             sliding_window=number("sliding_window", None),
             attn_kinds=tuple(str(k) for k in kinds) if isinstance(kinds, list | tuple) else None,
+            revision=facts.get("revision") if isinstance(facts.get("revision"), str) else None,
         )
 
     def require_one_stack(self, what: str) -> None:
@@ -136,8 +142,11 @@ def _config_int(config: Any, *names: str) -> int | None:
     return None
 
 
-def model_info(model: PreTrainedModel, name: str, source: str, sha256: str | None) -> ModelInfo:
-    """Return the :class:`ModelInfo` of ``model``; raise :class:`HeadatlasError` if it has no attention."""
+def model_info(
+    model: PreTrainedModel, name: str, source: str, sha256: str | None, revision: str | None = None
+) -> ModelInfo:
+    """Return the :class:`ModelInfo` of ``model`` (``revision``: the hub commit it came from, if any);
+    raise :class:`HeadatlasError` if it has no attention."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     n_layers = _config_int(config, "num_hidden_layers", "n_layer", "num_layers")
     n_heads = _config_int(config, "num_attention_heads", "n_head", "num_heads")
@@ -161,6 +170,7 @@ def model_info(model: PreTrainedModel, name: str, source: str, sha256: str | Non
         name=name,
         source=source,
         sha256=sha256,
+        revision=revision,
         arch=str(config.model_type),
         n_layers=n_layers,
         n_heads=n_heads,

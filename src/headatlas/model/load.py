@@ -4,7 +4,8 @@
 ``load("gemma3-270m")`` the other packaged models (rows of
 :data:`headatlas.model.packaged.PACKAGED_MODELS`; a GGUF one is converted once to fp32 safetensors in
 the cache dir); ``load(path)`` takes a local Hugging Face model dir or a ``.gguf`` file; any other
-string is tried as a hub id (which fails with a one-line error when offline).
+string is a hub id: fetched online at ``revision``, taken from the local Hugging Face cache offline
+(:mod:`.hub`; a one-line error when neither has it).
 ``load(model, tokenizer=tok)`` wraps an in-memory model.
 """
 
@@ -21,9 +22,11 @@ from safetensors import SafetensorError
 from ..core.errors import HeadatlasError, check_choice, param
 from ..core.storage import cache_dir, check_cache_dir
 from .convert import check_gguf, packaged_dir
+from .hub import cached_snapshot, locate_hub_id, snapshot_commit
 from .identity import check_finite_weights, file_sha256, weight_files
 from .info import LoadedModel, ModelInfo, model_info
 from .packaged import PACKAGED_MODELS, packaged_model_path
+from .quiet import quiet_third_party
 
 if TYPE_CHECKING:
     import torch
@@ -33,9 +36,6 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "default"
 _DTYPES = ("float32", "bfloat16", "float16")
-HUB_HOST = "huggingface.co"
-HUB_TIMEOUT = 3.0
-"""Seconds to wait for the hub before saying it cannot be reached."""
 _PACKAGED_NAMES = ", ".join(repr(name) for name in PACKAGED_MODELS)
 
 
@@ -43,6 +43,10 @@ def _auto_class(config: Any) -> Any:
     import transformers
 
     archs = list(getattr(config, "architectures", None) or [])
+    remote = getattr(config, "auto_map", None) or {}  # a model with its own code (trust_remote_code)
+    for name in ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM", "AutoModel"):
+        if name in remote:
+            return getattr(transformers, name)
     if getattr(config, "is_encoder_decoder", False):
         for auto in (transformers.AutoModelForSeq2SeqLM, transformers.AutoModelForSpeechSeq2Seq):
             try:
@@ -156,36 +160,16 @@ def _torch_module() -> type:
     return torch.nn.Module
 
 
-def _check_hub_reachable(spec: str) -> None:
-    """Raise a one-line :class:`HeadatlasError` at once when ``spec`` (not a packaged name, not a path)
-    would have to come from the Hugging Face hub and the hub cannot be reached: offline mode, or no
-    answer within a few seconds (instead of transformers' retries and repeated warnings)."""
-    import difflib
-    import socket
-
-    import huggingface_hub.constants as hub
-
-    close = difflib.get_close_matches(spec, list(PACKAGED_MODELS), n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    reason = None
-    if hub.is_offline_mode():
-        reason = "offline mode is on (HF_HUB_OFFLINE)"
-    else:
-        try:
-            socket.create_connection((HUB_HOST, 443), timeout=HUB_TIMEOUT).close()
-        except OSError:
-            reason = f"{HUB_HOST} cannot be reached"
-    if reason is not None:
-        raise HeadatlasError(
-            f"no model {spec!r} here and {reason}: {hint}give {_PACKAGED_NAMES}, a local Hugging Face "
-            "model dir or a .gguf file"
-        )
-
-
-def _locate(model: str) -> tuple[str, Path, str, str | None, str | None]:
+def _locate(model: str, revision: str | None) -> tuple[str, Path, str, str | None, str | None]:
     """Return ``(display name, directory, source, weights sha256, GGUF file name)`` of a model spec:
-    a packaged name (converted once if needed), a ``.gguf`` file, a model directory or a hub id.
-    Raises :class:`HeadatlasError` for a path that does not hold a model and for an unreachable hub."""
+    a packaged name (converted once if needed), a ``.gguf`` file, a model directory or a hub id
+    (its directory is the id itself when the hub answers, its cached snapshot otherwise).
+    Raises :class:`HeadatlasError` for a path that does not hold a model, for ``revision`` on
+    anything but a hub id, and for a hub id neither the hub nor the local cache can give."""
+    hub_id = model not in PACKAGED_MODELS and not Path(model).expanduser().exists()
+    hub_id = hub_id and not model.startswith((".", "/", "~")) and not model.endswith(".gguf")
+    if revision is not None and not hub_id:
+        raise HeadatlasError(f"{param('revision')} applies to hub ids only, not to {model!r}")
     if model in PACKAGED_MODELS:
         entry = PACKAGED_MODELS[model]
         directory, source, sha = packaged_dir(entry)
@@ -207,8 +191,58 @@ def _locate(model: str) -> tuple[str, Path, str, str | None, str | None]:
             )
         weights = weight_files(path)
         return model, path, str(path.resolve()), file_sha256(weights) if weights else None, None
-    _check_hub_reachable(model)
-    return model, Path(model), model, None, None
+    snapshot = locate_hub_id(model, revision)
+    if snapshot is None:  # the hub answers: from_pretrained fetches it (cache first)
+        return model, Path(model), model, None, None
+    weights = weight_files(snapshot)
+    return model, snapshot, model, file_sha256(weights) if weights else None, None
+
+
+def _from_pretrained(
+    directory: Path,
+    kwargs: dict[str, Any],
+    torch_dtype: torch.dtype,
+    device_map: str | dict[str, Any] | None,
+    offload_folder: str | Path | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return ``(model, tokenizer)`` read from ``directory`` (a model dir, or a hub id as a path)
+    with transformers' ``from_pretrained`` and ``kwargs`` (revision, trust_remote_code, gguf_file)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .surgery import layouts_from_config
+
+    config = AutoConfig.from_pretrained(str(directory), **kwargs)
+    auto = _auto_class(config)
+    layouts = layouts_from_config(config)
+    if layouts:
+        if device_map is not None:
+            raise HeadatlasError(f"{param('device_map')} is not supported for pruned checkpoints yet")
+        hf_model = _load_pruned(directory, config, auto, torch_dtype, layouts)
+    elif device_map is not None:
+        placed = {
+            "device_map": device_map,
+            **({"offload_folder": str(offload_folder)} if offload_folder else {}),
+        }
+        hf_model = auto.from_pretrained(str(directory), dtype=torch_dtype, **kwargs, **placed)
+    else:
+        hf_model = auto.from_pretrained(str(directory), dtype=torch_dtype, **kwargs)
+    tok = tokenizer or AutoTokenizer.from_pretrained(str(directory), **kwargs)
+    return hf_model, tok
+
+
+def _hub_facts(model: str, directory: Path, sha: str | None, hf_model: Any) -> tuple[str | None, str | None]:
+    """Return ``(commit, weights sha256)`` of a loaded model: the commit of a Hugging Face cache
+    snapshot it was read from (``None`` for any other directory); for a hub id fetched online
+    (``directory`` is the id, not a path) the commit transformers resolved and the sha256 of the
+    weights it cached."""
+    commit = snapshot_commit(directory)
+    if commit is None and not directory.exists():
+        commit = getattr(hf_model.config, "_commit_hash", None)
+        snapshot = cached_snapshot(model, commit) if commit else None
+        weights = weight_files(snapshot) if snapshot is not None else []
+        sha = file_sha256(weights) if weights else None
+    return commit, sha
 
 
 def load(
@@ -217,23 +251,30 @@ def load(
     tokenizer: PreTrainedTokenizerBase | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    revision: str | None = None,
     trust_remote_code: bool = False,
     device_map: str | dict[str, Any] | None = None,
     offload_folder: str | Path | None = None,
 ) -> LoadedModel:
     """Load a model for scanning and return a :class:`LoadedModel` (model in eval mode).
 
-    ``device_map`` (``"auto"`` or an explicit ``{module: device}``, accelerate's) splits a model
-    too large for one device over the devices of this node (``"disk"`` entries offload to
-    ``offload_folder``); capture, ablation and patching follow each layer's device. It replaces
-    ``device``.
-
     ``model`` is a packaged model's name (``"default"``: SmolLM2-135M-Instruct, ``"minilm"``:
     all-MiniLM-L6-v2, ``"gemma3-270m"``: Gemma 3 270M; see
     :data:`~headatlas.model.packaged.PACKAGED_MODELS`), a local Hugging Face model dir, a ``.gguf`` file,
     a hub id, or an already-built ``PreTrainedModel`` (then ``tokenizer`` is required).
-    ``trust_remote_code`` stays off unless asked for. Raises :class:`HeadatlasError` with a
-    one-line message for a missing or unknown model (naming what to install for a packaged one).
+
+    A hub id (``"Org/Name"``) is fetched from the hub at ``revision`` (branch, tag or commit) when
+    the hub answers, and read from the local Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``)
+    offline; the commit it came from is recorded as ``info.revision``. ``trust_remote_code`` stays off
+    unless asked for.
+
+    ``device_map`` (``"auto"`` or an explicit ``{module: device}``, accelerate's) splits a model
+    too large for one device over the devices of this node (``"disk"`` entries offload to
+    ``offload_folder``); capture, ablation and patching follow each layer's device. It replaces
+    ``device``. transformers' progress bars and warnings stay out of the output (:mod:`.quiet`).
+
+    Raises :class:`HeadatlasError` with a one-line message for a missing or unknown model (naming
+    what to install for a packaged one, what to download for a hub id).
     """
 
     torch_dtype = _resolve_dtype(dtype)
@@ -252,47 +293,29 @@ def load(
         info = model_info(model, name=name, source="in-memory", sha256=None)
         return LoadedModel(model.eval(), tokenizer, info)
 
-    from transformers import AutoConfig, AutoTokenizer
-
     check_cache_dir()
-    name, directory, source, sha, gguf_file = _locate(model)
-    try:
+    with quiet_third_party():
+        name, directory, source, sha, gguf_file = _locate(model, revision)
         kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if gguf_file:
             kwargs["gguf_file"] = gguf_file
-        config = AutoConfig.from_pretrained(str(directory), **kwargs)
-        from .surgery import layouts_from_config
-
-        auto = _auto_class(config)
-        layouts = layouts_from_config(config)
-        if layouts:
-            if device_map is not None:
-                raise HeadatlasError(f"{param('device_map')} is not supported for pruned checkpoints yet")
-            hf_model = _load_pruned(directory, config, auto, torch_dtype, layouts)
-        elif device_map is not None:
-            placed = {
-                "device_map": device_map,
-                **({"offload_folder": str(offload_folder)} if offload_folder else {}),
-            }
-            hf_model = auto.from_pretrained(str(directory), dtype=torch_dtype, **kwargs, **placed)
-        else:
-            hf_model = auto.from_pretrained(str(directory), dtype=torch_dtype, **kwargs)
-        tok = tokenizer or AutoTokenizer.from_pretrained(str(directory), **kwargs)
-    except HeadatlasError:
-        raise
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-        struct.error,
-        SafetensorError,
-    ) as exc:  # a corrupt GGUF / safetensors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HeadatlasError(
-            f"could not load model {model!r} (tried {source}): {first[:200]} "
-            f"— offline machines need {_PACKAGED_NAMES}, a local dir or a .gguf file"
-        ) from exc
-    hf_model = (hf_model if device_map is not None else hf_model.to(target_device)).eval()
-    check_finite_weights(hf_model, model)
-    info = model_info(hf_model, name=name, source=source, sha256=sha)
-    return LoadedModel(hf_model, tok, info)
+        if revision is not None and not directory.exists():  # fetched from the hub
+            kwargs["revision"] = revision
+        try:
+            hf_model, tok = _from_pretrained(
+                directory, kwargs, torch_dtype, device_map, offload_folder, tokenizer
+            )
+        except HeadatlasError:
+            raise
+        except (OSError, ValueError, KeyError, struct.error, SafetensorError) as exc:  # corrupt files
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise HeadatlasError(
+                f"could not load model {model!r} (tried {source}): {first[:200]} "
+                f"— offline machines need {_PACKAGED_NAMES}, a local dir or a .gguf file"
+            ) from exc
+        commit, sha = _hub_facts(model, directory, sha, hf_model)
+    placed: Any = hf_model if device_map is not None else hf_model.to(target_device)  # type: ignore[arg-type]
+    placed.eval()
+    check_finite_weights(placed, model)
+    info = model_info(placed, name=name, source=source, sha256=sha, revision=commit)
+    return LoadedModel(placed, tok, info)

@@ -34,9 +34,7 @@ def _import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise HeadatlasError(
-            "Ray is not installed: pip install 'headatlas[ray]' (or pip install ray==2.60.0), then retry"
-        ) from None
+        raise HeadatlasError("Ray is not installed: pip install 'headatlas[ray]', then retry") from None
     return ray
 
 

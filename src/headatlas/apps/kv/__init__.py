@@ -4,7 +4,7 @@
 
 >>> plan = ha.kv.plan(atlas, keep_fraction=0.25)
 >>> with ha.kv.compressed(loaded, plan) as cache:
-...     loaded.model.generate(ids, past_key_values=cache, max_new_tokens=32)
+...     loaded.model.generate(ids, **ha.kv.cache_kwargs(loaded.model, cache), max_new_tokens=32)
 ...     cache.nbytes()
 """
 
@@ -21,6 +21,7 @@ import torch
 
 from ...core.errors import HeadatlasError, param
 from ...core.outputs import Folder, check_output_folder
+from ...model.compat import cache_kwargs
 from ..common.formats import DUO_CONFIG, DUO_FOLDER, DUO_TSV, check_format, read_duo, write_duo, write_headkv
 from .backends import headwise as backend_kv
 from .cache import HeadwiseCache, HeadwiseLayer, plain_layers
@@ -33,6 +34,7 @@ __all__ = [
     "Plan",
     "all_full",
     "build_cache",
+    "cache_kwargs",
     "check_export_target",
     "compressed",
     "export",
@@ -204,7 +206,7 @@ def prefill(
                 input_ids=input_ids[:, start:stop],
                 attention_mask=attention_mask[:, :stop],
                 position_ids=positions[:, start:stop],
-                past_key_values=cache,
+                **cache_kwargs(loaded.model, cache),
                 use_cache=True,
                 logits_to_keep=1,
             )

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ...model.compat import cache_kwargs
 from .cache import layer_nbytes
 from .plan import Plan
 from .tasks import Sample
@@ -85,7 +86,7 @@ def run_one(
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
+            **cache_kwargs(model, cache),
             max_new_tokens=sample.max_new_tokens,
             do_sample=False,
             pad_token_id=loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id,

@@ -37,6 +37,7 @@ from ...batteries.base import ProbeSequence, make_batch, pad_id
 from ...capture import head_outputs, padded_positions
 from ...core.errors import HeadatlasError, check_choice, param
 from ...core.progress import Progress
+from ...model.compat import cache_kwargs, output_cache
 from ...model.info import LoadedModel
 from ..common.patch_tasks import Encoded, PatchPair, PatchTask, encode_task, last_logits, metric
 
@@ -124,10 +125,10 @@ def activation_patching(
         pre = make_batch(prefix_seqs, pad_id(loaded.tokenizer))
         pre_mask = pre.attention_mask.to(device)
         with torch.no_grad():
-            cache = loaded.model(
+            cache = output_cache(loaded.model(
                 input_ids=pre.input_ids.to(device), attention_mask=pre_mask, use_cache=True,
                 **padded_positions(loaded.model, pre_mask),
-            ).past_key_values  # fmt: skip
+            ))  # fmt: skip
         full_mask = torch.cat([pre_mask, torch.ones(n_pairs, 1, dtype=pre_mask.dtype, device=device)], 1)
         prefix = (cache, last_ids, full_mask, full_mask.sum(1, keepdim=True) - 1)
     chunks = _chunks(len(heads), n_pairs, rows_per_pass)
@@ -143,7 +144,7 @@ def activation_patching(
                 rows_cache.reorder_cache(pair_of.to(device))
                 logits = loaded.model(
                     input_ids=last_ids[pair_of], attention_mask=full_mask[pair_of], position_ids=last_pos[pair_of],
-                    past_key_values=rows_cache, use_cache=True,
+                    **cache_kwargs(loaded.model, rows_cache), use_cache=True,
                 ).logits[:, -1]  # fmt: skip
             else:
                 logits = last_logits(loaded, [enc.corrupt[int(p)] for p in pair_of])

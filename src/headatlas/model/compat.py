@@ -1,0 +1,32 @@
+"""What differs between the transformers releases the dependency range allows, in one place.
+
+transformers 5.25 renamed the cache argument of ``forward`` / ``generate`` and the cache field of
+model outputs from ``past_key_values`` to ``cache`` (the old name warns, and is removed in 5.40 for
+``forward``). headatlas passes and reads the cache through these two functions, so every release
+from the range's floor (5.20) on gets the name it expects and prints no deprecation warning.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+
+def _takes_cache(model: Any) -> bool:
+    return "cache" in inspect.signature(type(model).forward).parameters
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """Return ``{name: cache}`` with the name ``model``'s ``forward`` (and ``generate``) takes the
+    KV cache under: ``cache`` on transformers >= 5.25, ``past_key_values`` before."""
+    name = "cache" if _takes_cache(model) else "past_key_values"
+    return {name: cache}
+
+
+def output_cache(output: Any) -> Any:
+    """Return the KV cache a model ``output`` carries (``cache`` on transformers >= 5.25,
+    ``past_key_values`` before), or ``None``."""
+    keys = output.keys() if hasattr(output, "keys") else ()
+    if "cache" in keys:
+        return output["cache"]
+    return getattr(output, "past_key_values", None)
