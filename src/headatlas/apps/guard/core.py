@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ K_SIGMA = 2.0
 GUARD_FOLDER = Folder("guard fit", "guard.json")
 """A guard directory: ``guard fit`` writes ``guard.json`` and ``attention_tracker.json`` there."""
 DETECTORS = ("focus", "heads-lr", "residual-probe", "length")
+PACKAGED_GUARDS = ("default", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+"""The packaged decoders a guard ships for (``apps/guard/packaged/NAME.json``, :meth:`Guard.packaged`)."""
 """What ``eval`` reports: 1 − focus, the head regression, the residual probe, the data's length."""
 
 
@@ -181,18 +184,40 @@ class Guard:
             raise HeadatlasError(
                 f"{str(path)!r} is not readable JSON ({exc.__class__.__name__}): fit it again"
             ) from None
+        return cls._checked(config, f"the guard in {str(directory)!r}", repr(str(path)), model)
+
+    @classmethod
+    def packaged(cls, model: LoadedModel | str) -> Guard:
+        """Return the guard shipped with headatlas for a packaged model (:data:`PACKAGED_GUARDS`):
+        fitted by ``tools/fit_packaged_guards.py`` the way ``guard fit`` fits one. Raises
+        :class:`HeadatlasError` for a model without one (fit your own and pass ``--guard``)."""
+        loaded = _loaded(model)
+        name = reload_spec(loaded.info)
+        file = resources.files(__package__) / "packaged" / f"{name}.json"
+        if name not in PACKAGED_GUARDS or not file.is_file():
+            raise HeadatlasError(
+                f"no guard ships for {loaded.info.name} (shipped: {', '.join(PACKAGED_GUARDS)}): "
+                "run headatlas guard fit MODEL --out DIR and pass --guard DIR"
+            )
+        config = json.loads(file.read_text(encoding="utf-8"))
+        return cls._checked(config, f"the guard shipped for {name}", f"headatlas' {name}.json", loaded)
+
+    @classmethod
+    def _checked(
+        cls, config: Any, what: str, where: str, model: LoadedModel | str | None
+    ) -> Guard:  # fmt: skip
+        """Return the guard of a ``guard.json`` ``config`` after checking its fields and that
+        ``model`` (default: the one it names) holds the weights it was fitted on."""
         if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise HeadatlasError(f"{str(path)!r} is not a headatlas guard ({FORMAT})")
-        check_guard_config(config, repr(str(path)))
+            raise HeadatlasError(f"{where} is not a headatlas guard ({FORMAT})")
+        check_guard_config(config, where)
         spec: str | None = config.get("model_spec")
         if model is None and not spec:
-            raise HeadatlasError(
-                f"the guard in {str(directory)!r} was fitted on an in-memory model: pass {param('model')}"
-            )
+            raise HeadatlasError(f"{what} was fitted on an in-memory model: pass {param('model')}")
         loaded = _loaded(model if model is not None else str(spec))
         if not same_weights(config, loaded):
             raise HeadatlasError(
-                f"the guard in {str(directory)!r} was fitted on {config['model']} "
+                f"{what} was fitted on {config['model']} "
                 f"(sha256 {config['model_sha256'][:12]}…), not on {loaded.info.name}: fit one for this model"
             )
         return cls(loaded, config)
