@@ -63,7 +63,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     import headatlas as ha
-    from headatlas.apps.steer.truthfulqa import summary_table, truthfulqa_figure
+    from headatlas.apps.steer.tqa import summary_table, truthfulqa_figure
 
     start = time.perf_counter()
     loaded = ha.load(args.model)
@@ -99,7 +99,7 @@ def main() -> None:
     summary["bench"] = {
         "command": "bench/bench_truthfulqa.py "
         + " ".join(
-            f"--{k.replace('_', '-')} {v}"
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
             for k, v in vars(args).items()
             if v not in (None, False) and k not in ("out", "figure")
         ),

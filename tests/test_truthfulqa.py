@@ -4,6 +4,7 @@ the fold split, α = 0 is the baseline, the random control, and the command."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,7 +19,7 @@ from headatlas.apps.common.probe_tasks import build_probe_task
 from headatlas.apps.common.truthfulqa import PRIMER, qa_prompt, question_folds, read_truthfulqa, split_answers
 from headatlas.apps.steer.mc import choice_logprobs, encode_choices, mc_metrics
 from headatlas.apps.steer.steering import HeadShift, rank_heads
-from headatlas.apps.steer.truthfulqa import bootstrap
+from headatlas.apps.steer.tqa import bootstrap
 from headatlas.cli import app
 from headatlas.core.errors import HeadatlasError
 from tiny_models import BUILDERS, make_tokenizer
@@ -126,6 +127,28 @@ def test_packed_scoring_equals_scoring_each_sequence(arch: str, tiny_csv: Path) 
     start = len(question.prefix) + question.first[0]
     by_hand = sum(float(logp[t - 1, ids[0, t]]) for t in range(start, ids.shape[1]))
     assert float(fast[0][0]) == pytest.approx(by_hand, abs=2e-4)
+
+
+def test_a_short_sliding_window_is_scored_the_naive_way(tiny_loaded: ha.LoadedModel, tiny_csv: Path) -> None:
+    windowed = ha.LoadedModel(
+        tiny_loaded.model, tiny_loaded.tokenizer, dataclasses.replace(tiny_loaded.info, sliding_window=8)
+    )
+    encoded = encode_choices(windowed, read_truthfulqa(tiny_csv)[:1])
+    calls: list[int] = []
+    original = windowed.model.forward
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    windowed.model.forward = counting  # type: ignore[method-assign]
+    try:
+        scores, _ = choice_logprobs(windowed, encoded)
+    finally:
+        del windowed.model.forward
+    assert len(calls) == 1  # one full pass over the question's answers, no primer cache, no packing
+    naive, _ = choice_logprobs(tiny_loaded, encoded, share_prefix=False)
+    torch.testing.assert_close(scores[0], naive[0])
 
 
 def test_folds_never_share_a_question() -> None:

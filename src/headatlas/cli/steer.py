@@ -40,7 +40,8 @@ SteerDir = Annotated[
 def steer_fit(
     model: ModelArg = "default",
     task: Annotated[
-        str, typer.Option(help='truth, or a JSONL file of {"text", "label"} rows with two labels')
+        str,
+        typer.Option(help='truth, a JSONL file of {"text", "label"} rows with two labels, or TruthfulQA.csv'),
     ] = "truth",
     k: Annotated[int, typer.Option(help="heads to steer (top k by validation accuracy)")] = 16,
     alpha: Annotated[float, typer.Option(help="default strength α (shift α·σ·θ̂)")] = 15.0,
@@ -220,7 +221,7 @@ def steer_truthfulqa(
     """ITI on TruthfulQA: MC1 / MC2 of baseline, ITI (α, K chosen on training halves) and random heads."""
     quiet_libraries(False)
     from ..apps.common.truthfulqa import read_truthfulqa
-    from ..apps.steer.truthfulqa import FOLDER, summary_table, truthfulqa, truthfulqa_figure
+    from ..apps.steer.tqa import FOLDER, summary_table, truthfulqa, truthfulqa_figure
     from ..core.outputs import check_output_folder, output_folder
     from ..core.storage import write_json
 

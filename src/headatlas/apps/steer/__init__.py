@@ -6,12 +6,12 @@
 ...     loaded.model.generate(...)
 >>> result = ha.steer.truthfulqa(loaded, "TruthfulQA.csv", alphas=(0, 5, 15), ks=(16,))
 
-:func:`truthfulqa` runs ITI on TruthfulQA (MC1 / MC2, cross-validated over questions; :mod:`.truthfulqa`).
+:func:`truthfulqa` runs ITI on TruthfulQA (MC1 / MC2, cross-validated over questions; :mod:`.tqa`).
 """
 
 from .evaluation import evaluate, export_bake, export_lm_eval, generate, sweep_figure
 from .steering import DIRECTIONS, HeadShift, Steering, applied, fit, load_steering
-from .truthfulqa import TruthfulQAResult, truthfulqa
+from .tqa import TruthfulQAResult, truthfulqa
 
 __all__ = [
     "DIRECTIONS",

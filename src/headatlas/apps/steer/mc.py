@@ -281,9 +281,13 @@ def choice_logprobs(
     """Return every question's answer scores (summed log-probabilities, ``[answer]`` each; Lin et
     al. 2022) with ``shift`` at ``alpha`` on the answer tokens (Li et al. 2023), and with
     ``features`` every head's output at each answer's last token, ``[layer * head, answer, d_head]``
-    (answers of all questions in order; ``None`` otherwise)."""
+    (answers of all questions in order; ``None`` otherwise). A model with a sliding window shorter
+    than a prompt + answer is scored the naive way (``share_prefix=False``)."""
     n_answers = sum(len(q.rests) for q in questions)
     kept = _Features(loaded, n_answers) if features else None
+    window = loaded.info.sliding_window
+    if window is not None and any(len(q.prefix) + max(map(len, q.rests)) > window for q in questions):
+        share_prefix = False  # the packed mask has no sliding window: exact only within one
     scores: list[torch.Tensor] = []
     with torch.no_grad():
         primer = _primer(loaded, questions) if share_prefix and questions else (0, None)

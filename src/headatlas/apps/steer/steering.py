@@ -257,7 +257,7 @@ def fit(
     seed: int = 0,
     batch_size: int = 16,
 ) -> Steering:
-    """Fit ITI steering on ``task`` (``truth`` or a JSONL of two-label sentences) and return it:
+    """Fit ITI steering on ``task`` (``truth``, a JSONL of two-label sentences or TruthfulQA's CSV) and return it:
     the top-``k`` heads by dev accuracy of their probes, each with a unit direction and σ, and a
     control of ``k`` random heads with random directions — ``ha.steer.fit``."""
     check_choice("direction", direction, DIRECTIONS)
