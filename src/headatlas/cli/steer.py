@@ -17,7 +17,9 @@ from .common import (
     example,
     fail,
     floats,
+    labelled_steps,
     load_model,
+    progress_bar,
     quiet_libraries,
     run,
 )
@@ -38,7 +40,8 @@ SteerDir = Annotated[
 def steer_fit(
     model: ModelArg = "default",
     task: Annotated[
-        str, typer.Option(help='truth, or a JSONL file of {"text", "label"} rows with two labels')
+        str,
+        typer.Option(help='truth, a JSONL file of {"text", "label"} rows with two labels, or TruthfulQA.csv'),
     ] = "truth",
     k: Annotated[int, typer.Option(help="heads to steer (top k by validation accuracy)")] = 16,
     alpha: Annotated[float, typer.Option(help="default strength α (shift α·σ·θ̂)")] = 15.0,
@@ -187,3 +190,73 @@ def steer_export(
     writer = export_bake if format == "bake" else export_lm_eval
     path = run(lambda: writer(loaded, steering, used, out))
     console.print(f"α = {used:g}, {len(steering.shift.heads)} heads → {path}", highlight=False)
+
+
+@steer_app.command(
+    "truthfulqa",
+    epilog=example(
+        "headatlas steer truthfulqa default --csv TruthfulQA.csv --alphas 0,5,15 --ks 16 --out tqa-default"
+    ),
+)
+def steer_truthfulqa(
+    model: ModelArg = "default",
+    csv: Annotated[
+        Path, typer.Option(help="TruthfulQA.csv (Lin et al. 2022; github.com/sylinrl/TruthfulQA)")
+    ] = Path("TruthfulQA.csv"),
+    alphas: Annotated[str, typer.Option(help="comma-separated strengths α to choose from")] = "0,5,10,15",
+    ks: Annotated[str, typer.Option(help="comma-separated numbers of heads K to choose from")] = "8,16,32",
+    folds: Annotated[int, typer.Option(help="folds over questions (2: ITI's two-fold validation)")] = 2,
+    seeds: Annotated[int, typer.Option(help="random fold splits")] = 3,
+    n_text: Annotated[int, typer.Option(help="EWT test sentences for the CE / KL cost")] = 32,
+    rotate: Annotated[
+        bool, typer.Option(help="score each question under ITI in one seed only (the cost of one seed)")
+    ] = False,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="directory that keeps finished stages, to resume a stopped run")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="directory to write")] = Path("truthfulqa"),
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+) -> None:
+    """ITI on TruthfulQA: MC1 / MC2 of baseline, ITI (α, K chosen on training halves) and random heads."""
+    quiet_libraries(False)
+    from ..apps.common.truthfulqa import read_truthfulqa
+    from ..apps.steer.tqa import FOLDER, summary_table, truthfulqa, truthfulqa_figure
+    from ..core.outputs import check_output_folder, output_folder
+    from ..core.storage import write_json
+
+    values = floats(alphas, "--alphas")
+    heads = [int(k) for k in floats(ks, "--ks")]
+    run(lambda: read_truthfulqa(csv))
+    run(lambda: check_output_folder(out, FOLDER, force))
+    loaded = load_model(model, device)
+    with progress_bar() as progress:
+        steps = labelled_steps(progress)
+        result = run(
+            lambda: truthfulqa(loaded, csv, values, heads, folds, seeds, n_text=n_text, rotate=rotate,
+                               checkpoint=checkpoint, progress=steps)
+        )  # fmt: skip
+    table = summary_table(result.summary)
+    with output_folder(out, FOLDER) as tmp:
+        result.per_question.to_csv(tmp / "per_question.csv", index=False)
+        table.to_csv(tmp / "table.csv", index=False)
+        truthfulqa_figure(result.summary, f"{loaded.info.name} — ITI on TruthfulQA", tmp / "truthfulqa.png")
+        write_json(tmp / FOLDER.marker, result.summary)
+    shown = Table(
+        title=f"TruthfulQA, {result.summary['n_questions']} held-out questions, 95 % bootstrap intervals",
+        title_justify="left",
+    )
+    for name in ("heads", "MC1", "MC2", "CE", "KL"):
+        shown.add_column(name, justify="left" if name == "heads" else "right")
+    for row in table.itertuples():
+        shown.add_row(
+            str(row.heads),
+            f"{row.mc1:.3f} {row.mc1_ci}",
+            f"{row.mc2:.3f} {row.mc2_ci}",
+            f"{row.ce:.4f}",
+            f"{row.kl:.4f}",
+        )
+    console.print(shown)
+    chosen = ", ".join(f"α {c['alpha']:g} K {c['k']}" for c in result.summary["chosen"])
+    console.print(f"chosen per split (validation MC2): {chosen}", highlight=False)
+    console.print(f"→ {out} (truthfulqa.json, table.csv, per_question.csv, truthfulqa.png)", highlight=False)

@@ -32,9 +32,10 @@ from ...data.sequences import encode_text
 from ...data.ud import Sentence, read_conllu, ud_path
 from ...data.words import ANTONYMS, CHEMICAL_SYMBOLS, COUNTRY_CAPITALS
 from ...functional.syntax import base_relation, encode_sentence
+from .truthfulqa import qa_pair, read_truthfulqa
 
 BUILTIN_TASKS = ("upos", "deprel", "word-start", "truth")
-"""Tasks headatlas builds itself; anything else must be a ``.jsonl`` file."""
+"""Tasks headatlas builds itself; anything else must be a ``.jsonl`` file or ``TruthfulQA.csv``."""
 MAX_TOKENS = 96
 """Treebank sentences with more tokens are skipped."""
 SPLIT_SHARES = (0.6, 0.2, 0.2)
@@ -145,6 +146,22 @@ def truth_task(tokenizer: Any, seed: int = 0) -> ProbeTask:
         for name, facts in split_facts(seed).items()
     }
     return ProbeTask("truth", "sentence", splits, ("false", "true"), {"facts": len(FACTS), "seed": seed})
+
+
+def truthfulqa_task(tokenizer: Any, path: str | Path, seed: int = 0) -> ProbeTask:
+    """Return the ``truthfulqa`` task (Lin et al. 2022): every answer of every question of
+    ``TruthfulQA.csv`` as ``Q: … A: …`` labelled true or false on its last token, split by question."""
+    questions = read_truthfulqa(path, "task")
+    splits = {
+        name: [
+            _sentence_item(tokenizer, qa_pair(q.question, answer), "true" if true else "false")
+            for q in part
+            for answer, true in zip(q.answers, q.labels, strict=True)
+        ]
+        for name, part in _split(questions, seed).items()
+    }
+    params = {"questions": len(questions), "seed": seed, "csv": str(path)}
+    return ProbeTask("truthfulqa", "sentence", splits, ("false", "true"), params)
 
 
 # ---------------------------------------------------------------- treebank tasks
@@ -282,25 +299,29 @@ def jsonl_task(tokenizer: Any, path: str | Path, seed: int = 0) -> ProbeTask:
 
 
 def check_task_name(task: str) -> None:
-    """Raise :class:`HeadatlasError` unless ``task`` is a built-in task or an existing ``.jsonl`` file."""
+    """Raise :class:`HeadatlasError` unless ``task`` is a built-in task or an existing ``.jsonl``
+    or TruthfulQA ``.csv`` file."""
     if task in BUILTIN_TASKS:
         return
-    if not task.endswith(".jsonl"):
+    if not task.endswith((".jsonl", ".csv")):
         raise HeadatlasError(
-            f"unknown {param('task')} {task!r}: use one of {', '.join(BUILTIN_TASKS)} or a .jsonl file"
+            f"unknown {param('task')} {task!r}: use one of {', '.join(BUILTIN_TASKS)}, a .jsonl file "
+            "or TruthfulQA.csv"
         )
     if not Path(task).is_file():
         raise HeadatlasError(f"{param('task')} file {task} does not exist")
 
 
 def build_probe_task(tokenizer: Any, task: str, n_sentences: int = 400, seed: int = 0) -> ProbeTask:
-    """Return probing task ``task`` (a name in :data:`BUILTIN_TASKS` or a ``.jsonl`` path), checked
-    (:func:`check_task`)."""
+    """Return probing task ``task`` (a name in :data:`BUILTIN_TASKS`, a ``.jsonl`` path or the path
+    of TruthfulQA's ``.csv``), checked (:func:`check_task`)."""
     check_task_name(task)
     if task in ("upos", "deprel", "word-start"):
         built = treebank_task(tokenizer, task, n_sentences, seed)
     elif task == "truth":
         built = truth_task(tokenizer, seed)
+    elif task.endswith(".csv"):
+        built = truthfulqa_task(tokenizer, task, seed)
     else:
         built = jsonl_task(tokenizer, task, seed)
     check_task(built)

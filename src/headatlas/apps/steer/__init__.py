@@ -4,15 +4,20 @@
 >>> steering = ha.steer.fit(loaded, "truth", k=16)
 >>> with ha.steer.applied(loaded, steering, alpha=15):
 ...     loaded.model.generate(...)
+>>> result = ha.steer.truthfulqa(loaded, "TruthfulQA.csv", alphas=(0, 5, 15), ks=(16,))
+
+:func:`truthfulqa` runs ITI on TruthfulQA (MC1 / MC2, cross-validated over questions; :mod:`.tqa`).
 """
 
 from .evaluation import evaluate, export_bake, export_lm_eval, generate, sweep_figure
 from .steering import DIRECTIONS, HeadShift, Steering, applied, fit, load_steering
+from .tqa import TruthfulQAResult, truthfulqa
 
 __all__ = [
     "DIRECTIONS",
     "HeadShift",
     "Steering",
+    "TruthfulQAResult",
     "applied",
     "evaluate",
     "export_bake",
@@ -21,4 +26,5 @@ __all__ = [
     "generate",
     "load_steering",
     "sweep_figure",
+    "truthfulqa",
 ]

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -32,7 +32,7 @@ from ...data.sequences import encode_text
 from ...data.ud import ewt_sentences
 from ...model.info import LoadedModel
 from ..common.probe_tasks import false_answer, split_facts
-from .steering import Steering, applied
+from .steering import HeadShift, Steering, applied, shifted
 
 Config = tuple[str, float]
 """``(kind, alpha)``: kind ``probe`` (the fitted heads) or ``random`` (the control)."""
@@ -49,7 +49,7 @@ def _forward(loaded: LoadedModel, seqs: list[ProbeSequence]) -> tuple[torch.Tens
     return out.logits.float().log_softmax(-1), batch.input_ids.to(device)  # [batch, seq, vocab], [batch, seq]
 
 
-def _completion(loaded: LoadedModel, prompt: str, answer: str) -> tuple[ProbeSequence, int]:
+def completion(loaded: LoadedModel, prompt: str, answer: str) -> tuple[ProbeSequence, int]:
     """The prompt + answer sequence and the index of its first answer token."""
     prompt_ids, _ = encode_text(loaded.tokenizer, prompt)
     full, _ = encode_text(loaded.tokenizer, f"{prompt} {answer}")
@@ -64,7 +64,7 @@ def mc_scores(loaded: LoadedModel, facts: Sequence[Any]) -> torch.Tensor:
     seqs, starts = [], []
     for fact in facts:
         for answer in (fact.answer, false_answer(fact)):
-            seq, start = _completion(loaded, fact.prompt, answer)
+            seq, start = completion(loaded, fact.prompt, answer)
             seqs.append(seq)
             starts.append(start)
     logp, ids = _forward(loaded, seqs)
@@ -89,6 +89,47 @@ def _text_cost(
     return float(ce[real].sum()), float(kl[real].sum())
 
 
+def text_costs(
+    loaded: LoadedModel, shifts: Mapping[Any, tuple[HeadShift, float]], n_text: int = 32, batch_size: int = 8
+) -> tuple[dict[Any, tuple[float, float]], int]:
+    """Return per key of ``shifts`` ``(CE, KL(unshifted ‖ shifted))`` in nats per token with the
+    shift ``(HeadShift, alpha)`` at every position, on ``n_text`` EWT test sentences (64 tokens at
+    most; ITI's cost measure), the key ``None`` holding the unshifted ``(CE, 0)``; and the token count."""
+    texts = ewt_sentences("test", limit=n_text)
+    seqs = [ProbeSequence(tuple(encode_text(loaded.tokenizer, t)[0][:64])) for t in texts]
+    sums: dict[Any, list[float]] = {key: [0.0, 0.0] for key in [None, *shifts]}
+    tokens = 0
+    for start in range(0, len(seqs), batch_size):
+        part = seqs[start : start + batch_size]
+        base, ids = _forward(loaded, part)
+        mask = make_batch(part, pad_id(loaded.tokenizer)).attention_mask.to(base.device)
+        real = mask[:, 1:].bool()  # [batch, seq - 1]
+        tokens += int(real.sum())
+        sums[None][0] -= float(base[:, :-1].gather(-1, ids[:, 1:, None])[..., 0][real].sum())
+        for key, (shift, alpha) in shifts.items():
+            with shifted(loaded, shift, alpha):
+                ce, kl = _text_cost(loaded, part, base, mask)
+            sums[key][0] += ce
+            sums[key][1] += kl
+    return {key: (ce / max(tokens, 1), kl / max(tokens, 1)) for key, (ce, kl) in sums.items()}, tokens
+
+
+def check_sweep(loaded: LoadedModel, alphas: Sequence[float] | float, n_text: int) -> list[float]:
+    """Raise :class:`HeadatlasError` unless ``loaded`` is causal, ``alphas`` holds one or more
+    finite strengths and ``n_text ≥ 1``; return the strengths as a list of floats."""
+    if not loaded.info.causal:
+        raise HeadatlasError(
+            "steering evaluation scores answers and next-token loss: give a causal (decoder) model"
+        )
+    values = [alphas] if isinstance(alphas, int | float) else list(alphas)
+    if not values:
+        raise HeadatlasError(f"{param('alphas')} is empty: give at least one strength, e.g. 0,15")
+    for value in values:
+        check_number("alphas", value)
+    check_at_least("n_text", n_text, 1)
+    return [float(v) for v in values]
+
+
 def evaluate(
     loaded: LoadedModel,
     steering: Steering,
@@ -100,16 +141,7 @@ def evaluate(
     """Return the α sweep: one row per (kind, alpha) with ``mc_accuracy`` (truth steering only;
     NaN otherwise), ``mc_margin`` (mean log-prob margin), ``ce`` and ``kl`` (nats per token on
     ``n_text`` EWT test sentences) and ``n_facts``, ``n_tokens`` — Li et al. 2023's table."""
-    if not loaded.info.causal:
-        raise HeadatlasError(
-            "steer eval scores completions and next-token loss: give a causal (decoder) model"
-        )
-    alphas = [alphas] if isinstance(alphas, int | float) else list(alphas)
-    if not alphas:
-        raise HeadatlasError(f"{param('alphas')} is empty: give at least one strength, e.g. 0,15")
-    for value in alphas:
-        check_number("alphas", value)
-    check_at_least("n_text", n_text, 1)
+    alphas = check_sweep(loaded, alphas, n_text)
     check_at_least("batch_size", batch_size, 1)
     configs: list[Config] = [(kind, float(a)) for kind in ("probe", "random") for a in alphas]
     facts = split_facts(int(steering.params.get("seed", 0) if seed is None else seed))["test"]
@@ -118,20 +150,15 @@ def evaluate(
         for kind, alpha in configs:
             with applied(loaded, steering, alpha, control=kind == "random"):
                 mc[(kind, alpha)] = mc_scores(loaded, facts)
-    texts = ewt_sentences("test", limit=n_text)
-    seqs = [ProbeSequence(tuple(encode_text(loaded.tokenizer, t)[0][:64])) for t in texts]
-    sums = {c: [0.0, 0.0] for c in configs}
-    tokens = 0
-    for start in range(0, len(seqs), batch_size):
-        part = seqs[start : start + batch_size]
-        base, _ = _forward(loaded, part)
-        mask = make_batch(part, pad_id(loaded.tokenizer)).attention_mask.to(base.device)
-        tokens += int(mask[:, 1:].sum())
-        for kind, alpha in configs:
-            with applied(loaded, steering, alpha, control=kind == "random"):
-                ce, kl = _text_cost(loaded, part, base, mask)
-            sums[(kind, alpha)][0] += ce
-            sums[(kind, alpha)][1] += kl
+    costs, tokens = text_costs(
+        loaded,
+        {
+            (kind, alpha): (steering.control if kind == "random" else steering.shift, alpha)
+            for kind, alpha in configs
+        },
+        n_text,
+        batch_size,
+    )
     rows = []
     for config in configs:
         margin = mc.get(config)
@@ -141,8 +168,8 @@ def evaluate(
                 "alpha": config[1],
                 "mc_accuracy": float((margin > 0).float().mean()) if margin is not None else float("nan"),
                 "mc_margin": float(margin.mean()) if margin is not None else float("nan"),
-                "ce": sums[config][0] / max(tokens, 1),
-                "kl": sums[config][1] / max(tokens, 1),
+                "ce": costs[config][0],
+                "kl": costs[config][1],
                 "n_facts": len(facts) if margin is not None else 0,
                 "n_tokens": tokens,
             }

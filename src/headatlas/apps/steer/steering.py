@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...capture import head_outputs
+from ...capture import HeadTap, head_outputs
 from ...core.errors import HeadatlasError, check_choice, param
 from ...core.heads import check_heads, head_name, parse_head
 from ...core.outputs import Folder
@@ -195,6 +195,59 @@ def positive_class(task: ProbeTask) -> int:
     return task.classes.index("true") if "true" in task.classes else 1
 
 
+@dataclass
+class HeadRanking:
+    """Every head's probe (dev accuracy ``val [group]``, heads best first in ``order [group]``) and
+    its shift: unit ``directions [group, d_head]`` and ``sigma [group]``; group = layer · n_heads + head."""
+
+    val: torch.Tensor
+    order: torch.Tensor
+    directions: torch.Tensor
+    sigma: torch.Tensor
+    n_heads: int
+    l2: float
+    l2_path: dict[float, float]
+
+    def shift(self, groups: torch.Tensor | list[int]) -> HeadShift:
+        """Return the :class:`HeadShift` of the heads ``groups`` (flat indices), in that order."""
+        index = torch.as_tensor(groups, dtype=torch.long)  # [k]
+        heads = [(int(g) // self.n_heads, int(g) % self.n_heads) for g in index]
+        return HeadShift(heads, self.directions[index], self.sigma[index])
+
+    def top(self, k: int) -> HeadShift:
+        """Return the shift of the ``k`` heads whose probes did best on dev."""
+        return self.shift(self.order[:k])
+
+
+def rank_heads(
+    train: tuple[torch.Tensor, torch.Tensor],
+    dev: tuple[torch.Tensor, torch.Tensor],
+    n_heads: int,
+    direction: str = "mass-mean",
+    pool: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> HeadRanking:
+    """Rank every head by its probe's dev accuracy and give each a direction and σ (Li et al. 2023).
+
+    ``train`` and ``dev`` are ``(features [group, n, d_head], labels [n] in {0, 1})``: one logistic
+    probe per head on standardised ``train`` features (L2 strength chosen on ``dev``). The direction
+    is the mass-mean shift (mean of label 1 − mean of label 0) or the probe's weight, normalised; σ is
+    the std of the features projected on it. Both use ``pool`` (default: ``train``)."""
+    check_choice("direction", direction, DIRECTIONS)
+    (raw_train, y_train), (raw_dev, y_dev) = train, dev
+    scaler = standardise(raw_train)
+    probe, path = choose_l2((scaler(raw_train), y_train), (scaler(raw_dev), y_dev), 2, L2_GRID)
+    val = probe.accuracy(scaler(raw_dev), y_dev)  # [group]
+    x, y = pool if pool is not None else train
+    if direction == "mass-mean":
+        positive = y.bool()
+        vectors = x[:, positive].mean(1) - x[:, ~positive].mean(1)  # [group, d_head]
+    else:
+        vectors = raw_direction(probe, scaler)  # [group, d_head]
+    unit = torch.nn.functional.normalize(vectors, dim=-1)  # [group, d_head]
+    sigma = torch.einsum("gnd,gd->gn", x, unit).std(1)  # [group]
+    return HeadRanking(val, torch.argsort(-val, stable=True), unit, sigma, n_heads, probe.l2, path)
+
+
 def fit(
     loaded: LoadedModel,
     task: str = "truth",
@@ -204,7 +257,7 @@ def fit(
     seed: int = 0,
     batch_size: int = 16,
 ) -> Steering:
-    """Fit ITI steering on ``task`` (``truth`` or a JSONL of two-label sentences) and return it:
+    """Fit ITI steering on ``task`` (``truth``, a JSONL of two-label sentences or TruthfulQA's CSV) and return it:
     the top-``k`` heads by dev accuracy of their probes, each with a unit direction and σ, and a
     control of ``k`` random heads with random directions — ``ha.steer.fit``."""
     check_choice("direction", direction, DIRECTIONS)
@@ -217,18 +270,9 @@ def fit(
     }
     raw_train = collect_features(loaded, built.splits["train"], batch_size)  # [group, n, d_head]
     raw_dev = collect_features(loaded, built.splits["dev"], batch_size)  # [group, n, d_head]
-    scaler = standardise(raw_train)
-    probe, path = choose_l2((scaler(raw_train), ys["train"]), (scaler(raw_dev), ys["dev"]), 2, L2_GRID)
-    val = probe.accuracy(scaler(raw_dev), ys["dev"])  # [group]
-    order = torch.argsort(-val, stable=True)[:k]  # [k]
     n_heads = loaded.info.n_heads
-    if direction == "mass-mean":
-        pos = ys["train"].bool()
-        vectors = raw_train[:, pos].mean(1) - raw_train[:, ~pos].mean(1)  # [group, d_head]
-    else:
-        vectors = raw_direction(probe, scaler)  # [group, d_head]
-    chosen = torch.nn.functional.normalize(vectors[order], dim=-1)  # [k, d_head]
-    sigma = torch.einsum("knd,kd->kn", raw_train[order], chosen).std(1)  # [k]
+    ranking = rank_heads((raw_train, ys["train"]), (raw_dev, ys["dev"]), n_heads, direction)
+    order = ranking.order[:k]  # [k]
     rng = np.random.default_rng(seed)
     random_groups = torch.as_tensor(rng.choice(raw_train.shape[0], size=k, replace=False))  # [k]
     gen = torch.Generator().manual_seed(seed)
@@ -248,16 +292,16 @@ def fit(
         task=built.name,
         direction=direction,
         alpha=float(alpha),
-        shift=HeadShift(heads_of(order), chosen, sigma),
+        shift=ranking.shift(order),
         control=HeadShift(heads_of(random_groups), random_dirs, random_sigma),
-        val_accuracy=[round(float(v), 4) for v in val[order]],
+        val_accuracy=[round(float(v), 4) for v in ranking.val[order]],
         params={
             **built.params,
             "model_spec": reload_spec(loaded.info),
             "k": k,
             "positive_class": built.classes[positive],
-            "l2": probe.l2,
-            "l2_dev_path": {str(a): b for a, b in path.items()},
+            "l2": ranking.l2,
+            "l2_dev_path": {str(a): b for a, b in ranking.l2_path.items()},
             "n_train": int(ys["train"].numel()),
             "n_dev": int(ys["dev"].numel()),
             "position": "last token",
@@ -279,13 +323,23 @@ def applied(
             f"this one has {loaded.info.n_layers} × {loaded.info.n_heads}"
         )
     shift = steering.control if control else steering.shift
-    by_layer = shift.by_layer(steering.alpha if alpha is None else float(alpha), loaded.info.n_heads)
-    device = loaded.device
-
-    def add(layer: int, z: torch.Tensor, _ctx: object) -> torch.Tensor:
-        return z + by_layer[layer].to(device=device, dtype=z.dtype)  # [batch, query, head, d_head]
-
-    for layer in list(by_layer):
-        by_layer[layer] = by_layer[layer].to(device)
-    with head_outputs(loaded, add, layers=sorted(by_layer)):
+    with shifted(loaded, shift, steering.alpha if alpha is None else float(alpha)):
         yield
+
+
+@contextmanager
+def shifted(loaded: LoadedModel, shift: HeadShift, alpha: float) -> Iterator[HeadTap]:
+    """Within the block, add α·σ·θ̂ to ``shift``'s heads on every forward pass: at every position,
+    or where the yielded tap's ``context`` (a bool mask ``[batch, seq]``) is true."""
+    by_layer = {
+        layer: delta.to(loaded.device) for layer, delta in shift.by_layer(alpha, loaded.info.n_heads).items()
+    }
+
+    def add(layer: int, z: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
+        delta = by_layer[layer].to(dtype=z.dtype)  # [head, d_head]
+        if where is None:
+            return z + delta  # [batch, query, head, d_head]
+        return z + where[:, :, None, None].to(z.dtype) * delta  # [batch, query, head, d_head]
+
+    with head_outputs(loaded, add, layers=sorted(by_layer)) as tap:
+        yield tap
