@@ -11,9 +11,15 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+_TAKES_CACHE: dict[type, bool] = {}
+"""Per model class: whether ``forward`` takes ``cache`` (read once: decoding calls this every token)."""
+
 
 def _takes_cache(model: Any) -> bool:
-    return "cache" in inspect.signature(type(model).forward).parameters
+    kind = type(model)
+    if kind not in _TAKES_CACHE:
+        _TAKES_CACHE[kind] = "cache" in inspect.signature(kind.forward).parameters
+    return _TAKES_CACHE[kind]
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:

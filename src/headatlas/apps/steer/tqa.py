@@ -73,7 +73,7 @@ class _Stages:
             return make()
         path = self.directory / f"{name}-{self.key}.pt"
         if path.is_file():
-            return torch.load(path, weights_only=False)
+            return torch.load(path, weights_only=True)  # tensors and plain containers: no pickle code runs
         value = make()
         self.directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, suffix=".pt") as tmp:
