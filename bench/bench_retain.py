@@ -95,8 +95,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=24, help="heads distilled")
     parser.add_argument("--lam", type=float, default=1.0, help="weight of the attention-distillation loss")
     parser.add_argument("--probe-steps", type=int, default=2)
-    parser.add_argument("--random-fractions", default="0.01", help="replay fractions of the random-head control")
-    parser.add_argument("--merge", type=Path, nargs="*", default=None, help="merge these result files into --out")
+    parser.add_argument(
+        "--random-fractions", default="0.01", help="replay fractions of the random-head control"
+    )
+    parser.add_argument(
+        "--merge", type=Path, nargs="*", default=None, help="merge these result files into --out"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -135,7 +139,9 @@ def main() -> None:
             f"seed {seed} stage 0 ({names[0]}): {acc0}  loss {first.loss_new:.3f}  {time.perf_counter() - t0:.0f} s"
         )
         for condition in conditions:
-            chosen = [float(f) for f in args.random_fractions.split(",")] if condition == "random" else fractions
+            chosen = (
+                [float(f) for f in args.random_fractions.split(",")] if condition == "random" else fractions
+            )
             for fraction in [None] if condition == "plain" else chosen:
                 _restore(params, after_first)
                 t0 = time.perf_counter()
@@ -188,11 +194,41 @@ def merge(paths: list[Path], out: Path | None) -> None:
     merged["settings"] = {**parts[0]["settings"], "seeds": ",".join(p["settings"]["seeds"] for p in parts)}
     merged["cpu_s"] = sum(p["cpu_s"] for p in parts)
     merged["wall_s"] = max(p["wall_s"] for p in parts)
-    merged["parts"] = [{"file": str(p), "cpu_s": q["cpu_s"], "wall_s": q["wall_s"]} for p, q in zip(paths, parts, strict=True)]
-    for row in merged["summary"]:
-        print(json.dumps(row))
+    merged["parts"] = [
+        {"file": str(p), "cpu_s": q["cpu_s"], "wall_s": q["wall_s"]}
+        for p, q in zip(paths, parts, strict=True)
+    ]
+    print(table(merged))
     if out:
         out.write_text(json.dumps(merged, indent=1) + "\n")
+
+
+def table(result: dict) -> str:
+    """The measured table as Markdown: mean ± sd over seeds of each task's accuracy after each stage."""
+    names = list(result["tasks"])
+
+    def cell(values: list[float]) -> str:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.fmean(values):.2f} ± {sd:.2f}"
+
+    head = ["condition", "replay"]
+    for t in range(1, len(names)):
+        head += [f"after {names[t]}: {n}" for n in names[: t + 1]]
+        if t > 1:
+            head.append(f"after {names[t]}: earlier mean")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    groups: dict[tuple[str, object], list[dict]] = {}
+    for run in result["runs"]:
+        groups.setdefault((run["condition"], run["fraction"]), []).append(run)
+    for (condition, fraction), members in groups.items():
+        row = [condition, "–" if fraction is None else f"{100 * fraction:g} %"]
+        for t in range(1, len(names)):
+            accs = [m["stages"][t - 1]["accuracy"] for m in members]
+            row += [cell([a[n] for a in accs]) for n in names[: t + 1]]
+            if t > 1:
+                row.append(cell([statistics.fmean(a[n] for n in names[:t]) for a in accs]))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def summarise(runs: list[dict], names: list[str]) -> list[dict]:

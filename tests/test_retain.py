@@ -110,6 +110,7 @@ def test_retain_learns_the_new_task_and_saves_a_checkpoint(tmp_path: Path) -> No
     loaded = _tiny()
     result = retain(loaded, TRAIN, OLD, RetainConfig(heads="seekr", k=3, steps=6, lr=3e-3, batch_size=3))
     assert len(result.heads) == 3 and result.selection == "seekr"
+    assert all(p.requires_grad and p.grad is None for p in loaded.model.parameters())  # as it was
     assert np.isfinite(result.loss_kd) and np.isfinite(result.loss_replay)
     fresh = _tiny()
     first = retain(fresh, TRAIN, [], RetainConfig(heads="none", steps=1, lr=0.0, batch_size=3))

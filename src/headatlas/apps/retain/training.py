@@ -218,43 +218,36 @@ def retain(
     new = encode(loaded, train)
     old = encode(loaded, replay) if replay else None
     loaded.model.eval()  # no dropout: the teacher's maps and the student's must be comparable
+    flags = [p.requires_grad for p in loaded.model.parameters()]
     start = time.perf_counter()
-    heads, importance = select_heads(loaded, config, new, old)
-    selection_seconds = time.perf_counter() - start
-    teacher = head_attention(loaded, old, heads, grad=False)[0] if heads and old is not None else None
-    params = trainable_parameters(loaded, config.trainable)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    new_rows = _Sampler(new.input_ids.shape[0], config.batch_size, config.seed)
-    old_rows = _Sampler(old.input_ids.shape[0], config.replay_batch, config.seed + 2) if old else None
-    history: list[tuple[float, float, float]] = []
-    for step in range(config.steps):
-        loss = _step_loss(loaded, _rows(new, new_rows.next()))
-        parts = [loss.item(), float("nan"), float("nan")]
-        if old is not None and old_rows is not None:
-            index = old_rows.next()
-            batch = _rows(old, index)
-            if teacher is not None:
-                maps, hidden = head_attention(loaded, batch, heads, grad=True)
-                kd = attention_kd(maps, teacher[index], batch.attention_mask)
-                parts[2] = kd.item()
-                loss = loss + config.lam * kd
-            else:
-                device = loaded.device
-                hidden = loaded.model.base_model(
-                    input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
-                ).last_hidden_state  # [batch, seq, d_model]
-            replay_loss = lm_loss(loaded, hidden, batch.target)
-            parts[1] = replay_loss.item()
-            loss = loss + replay_loss
-        if not torch.isfinite(loss):
-            raise HeadatlasError(f"the loss became {float(loss)} at step {step + 1}: lower {param('lr')}")
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        history.append((parts[0], parts[1], parts[2]))
-        progress(step + 1, config.steps)
-    for parameter in loaded.model.parameters():
-        parameter.requires_grad_(True)
+    try:
+        heads, importance = select_heads(loaded, config, new, old)
+        selection_seconds = time.perf_counter() - start
+        teacher = head_attention(loaded, old, heads, grad=False)[0] if heads and old is not None else None
+        params = trainable_parameters(loaded, config.trainable)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        new_rows = _Sampler(new.input_ids.shape[0], config.batch_size, config.seed)
+        old_rows = _Sampler(old.input_ids.shape[0], config.replay_batch, config.seed + 2) if old else None
+        history: list[tuple[float, float, float]] = []
+        for step in range(config.steps):
+            loss = _step_loss(loaded, _rows(new, new_rows.next()))
+            parts = (loss.item(), float("nan"), float("nan"))
+            if old is not None and old_rows is not None:
+                index = old_rows.next()
+                replay_loss, kd = _replay_loss(loaded, _rows(old, index), heads, teacher, index)
+                parts = (parts[0], replay_loss.item(), float("nan") if kd is None else kd.item())
+                loss = loss + replay_loss + (0.0 if kd is None else config.lam * kd)
+            if not torch.isfinite(loss):
+                raise HeadatlasError(f"the loss became {float(loss)} at step {step + 1}: lower {param('lr')}")
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append(parts)
+            progress(step + 1, config.steps)
+    finally:
+        for parameter, flag in zip(loaded.model.parameters(), flags, strict=True):
+            parameter.requires_grad_(flag)
+            parameter.grad = None
     tail = np.array(history[-max(1, len(history) // 4) :], dtype=float)  # [steps, 3]
     means = [float(np.nanmean(col)) if np.isfinite(col).any() else float("nan") for col in tail.T]
     return RetainResult(
@@ -269,6 +262,21 @@ def retain(
         n_trainable=sum(p.numel() for p in params),
         importance=None if importance is None else importance.round(6).tolist(),
     )
+
+
+def _replay_loss(
+    loaded: LoadedModel,
+    batch: Batch,
+    heads: list[Head],
+    teacher: torch.Tensor | None,
+    index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The replay batch's answer loss and, with a teacher, SEEKR's distillation loss (one pass)."""
+    if teacher is None:
+        return _step_loss(loaded, batch), None
+    maps, hidden = head_attention(loaded, batch, heads, grad=True)  # [batch, heads, seq, seq]
+    kd = attention_kd(maps, teacher[index], batch.attention_mask)
+    return lm_loss(loaded, hidden, batch.target), kd
 
 
 def check_retain_output(out: str | Path, model: str | None = None, force: bool = False) -> None:
