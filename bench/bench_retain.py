@@ -16,9 +16,11 @@ prints the table. Usage::
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import platform
 import random
+import re
 import statistics
 import time
 from pathlib import Path
@@ -185,9 +187,48 @@ def main() -> None:
         args.out.write_text(json.dumps(out, indent=1) + "\n")
 
 
+LOG_LINE = re.compile(r"^seed (\d+) (\w+)\s+(None|[\d.]+)\s*: (.*?)\s+(\d+) s$")
+STAGE = re.compile(r"(\w+)→(\{[^}]*\})")
+
+
+def from_log(path: Path, tasks: dict[str, int]) -> dict:
+    """Rebuild a result file's runs (accuracies and seconds only) from a run's printed log, for a run
+    stopped before it wrote its JSON; every run so rebuilt says ``"source": "log"``."""
+    runs = []
+    for line in path.read_text().splitlines():
+        found = LOG_LINE.match(line.strip())
+        if not found or found.group(2) == "stage":
+            continue
+        seed, condition, fraction, body, seconds = found.groups()
+        stages = [
+            {"stage": i, "task": task, "accuracy": ast.literal_eval(acc)}
+            for i, (task, acc) in enumerate(STAGE.findall(body), start=1)
+        ]
+        runs.append(
+            {
+                "seed": int(seed),
+                "condition": condition,
+                "fraction": None if fraction == "None" else float(fraction),
+                "stages": stages,
+                "seconds": float(seconds),
+                "source": "log",
+            }
+        )
+    return {
+        "tasks": tasks,
+        "runs": runs,
+        "settings": {"seeds": str(runs[0]["seed"]) if runs else ""},
+        "cpu_s": 0.0,
+        "wall_s": 0.0,
+    }
+
+
 def merge(paths: list[Path], out: Path | None) -> None:
-    """Join the runs of several result files (one per seed, run side by side) and re-summarise."""
-    parts = [json.loads(Path(p).read_text()) for p in paths]
+    """Join the runs of several result files (one per seed, run side by side) and re-summarise;
+    a ``.log`` path is read with :func:`from_log`."""
+    parts = [json.loads(Path(p).read_text()) for p in paths if Path(p).suffix != ".log"]
+    tasks = parts[0]["tasks"] if parts else {"capitals": 40, "antonyms": 40, "french": 66}
+    parts += [from_log(Path(p), tasks) for p in paths if Path(p).suffix == ".log"]
     runs = [run for part in parts for run in part["runs"]]
     names = list(parts[0]["tasks"])
     merged = {**parts[0], "runs": runs, "summary": summarise(runs, names)}

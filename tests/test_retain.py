@@ -61,7 +61,7 @@ def test_kd_loss_is_zero_when_student_equals_teacher() -> None:
     with torch.no_grad():
         loaded.model.model.layers[0].self_attn.q_proj.weight.mul_(1.5)
     moved, _ = head_attention(loaded, batch, heads, grad=True)
-    assert float(attention_kd(moved, teacher, batch.attention_mask)) > 1e-4
+    assert attention_kd(moved, teacher, batch.attention_mask).item() > 1e-4
 
 
 def test_kd_gradient_flows_only_into_what_shapes_the_chosen_heads() -> None:
