@@ -62,12 +62,20 @@ class CaptureSession:
     """
 
     def __init__(
-        self, loaded: LoadedModel, on_view: ViewCallback, fallback: bool = False, mode: str = "auto"
+        self,
+        loaded: LoadedModel,
+        on_view: ViewCallback,
+        fallback: bool = False,
+        mode: str = "auto",
+        grad: bool = False,
     ) -> None:
         self.loaded = loaded
         self.on_view = on_view
         self.fallback = fallback
         self.mode = mode
+        self.grad = grad
+        """With ``grad``, :meth:`run` keeps autograd on and views' probabilities are differentiable
+        functions of the queries and keys (attention distillation); the fused fast path is off."""
         self.layers_seen: set[int] = set()
         self._module_layer: dict[int, int] = {}
         stacks = attention_stacks(loaded.model) if loaded.info.encoder_decoder else None
@@ -129,6 +137,7 @@ class CaptureSession:
         with torch.no_grad():
             allowed = allowed_keys(attention_mask, batch, n_query, n_key, causal, query.device)
             n_keys = allowed[:, 0].sum(-1)  # [batch, query]
+        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             rows = block_rows(batch, n_heads, n_query, n_key)
             for q0 in range(0, n_query, rows):
                 q1 = min(n_query, q0 + rows)
@@ -164,6 +173,7 @@ class CaptureSession:
         layer = self._layer_of(module)
         if (
             self.mode != "auto"
+            or self.grad  # the fused kernel with log-sum-exp has no backward
             or layer in self._cross_layers  # cross detectors read whole rows
             or query.device.type != "cpu"
             or value.shape[-1] != d_head
@@ -208,7 +218,7 @@ class CaptureSession:
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run one forward pass (no grad) over ``input_ids [batch, seq]``.
+        """Run one forward pass over ``input_ids [batch, seq]`` (no grad unless the session's ``grad``).
 
         ``attention_mask [batch, seq]`` is 1 for real tokens, 0 for padding. An encoder–decoder
         model reads ``input_ids`` as the source and takes ``decoder_input_ids [batch, target]``
@@ -241,7 +251,7 @@ class CaptureSession:
                 f"{self.loaded.info.name} is encoder–decoder: this command feeds one sequence; "
                 "scan it (headatlas scan MODEL --probes natural,align or speech)"
             )
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.grad):
             if self.fallback:
                 out = model(**source, output_attentions=True, **extra)
                 for view in backend_eager.views(out.attentions, attention_mask, self.loaded.info.causal):
@@ -296,12 +306,16 @@ def supports_backend(loaded: LoadedModel) -> bool:
 
 
 @contextmanager
-def capture(loaded: LoadedModel, on_view: ViewCallback, mode: str = "auto") -> Iterator[CaptureSession]:
+def capture(
+    loaded: LoadedModel, on_view: ViewCallback, mode: str = "auto", grad: bool = False
+) -> Iterator[CaptureSession]:
     """Context manager yielding a :class:`CaptureSession`; restores the model's backend on exit.
 
     ``mode="auto"`` takes the fast log-sum-exp path where it applies; ``"dense"`` always
     materialises probabilities (both are exact); ``"none"`` sends no views (for sessions that only
-    use :attr:`CaptureSession.on_qkv`).
+    use :attr:`CaptureSession.on_qkv`). With ``grad=True`` the session's passes keep autograd on and
+    its views' probabilities carry gradients to the queries and keys (attention distillation, as in
+    SEEKR, He et al. 2024); views then arrive as :class:`DenseView` blocks.
     """
     check_choice("mode", mode, ("auto", "dense", "none"))
     model = check_loaded(loaded).model
@@ -319,7 +333,7 @@ def capture(loaded: LoadedModel, on_view: ViewCallback, mode: str = "auto") -> I
     backend.register()
     model.set_attn_implementation(name)
     try:
-        yield CaptureSession(loaded, on_view, fallback=fallback, mode=mode)
+        yield CaptureSession(loaded, on_view, fallback=fallback, mode=mode, grad=grad)
     finally:
         model.set_attn_implementation(previous)
 

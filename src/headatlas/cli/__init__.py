@@ -11,6 +11,7 @@
 - :mod:`.interop`: ``compare``, ``export``, ``import``
 - :mod:`.kv`: ``kv plan``, ``kv eval``, ``kv export``
 - :mod:`.guard`: ``guard fit``, ``guard score``, ``guard eval``
+- :mod:`.retain`: ``retain``
 - :mod:`.data`: ``data status``, ``data install``
 
 Commands only parse, call the library and print; the work lives in the library. Torch and
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import sys
 
-from . import atlas, data, guard, interop, kv, patch, probe, prune, steer, verify, view, zoo
+from . import atlas, data, guard, interop, kv, patch, probe, prune, retain, steer, verify, view, zoo
 from .common import app, err_console
 
 __all__ = ["app", "main"]
@@ -35,6 +36,7 @@ _COMMANDS = (
     kv,
     patch,
     probe,
+    retain,
     steer,
     view,
     zoo,
