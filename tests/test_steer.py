@@ -221,3 +221,52 @@ def test_cli_probe_writes_columns_and_figures(tiny_model_dir: Path, tmp_path: Pa
     atlas = ha.Atlas.load(out)
     assert {"probe_truth", "probe_truth_selectivity"} <= set(atlas.table)
     assert (out / "probes.parquet").exists() and (out / "figures" / "scores" / "probe_truth.png").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_loaded() -> ha.LoadedModel:
+    return ha.load(BUILDERS["qwen2"](0), tokenizer=make_tokenizer())
+
+
+def test_qwen2_bakes_as_llama_with_the_hooks_logits_and_generations(
+    tiny_qwen2_loaded: ha.LoadedModel, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    loaded = tiny_qwen2_loaded
+    assert loaded.info.arch == "qwen2" and not hasattr(loaded.model.config, "attention_bias")
+    steering = ha.steer.fit(loaded, task="truth", k=3)
+    out = ha.steer.export_bake(loaded, steering, 15.0, tmp_path / "baked")
+    baked = AutoModelForCausalLM.from_pretrained(out).float().eval()
+    assert baked.config.model_type == "llama" and baked.config.attention_bias
+    enc = loaded.tokenizer(TEXT, return_tensors="pt")
+    with torch.no_grad():
+        from_bake = baked(**enc).logits
+    with ha.steer.applied(loaded, steering, alpha=15.0):
+        from_hook = _logits(loaded)
+    assert not torch.allclose(from_bake, _logits(loaded), atol=1e-3)
+    torch.testing.assert_close(from_bake, from_hook, atol=1e-5, rtol=1e-5)
+    prompt = loaded.tokenizer("The capital of", return_tensors="pt")
+    with torch.no_grad():
+        generated = baked.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    hooked = ha.steer.generate(loaded, steering, "The capital of", alpha=15.0, max_new_tokens=6)
+    assert (
+        loaded.tokenizer.decode(generated[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+        == hooked
+    )
+
+
+def test_bake_refuses_a_rewrite_that_changes_the_network(
+    tiny_qwen2_loaded: ha.LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from headatlas.apps.steer import export
+
+    steering = ha.steer.fit(tiny_qwen2_loaded, task="truth", k=2)
+    wrong = export.BakeTarget("llama", "LlamaForCausalLM", {"attention_bias": True, "rms_norm_eps": 0.5})
+    monkeypatch.setitem(export.BAKE_TARGETS, "qwen2", wrong)
+    with pytest.raises(HeadatlasError, match="changes its logits"):
+        ha.steer.export_bake(tiny_qwen2_loaded, steering, 15.0, tmp_path / "wrong")
+    assert not (tmp_path / "wrong").exists()
+    monkeypatch.delitem(export.BAKE_TARGETS, "qwen2")
+    with pytest.raises(HeadatlasError, match="no attention_bias"):
+        ha.steer.export_bake(tiny_qwen2_loaded, steering, 15.0, tmp_path / "none")

@@ -174,7 +174,7 @@ def steer_export(
 ) -> None:
     """Fold the shift into the output projections' biases (bake) or write lm-evaluation-harness's steering file."""
     quiet_libraries(False)
-    from ..apps.steer.evaluation import check_export_target, export_bake, export_lm_eval
+    from ..apps.steer.export import check_export_target, export_bake, export_lm_eval
     from ..apps.steer.steering import load_steering
 
     saved = run(lambda: load_steering(steer))

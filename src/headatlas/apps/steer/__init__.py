@@ -1,5 +1,6 @@
 """Inference-time intervention (Li et al. 2023): fit per-head shifts from probes
-(:mod:`.steering`), apply them while the model runs, evaluate and export them (:mod:`.evaluation`).
+(:mod:`.steering`), apply them while the model runs, evaluate them (:mod:`.evaluation`) and export
+them (:mod:`.export`).
 
 >>> steering = ha.steer.fit(loaded, "truth", k=16)
 >>> with ha.steer.applied(loaded, steering, alpha=15):
@@ -9,11 +10,13 @@
 :func:`truthfulqa` runs ITI on TruthfulQA (MC1 / MC2, cross-validated over questions; :mod:`.tqa`).
 """
 
-from .evaluation import evaluate, export_bake, export_lm_eval, generate, sweep_figure
+from .evaluation import evaluate, generate, sweep_figure
+from .export import BAKE_TARGETS, export_bake, export_lm_eval
 from .steering import DIRECTIONS, HeadShift, Steering, applied, fit, load_steering
 from .tqa import TruthfulQAResult, truthfulqa
 
 __all__ = [
+    "BAKE_TARGETS",
     "DIRECTIONS",
     "HeadShift",
     "Steering",

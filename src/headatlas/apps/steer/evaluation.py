@@ -1,33 +1,27 @@
-"""What steering does and costs, steered generation, and export (Li et al. 2023, ITI).
+"""What steering does and costs, and steered generation (Li et al. 2023, ITI).
 
 - :func:`evaluate`: on held-out facts (the truth task's test split), multiple-choice accuracy —
   the true completion's summed log-probability above the false one's; and the cost as ITI reports
   it: next-token cross-entropy and KL(unsteered ‖ steered) on UD English EWT test text. Each α of
   a sweep, for the probe heads and for the random-direction, random-head control.
-- :func:`export_bake`: a checkpoint with the shift folded into the output projection's bias.
-  The projection computes ``W_O (z + δ) + b = W_O z + (b + W_O δ)``, so the bias gains ``W_O δ``
-  — not ``δ`` itself (the bug of the reference code's baked models). Plain ``transformers`` loads it.
-- :func:`export_lm_eval`: the ``.pt`` lm-evaluation-harness's ``steered`` model reads: per hook
-  point (the output projection's module name) a vector added to the module's output, ``W_O δ``.
+- :func:`generate`: a greedy continuation, unsteered or steered.
+
+Exporting a steering (a baked checkpoint, lm-evaluation-harness's file) is :mod:`.export`.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ...batteries.base import ProbeSequence, make_batch, pad_id
-from ...capture import output_projections, output_weight, padded_positions
-from ...core.errors import HeadatlasError, check_at_least, check_choice, check_number, param
-from ...core.heads import head_name
-from ...core.outputs import Folder, check_output_file, check_output_folder, output_folder
-from ...core.storage import atomic_path, write_json
+from ...capture import padded_positions
+from ...core.errors import HeadatlasError, check_at_least, check_number, param
 from ...data.sequences import encode_text
 from ...data.ud import ewt_sentences
 from ...model.info import LoadedModel
@@ -237,99 +231,6 @@ def generate(
             with applied(loaded, steering, alpha):
                 out = model.generate(inputs, attention_mask=torch.ones_like(inputs), **kwargs)
     return str(loaded.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
-
-
-def output_shifts(loaded: LoadedModel, steering: Steering, alpha: float) -> dict[int, torch.Tensor]:
-    """Return ``{layer: W_O δ [d_model]}``: each steered layer's shift mapped through its output projection."""
-    projections = output_projections(loaded)
-    shifts = steering.shift.by_layer(alpha, loaded.info.n_heads)
-    out = {}
-    for layer, delta in shifts.items():
-        weight = output_weight(projections[layer]).float()  # [d_model, head * d_head]
-        out[layer] = weight @ delta.reshape(-1).to(weight.device)  # [d_model]
-    return out
-
-
-EXPORT_FORMATS = ("bake", "lm-eval")
-BAKE_FOLDER = Folder("steer export --format bake", "headatlas-steer-bake.json")
-"""A baked checkpoint: the marker records which steering and α it holds."""
-LM_EVAL_FOLDER = Folder("steer export --format lm-eval", "steer.pt")
-"""Where lm-evaluation-harness's steering file goes when ``out`` is a directory."""
-
-
-def check_export_target(fmt: str, out: str | Path, force: bool = False, model: str | None = None) -> None:
-    """Raise :class:`HeadatlasError` unless ``steer export --format fmt`` may write ``out``, before
-    any work: a baked checkpoint's folder, or for ``lm-eval`` a ``.pt`` file or a folder for
-    ``steer.pt`` (:mod:`headatlas.core.outputs`)."""
-    check_choice("format", fmt, EXPORT_FORMATS)
-    if fmt == "lm-eval" and Path(out).suffix == ".pt":
-        check_output_file(out, (".pt",), force=force)
-        return
-    check_output_folder(out, BAKE_FOLDER if fmt == "bake" else LM_EVAL_FOLDER, force, model=model)
-
-
-def export_bake(loaded: LoadedModel, steering: Steering, alpha: float, out: str | Path) -> Path:
-    """Write a checkpoint of ``loaded`` with the shift at ``alpha`` folded into the output
-    projections' biases (``b + W_O δ``) and return its directory. Models whose projection has no
-    bias get one through ``config.attention_bias`` (the other new biases are zero); a family
-    without that switch is refused."""
-    target = Path(out)
-    model = loaded.model
-    shifts = output_shifts(loaded, steering, alpha)
-    projections = output_projections(loaded)
-    if any(projections[layer].bias is None for layer in shifts):
-        if not hasattr(model.config, "attention_bias"):
-            raise HeadatlasError(
-                f"a {loaded.info.arch} output projection has no bias and its config no attention_bias: "
-                "use the hook (steer generate) or --format lm-eval"
-            )
-        config = copy.deepcopy(model.config)
-        config.attention_bias = True
-        baked: Any = type(model)(config)
-        baked = baked.to(dtype=next(model.parameters()).dtype)
-        missing = baked.load_state_dict(model.state_dict(), strict=False).missing_keys
-        with torch.no_grad():
-            for name in missing:
-                if not name.endswith(".bias"):
-                    raise HeadatlasError(
-                        f"cannot bake into {loaded.info.arch}: weight {name} has no counterpart"
-                    )
-                baked.get_parameter(name).zero_()
-    else:
-        baked = copy.deepcopy(model)
-    baked_loaded = LoadedModel(baked, loaded.tokenizer, loaded.info)
-    with torch.no_grad():
-        for layer, shift in shifts.items():
-            bias = cast(torch.Tensor, output_projections(baked_loaded)[layer].bias)
-            bias += shift.to(bias)
-    with output_folder(target, BAKE_FOLDER) as tmp:
-        baked.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        heads = [head_name(*h) for h in steering.shift.heads]
-        write_json(tmp / BAKE_FOLDER.marker, {"task": steering.task, "alpha": alpha, "heads": heads})
-    return target
-
-
-def export_lm_eval(loaded: LoadedModel, steering: Steering, alpha: float, out: str | Path) -> Path:
-    """Write ``steer.pt`` for lm-evaluation-harness ``--model steered``: ``{hook point: {
-    "steering_vector" [1, d_model] = W_O δ, "steering_coefficient": 1.0, "action": "add"}}``
-    (hook points are the output projections' module names); return the file."""
-
-    names = {id(module): name for name, module in loaded.model.named_modules()}
-    projections = output_projections(loaded)
-    config = {
-        names[id(projections[layer])]: {
-            "steering_vector": shift[None].cpu().contiguous(),
-            "steering_coefficient": 1.0,
-            "action": "add",
-        }
-        for layer, shift in output_shifts(loaded, steering, alpha).items()
-    }
-    target = Path(out)
-    target = target / LM_EVAL_FOLDER.marker if target.suffix != ".pt" else target
-    with atomic_path(target, suffix=".pt") as tmp:
-        torch.save(config, tmp)
-    return target
 
 
 def summary_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
