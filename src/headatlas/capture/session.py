@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..core.errors import HeadatlasError, check_choice, param
-from ..model.archs import arch_spec, attention_stacks
+from ..model.archs import arch_spec, attention_layer_numbers, attention_stacks
 from ..model.info import LoadedModel, check_loaded
 from .backends import eager as backend_eager
 from .backends import headatlas as backend
@@ -244,7 +244,9 @@ class CaptureSession:
         with torch.no_grad():
             if self.fallback:
                 out = model(**source, output_attentions=True, **extra)
-                for view in backend_eager.views(out.attentions, attention_mask, self.loaded.info.causal):
+                maps = tuple(a for a in out.attentions or () if a is not None)
+                numbers = eager_layer_numbers(self.loaded, len(maps))
+                for view in backend_eager.views(maps, attention_mask, self.loaded.info.causal, numbers):
                     self.layers_seen.add(view.layer)
                     self.on_view(view)
             else:
@@ -271,6 +273,24 @@ class CaptureSession:
                 return self.loaded.model(**model_kwargs)
         finally:
             backend.ACTIVE_SESSION.reset(token)
+
+
+def eager_layer_numbers(loaded: LoadedModel, n_maps: int) -> list[int]:
+    """Return the layer index of each of ``n_maps`` eager attention maps: ``0 … n_layers − 1`` when
+    every layer has one, else (a hybrid stack: Jamba, Qwen3-Next, Nemotron-H, whose Mamba or
+    linear-attention layers return no map) the ``layer_idx`` of the attention modules in order, so
+    scores land on the layer whose heads they are. Raises :class:`HeadatlasError` when they cannot
+    be matched (never a score on the wrong layer)."""
+    if n_maps == loaded.info.n_layers:
+        return list(range(n_maps))
+    numbers = attention_layer_numbers(loaded.model)
+    if len(numbers) != n_maps:
+        raise HeadatlasError(
+            f"{loaded.info.name} ({loaded.info.arch}) returns {n_maps} attention maps for "
+            f"{loaded.info.n_layers} layers and headatlas cannot tell which layers they belong to: "
+            "capture refused"
+        )
+    return numbers
 
 
 def padded_positions(model: torch.nn.Module, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -305,6 +325,10 @@ def capture(loaded: LoadedModel, on_view: ViewCallback, mode: str = "auto") -> I
     """
     check_choice("mode", mode, ("auto", "dense", "none"))
     model = check_loaded(loaded).model
+    spec = arch_spec(loaded.info.arch)
+    refused = spec.refused or spec.capture_refused
+    if refused is not None:
+        raise HeadatlasError(f"{loaded.info.arch}: {refused}")
     previous: Any = model.config._attn_implementation
     fallback = not supports_backend(loaded)
     name = (

@@ -12,6 +12,7 @@
 - :mod:`.kv`: ``kv plan``, ``kv eval``, ``kv export``
 - :mod:`.guard`: ``guard fit``, ``guard score``, ``guard eval``
 - :mod:`.data`: ``data status``, ``data install``
+- :mod:`.conformance`: ``doctor``, ``conformance``
 
 Commands only parse, call the library and print; the work lives in the library. Torch and
 transformers are imported lazily, so ``headatlas --help`` is instant.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import sys
 
-from . import atlas, data, guard, interop, kv, patch, probe, prune, steer, verify, view, zoo
+from . import atlas, conformance, data, guard, interop, kv, patch, probe, prune, steer, verify, view, zoo
 from .common import app, err_console
 
 __all__ = ["app", "main"]
@@ -29,6 +30,7 @@ _COMMANDS = (
     prune,
     verify,
     atlas,
+    conformance,
     data,
     guard,
     interop,

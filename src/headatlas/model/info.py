@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..core.errors import HeadatlasError, param
-from .archs import arch_spec, attention_stacks
+from .archs import arch_spec, attention_stacks, value_head_dim
 
 if TYPE_CHECKING:
     import torch
@@ -21,7 +21,9 @@ class ModelInfo:
     """Facts about a loaded model that every later stage needs.
 
     ``n_heads`` counts query heads, ``n_kv_heads`` key/value heads (``n_heads`` for MHA, fewer
-    for GQA/MQA); query head ``h`` reads KV head ``h // (n_heads // n_kv_heads)``.
+    for GQA/MQA); query head ``h`` reads KV head ``h // (n_heads // n_kv_heads)``. ``head_dim`` is
+    the width of one head's output (the value head size where it differs from the query/key
+    size, as in DeepSeek's multi-head latent attention).
     """
 
     name: str
@@ -157,7 +159,8 @@ def model_info(
         )
     n_kv = _config_int(config, "num_key_value_heads", "n_kv_heads") or n_heads
     hidden = _config_int(config, "hidden_size", "n_embd", "d_model") or 0
-    head_dim = _config_int(config, "head_dim", "d_kv") or hidden // n_heads
+    # one head's output width: the value head size (DeepSeek's latent attention: q/k ≠ v)
+    head_dim = value_head_dim(config, _config_int(config, "head_dim", "d_kv") or hidden // n_heads)
     stacks = attention_stacks(model)
     if stacks is not None:
         n_layers = _encoder_decoder_layers(config, name, len(stacks), n_heads)
