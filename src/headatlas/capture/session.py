@@ -43,6 +43,16 @@ QKVCallback = Callable[
 ]
 
 
+def check_head_count(info: Any, layer: int, n_heads: int) -> None:
+    """Raise :class:`HeadatlasError` when layer ``layer`` has ``n_heads`` query heads and the model's
+    config says otherwise (per-layer head counts: an atlas needs one count for every layer)."""
+    if n_heads != info.n_heads:
+        raise HeadatlasError(
+            f"layer {layer} of {info.name} ({info.arch}) has {n_heads} heads, its config says {info.n_heads}: "
+            "an atlas needs the same head count in every layer; capture refused"
+        )
+
+
 def check_finite(layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
     """Raise :class:`HeadatlasError` when layer ``layer``'s ``query [batch, head, query, d_head]`` or
     ``key [batch, kv_head, key, d_head]`` hold NaN or infinite values: every score of the layer (and
@@ -121,6 +131,7 @@ class CaptureSession:
         self.layers_seen.add(layer)
         if self.mode == "none":
             return
+        check_head_count(self.loaded.info, layer, query.shape[1])
         check_finite(layer, query, key)
         batch, n_heads, n_query, _ = query.shape
         n_key = key.shape[2]
@@ -172,6 +183,7 @@ class CaptureSession:
         ):
             return None
         self.layers_seen.add(layer)
+        check_head_count(self.loaded.info, layer, query.shape[1])
         check_finite(layer, query, key)
         causal = bool(getattr(module, "is_causal", self.loaded.info.causal))
         allowed: torch.Tensor | None = None
@@ -244,9 +256,15 @@ class CaptureSession:
         with torch.no_grad():
             if self.fallback:
                 out = model(**source, output_attentions=True, **extra)
-                maps = tuple(a for a in out.attentions or () if a is not None)
+                maps = tuple(a for a in getattr(out, "attentions", None) or () if a is not None)
+                if not maps:
+                    raise HeadatlasError(
+                        f"{self.loaded.info.name} ({self.loaded.info.arch}) returns no attention maps "
+                        "from output_attentions and cannot swap attention backends: capture refused"
+                    )
                 numbers = eager_layer_numbers(self.loaded, len(maps))
                 for view in backend_eager.views(maps, attention_mask, self.loaded.info.causal, numbers):
+                    check_head_count(self.loaded.info, view.layer, view.probs.shape[1])
                     self.layers_seen.add(view.layer)
                     self.on_view(view)
             else:
@@ -331,9 +349,7 @@ def capture(loaded: LoadedModel, on_view: ViewCallback, mode: str = "auto") -> I
         raise HeadatlasError(f"{loaded.info.arch}: {refused}")
     previous: Any = model.config._attn_implementation
     fallback = not supports_backend(loaded)
-    name = (
-        "eager" if fallback else (backend.EAGER_NAME if backend.needs_eager(model.config) else backend.NAME)
-    )
+    name = "eager" if fallback else (backend.EAGER_NAME if backend.needs_eager(model) else backend.NAME)
     if fallback:
         logger.warning(
             "%s cannot swap attention backends: falling back to eager output_attentions "

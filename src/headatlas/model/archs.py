@@ -96,10 +96,22 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "diffllama": ArchSpec((_SELF_ATTN_O,), refused=_DIFFERENTIAL),
     # Encoder–decoder families: their attention modules call transformers' attention interface
     # (checked against eager in tests/test_seq2seq.py); head ablation and pruning do not cover them.
-    **{name: ArchSpec((), cross_attention="EncDecAttention") for name in ("t5", "mt5", "umt5")},
+    **{
+        name: ArchSpec((), cross_attention="EncDecAttention")
+        for name in ("t5", "mt5", "umt5", "switch_transformers")
+    },
+    **{name: ArchSpec((), cross_attention="cross_attention") for name in ("seamless_m4t", "seamless_m4t_v2")},
     **{
         name: ArchSpec((), cross_attention="encoder_attn")
-        for name in ("marian", "pegasus", "m2m_100", "whisper")
+        for name in (
+            "marian",
+            "pegasus",
+            "m2m_100",
+            "whisper",
+            "blenderbot",
+            "blenderbot-small",
+            "plbart",
+        )
     },
     # BART and mBART also ship a decoder-only causal LM (BartForCausalLM): its heads are hooked there
     **{name: ArchSpec((_OUT_PROJ,), cross_attention="encoder_attn") for name in ("bart", "mbart")},

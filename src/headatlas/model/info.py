@@ -166,7 +166,7 @@ def model_info(
         n_layers = _encoder_decoder_layers(config, name, len(stacks), n_heads)
     attn_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "is_causal")]
     causal = (
-        any(bool(m.is_causal) for m in attn_modules) if attn_modules else arch_spec(config.model_type).causal
+        any(bool(m.is_causal) for m in attn_modules) if attn_modules else _causal_without_flags(model, config)
     )
     window = _config_int(config, "sliding_window")
     return ModelInfo(
@@ -184,6 +184,17 @@ def model_info(
         sliding_window=window,
         attn_kinds=None if stacks is None else tuple(layer.kind for layer in stacks),
     )
+
+
+def _causal_without_flags(model: Any, config: Any) -> bool:
+    """Whether a model whose attention modules carry no ``is_causal`` flag is causal: its family's
+    row where there is one, else not for a masked-LM head or an encoder config (``is_decoder`` off
+    on a BERT-style config), else causal."""
+    from .archs import ARCHITECTURES
+
+    if config.model_type in ARCHITECTURES:
+        return arch_spec(config.model_type).causal
+    return not type(model).__name__.endswith("ForMaskedLM")
 
 
 def _encoder_decoder_layers(config: Any, name: str, found: int, n_heads: int) -> int:

@@ -139,8 +139,41 @@ def check_capture(loaded: LoadedModel) -> Outcome:
         n_keys = (probs > 0).any(dim=1).sum(-1)  # [batch, query]: keys the eager mask allowed
         _accumulate(reference, DenseView(layer, probs, 0, n_keys), ctx)
     delta, where = _max_delta(fast, reference)
+    if delta > TOLERANCE and _has_sinks(loaded):
+        return _capture_sinks(loaded, batch.input_ids, batch.attention_mask, attentions, numbers, path)
     status = "ok" if delta <= TOLERANCE else "wrong"
     return Outcome(status, delta, path if status == "ok" else f"{path}: {where}")
+
+
+def _has_sinks(loaded: LoadedModel) -> bool:
+    from ...capture.backends.headatlas import has_sinks
+
+    return any(has_sinks(m) for m in loaded.model.modules())
+
+
+def _capture_sinks(
+    loaded: LoadedModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    eager: list[Any],
+    numbers: list[int],
+    path: str,
+) -> Outcome:
+    """Learned sinks: headatlas's probabilities of the real keys exclude the sink's share (rows sum
+    to 1 − the sink's mass: what weights the values, gpt-oss's convention); a family whose eager
+    ``output_attentions`` returns the softmax before its sink scaling (Granite SWA) is compared with
+    headatlas's rows renormalised to 1, which checks everything but the sink's share itself."""
+    from ...capture.session import attention_maps
+
+    maps = attention_maps(loaded, ids, mask)
+    delta = 0.0
+    for layer, probs in zip(numbers, eager, strict=True):
+        ours = maps[layer]  # [batch, head, query, key]
+        ours = ours / ours.sum(-1, keepdim=True).clamp_min(1e-30)
+        diff = (ours - probs.float()).abs() * mask.bool()[:, None, :, None]
+        delta = max(delta, float(diff.max()))
+    detail = f"{path}; sinks: rows exclude the sink's share; eager returns the pre-sink softmax (compared renormalised)"
+    return Outcome("ok" if delta <= TOLERANCE else "wrong", delta, detail)
 
 
 def _eager_changes_forward(
@@ -192,7 +225,7 @@ def _attention_writes(
     model = loaded.model
     if not getattr(type(model), "_supports_attention_backend", False):
         raise _NoReference(f"{type(model).__name__} cannot swap attention backends")
-    use_eager = backend.needs_eager(model.config)
+    use_eager = backend.needs_eager(model)
     delegate = backend.headatlas_eager_attention if use_eager else backend.headatlas_attention
     order: dict[int, int] = {}
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...capture.session import supports_backend
 from ...core.errors import HeadatlasError
 from ...core.progress import Progress
-from ...capture.session import supports_backend
 from ...model.info import LoadedModel
 from .checks import CHECKS, Check, Outcome, run_check
 from .families import CannotBuild, Family, families, load_tiny

@@ -172,7 +172,7 @@ def compressed(
     backend_kv.register()
     model = loaded.model
     previous = model.config._attn_implementation
-    model.set_attn_implementation(backend_kv.backend_name(model.config))
+    model.set_attn_implementation(backend_kv.backend_name(model))
     try:
         yield cache
     finally:

@@ -129,7 +129,19 @@ def register() -> None:
     register_backends(NAME, headatlas_attention, EAGER_NAME, headatlas_eager_attention)
 
 
-def needs_eager(config: Any) -> bool:
-    """Return whether the model's attention needs the eager delegate (soft-capping or sinks)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "attn_logit_softcapping", None) is not None or text.model_type == "gpt_oss"
+def has_sinks(module: torch.nn.Module) -> bool:
+    """Whether attention module ``module`` has learned sinks (a ``sinks`` parameter: gpt-oss, Granite
+    SWA, Flint, ...), which SDPA cannot express."""
+    return isinstance(getattr(module, "sinks", None), torch.nn.Parameter)
+
+
+def needs_eager(target: Any) -> bool:
+    """Return whether a model's attention needs the eager delegate: logit soft-capping in its config,
+    or learned sinks (gpt-oss by name; any family whose attention modules hold a ``sinks`` parameter
+    when ``target`` is the model rather than its config). SDPA would silently drop either."""
+    model = target if isinstance(target, torch.nn.Module) else None
+    config: Any = model.config if model is not None else target
+    text: Any = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "attn_logit_softcapping", None) is not None or text.model_type == "gpt_oss":
+        return True
+    return model is not None and any(has_sinks(m) for m in model.modules())
