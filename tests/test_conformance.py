@@ -18,7 +18,7 @@ import headatlas as ha
 from conftest import requires_default_model
 from headatlas.apps.conformance import by_name, category, run_family
 from headatlas.apps.conformance.checks import CHECKS, Outcome, check_ablate
-from headatlas.apps.conformance.families import KINDS, Family, families, load_tiny, shrink
+from headatlas.apps.conformance.families import KINDS, REPRESENTATIVE, Family, families, load_tiny, shrink
 from headatlas.apps.conformance.page import page_rows, stable, table_row
 from headatlas.apps.conformance.sweep import Row, time_limit
 from headatlas.capture.hook import output_projections
@@ -30,37 +30,7 @@ from headatlas.model import archs
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "models.md"
 
-SUBSET = (
-    ("causal", "llama"),
-    ("causal", "qwen3"),
-    ("causal", "mistral"),
-    ("causal", "gemma2"),
-    ("causal", "gemma3_text"),
-    ("causal", "gpt2"),
-    ("causal", "gpt_neox"),
-    ("causal", "gpt_neo"),
-    ("causal", "bloom"),
-    ("causal", "falcon"),
-    ("causal", "mpt"),
-    ("causal", "gptj"),
-    ("causal", "codegen"),
-    ("causal", "phi3"),
-    ("causal", "deepseek_v3"),
-    ("causal", "gpt_oss"),
-    ("causal", "mixtral"),
-    ("causal", "olmo2"),
-    ("causal", "diffllama"),
-    ("causal", "bitnet"),
-    ("causal", "jamba"),
-    ("causal", "mamba"),
-    ("masked", "bert"),
-    ("masked", "roberta"),
-    ("masked", "modernbert"),
-    ("seq2seq", "t5"),
-    ("seq2seq", "bart"),
-)
-"""The families ``make test`` re-checks against the page: the issue's named hard cases and one of
-each category (the whole sweep is ``make models-doc``)."""
+SUBSET = REPRESENTATIVE
 
 
 def _family(kind: str, name: str) -> Family:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..core.errors import HeadatlasError
-from ..model.archs import arch_spec, match_layer, projections_by_structure
+from ..model.archs import arch_spec, in_text_stack, match_layer, projections_by_structure
 from ..model.info import LoadedModel, check_loaded
 
 HeadCallback = Callable[[int, torch.Tensor, Any], "torch.Tensor | None"]
@@ -46,7 +46,7 @@ def output_projections(loaded: LoadedModel) -> dict[int, torch.nn.Module]:
     found: dict[int, torch.nn.Module] = {}
     modules = dict(loaded.model.named_modules())
     for name, module in modules.items():
-        layer = match_layer(spec.o_proj, name)
+        layer = match_layer(spec.o_proj, name) if in_text_stack(name) else None
         if layer is not None and layer not in found:
             found[layer] = module
     if not found:

@@ -95,6 +95,19 @@ class CaptureSession:
         path patching writes a receiver head's query, key or value."""
         self.context: Any = None
         """Per-batch data for the callbacks (positions, word ids, prompts), set by :meth:`run`."""
+        self.keys_are_tokens = True
+        """In :meth:`run` (no cache) a self-attention layer's keys are the input's tokens; a layer with
+        more or fewer keys (DeepSeek V4's compressed memory) is refused. :meth:`forward` turns it off."""
+
+    def check_keys(self, layer: int, n_query: int, n_key: int) -> None:
+        """Raise :class:`HeadatlasError` when self-attention layer ``layer`` of a cacheless pass has
+        ``n_key`` keys for ``n_query`` tokens: its keys are not the tokens, and no score would mean
+        what it says."""
+        if self.keys_are_tokens and n_key != n_query and layer not in self._cross_layers:
+            raise HeadatlasError(
+                f"layer {layer} of {self.loaded.info.name} ({self.loaded.info.arch}) attends over {n_key} "
+                f"keys for {n_query} tokens (compressed or extra memory keys, not the tokens): capture refused"
+            )
 
     def layer_of(self, module: torch.nn.Module) -> int:
         """Return the layer index of attention module ``module``."""
@@ -132,6 +145,7 @@ class CaptureSession:
         if self.mode == "none":
             return
         check_head_count(self.loaded.info, layer, query.shape[1])
+        self.check_keys(layer, query.shape[2], key.shape[2])
         check_finite(layer, query, key)
         batch, n_heads, n_query, _ = query.shape
         n_key = key.shape[2]
@@ -184,6 +198,7 @@ class CaptureSession:
             return None
         self.layers_seen.add(layer)
         check_head_count(self.loaded.info, layer, query.shape[1])
+        self.check_keys(layer, n_query, n_key)
         check_finite(layer, query, key)
         causal = bool(getattr(module, "is_causal", self.loaded.info.causal))
         allowed: torch.Tensor | None = None
@@ -285,6 +300,7 @@ class CaptureSession:
         """
         if self.fallback:
             raise RuntimeError("CaptureSession.forward needs a model that can swap attention backends")
+        self.keys_are_tokens = False
         token = backend.ACTIVE_SESSION.set(self)
         try:
             with torch.no_grad():
@@ -357,7 +373,14 @@ def capture(loaded: LoadedModel, on_view: ViewCallback, mode: str = "auto") -> I
             type(model).__name__,
         )
     backend.register()
-    model.set_attn_implementation(name)
+    try:
+        model.set_attn_implementation(name)
+    except ValueError as error:  # a submodule (an audio tokenizer, ...) refuses custom attention
+        model.set_attn_implementation(previous)
+        raise HeadatlasError(
+            f"{type(model).__name__} refuses the {name} attention backend ({' '.join(str(error).split())[:120]}): "
+            "capture refused"
+        ) from error
     try:
         yield CaptureSession(loaded, on_view, fallback=fallback, mode=mode)
     finally:

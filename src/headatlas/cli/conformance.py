@@ -4,6 +4,7 @@ family built tiny and checked; writes ``docs/models.md``). The work is in
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -94,8 +95,10 @@ def conformance(
     chosen = run(lambda: by_name(families.split(","))) if families else None
     if out is not None and chosen is not None:
         run(lambda: _refuse_partial_page())
+    started = time.perf_counter()
     with progress_bar() as progress:
         rows = sweep(chosen, all_checks(), step(progress, "families"), limit=limit)
+    wall = time.perf_counter() - started
     table = Table("mapping", "family", "category", "capture", "reason")
     for row in rows:
         capture = row.outcomes.get("capture")
@@ -111,7 +114,8 @@ def conformance(
     if out is not None:
         console.print(f"wrote {write_text(out, render(rows, versions))}")
     if json_out is not None:
-        console.print(f"wrote {write_json(json_out, rows_json(rows, versions))}")
+        result = {**rows_json(rows, versions), "wall_seconds": round(wall, 1), "torch_threads": 1}
+        console.print(f"wrote {write_json(json_out, result)}")
 
 
 def _refuse_partial_page() -> None:

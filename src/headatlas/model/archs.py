@@ -39,6 +39,7 @@ class ArchSpec:
             ``None`` for a family it supports. Found by the conformance sweep
             (:mod:`headatlas.apps.conformance`), never guessed.
         capture_refused: why capture alone is refused (head outputs still work), one line.
+        kv_refused: why the head-wise KV cache (:mod:`headatlas.apps.kv`) is refused, one line.
     """
 
     o_proj: tuple[str, ...]
@@ -49,6 +50,7 @@ class ArchSpec:
     cross_attention: str | None = None
     refused: str | None = None
     capture_refused: str | None = None
+    kv_refused: str | None = None
 
 
 _SELF_ATTN_O = r"(?:^|\.)(\d+)\.self_attn\.o_proj$"
@@ -94,6 +96,23 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gptj": ArchSpec((_ATTN_OUT_PROJ,)),
     "codegen": ArchSpec((_ATTN_OUT_PROJ,)),
     "diffllama": ArchSpec((_SELF_ATTN_O,), refused=_DIFFERENTIAL),
+    # Doge computes a dynamic mask from the cached values; Moshi's depth decoder keeps its own cache
+    "doge": ArchSpec(
+        (_SELF_ATTN_O,), kv_refused="its attention reads the cached values to build a dynamic mask"
+    ),
+    "moshi": ArchSpec((_SELF_ATTN_O,), kv_refused="its depth decoder keeps a cache of its own"),
+    "albert": ArchSpec(
+        (_BERT_DENSE,),
+        causal=False,
+        refused="ALBERT shares one layer's weights across every layer: the same heads run once per layer, "
+        "which one row per layer and head cannot hold; headatlas refuses its heads",
+    ),
+    "mra": ArchSpec(
+        (),
+        causal=False,
+        refused="multi-resolution approximate attention: no attention probabilities, and the head "
+        "outputs never reach an output projection as heads; headatlas refuses its heads",
+    ),
     # Encoder–decoder families: their attention modules call transformers' attention interface
     # (checked against eager in tests/test_seq2seq.py); head ablation and pruning do not cover them.
     **{
@@ -123,6 +142,16 @@ GENERIC = ArchSpec((_SELF_ATTN_O, _GPT2_C_PROJ, _BERT_DENSE, _OUT_PROJ, _DENSE))
 def arch_spec(model_type: str) -> ArchSpec:
     """Return the :class:`ArchSpec` row for ``model_type`` (``config.model_type``), or the generic one."""
     return ARCHITECTURES.get(model_type, GENERIC)
+
+
+_TOWER = re.compile(r"(?:^|\.)\w*(?:vision|image|visual|audio|speech|acoustic|projector|qformer)\w*(?:\.|$)")
+"""A module name inside a multimodal model's non-text tower (a vision or audio encoder, a projector):
+its attention layers are not the language model's, and must never be taken for them."""
+
+
+def in_text_stack(module_name: str) -> bool:
+    """Whether ``module_name`` lies outside every vision / audio tower and projector (:data:`_TOWER`)."""
+    return _TOWER.search(module_name) is None
 
 
 def value_head_dim(config: object, head_dim: int) -> int:
@@ -155,7 +184,7 @@ def projections_by_structure(model: object, width: int, hidden: int) -> dict[int
     attention module's ``layer_idx``, else the first number in its name."""
     found: dict[int, str] = {}
     for name, module in model.named_modules():  # type: ignore[attr-defined]
-        if not _is_attention(module):
+        if not _is_attention(module) or not in_text_stack(name):
             continue
         chosen = None
         for child_name, child in module.named_children():

@@ -359,6 +359,8 @@ def check_patch(loaded: LoadedModel) -> Outcome:
         saved["z"] = z[:, :, head].clone()  # [batch, query, d_head]
 
     def write(_layer: int, z: torch.Tensor, _ctx: Any) -> torch.Tensor:
+        if saved["z"].shape != z[:, :, head].shape:
+            raise _NoReference("the head's output has another shape on the other input")
         out = z.clone()
         out[:, :, head] = saved["z"]
         return out
@@ -377,6 +379,8 @@ def check_patch(loaded: LoadedModel) -> Outcome:
     def source_write(at: int, out: torch.Tensor) -> torch.Tensor:
         if at != layer:
             return out
+        if saved["a"].shape != out[:, :, head].shape:
+            raise _NoReference("the head's output has another shape on the other input")
         out = out.clone()
         out[:, :, head] = saved["a"].to(out)
         return out

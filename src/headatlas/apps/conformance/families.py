@@ -110,6 +110,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "deepseek_v2": {"head_dim": 8, "num_experts_per_tok": 2, "topk_method": "greedy"},
     "falcon": {"new_decoder_architecture": False, "multi_query": True},
     "gpt_neox": {"rotary_pct": 0.5},
+    "falcon_h1": {"mamba_d_ssm": 128, "mamba_n_heads": 16, "mamba_d_state": 16, "mamba_chunk_size": 16},
     "reformer": {
         "attn_layers": ["local", "lsh"],
         "axial_pos_shape": [16, 32],
@@ -117,6 +118,45 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     },
 }
 """Per-family fields on top of the generic shrinker, as data (one row per family that needs one)."""
+
+
+REPRESENTATIVE: tuple[tuple[str, str], ...] = (
+    *(
+        ("causal", name)
+        for name in (
+            "llama",
+            "qwen3",
+            "mistral",
+            "gemma2",
+            "gemma3_text",
+            "gpt2",
+            "gpt_neox",
+            "gpt_neo",
+            "bloom",
+            "falcon",
+            "mpt",
+            "gptj",
+            "codegen",
+            "phi3",
+            "deepseek_v3",
+            "gpt_oss",
+            "granite_swa",
+            "mixtral",
+            "olmo2",
+            "diffllama",
+            "bitnet",
+            "jamba",
+            "mamba",
+        )
+    ),
+    ("masked", "bert"),
+    ("masked", "roberta"),
+    ("masked", "modernbert"),
+    ("seq2seq", "t5"),
+    ("seq2seq", "bart"),
+)
+"""``(mapping, family)`` pairs the tests re-check against the page (``make test``): the issue's named
+hard cases and at least one family of each category; the whole sweep is ``make models-doc``."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 the extra ones a caller passes: the CLI adds the KV cache) under a per-family time limit, and
 returns a :class:`Row`. :func:`category` files a row under exactly one heading: exact on the fast
 path, exact on the dense path, exact through eager ``output_attentions``, refused (a one-line
-reason), wrong (a number off its reference: a defect), error (a crash), cannot build tiny, or no
+reason), unverified (no independent reference: eager returns maps for other layers), wrong (a number off its reference: a defect), error (a crash), cannot build tiny, or no
 attention.
 """
 
@@ -38,6 +38,7 @@ CATEGORIES = (
     "exact (dense path)",
     "exact (eager fallback)",
     "refused",
+    "unverified",
     "wrong",
     "error",
     "cannot build tiny",
@@ -100,7 +101,8 @@ def run_family(family: Family, checks: dict[str, Check] | None = None, limit: fl
             except CannotBuild as error:
                 row.build = f"cannot build tiny: {error}"
             except HeadatlasError as error:
-                row.build = f"no attention: {' '.join(str(error).split())}"
+                text = " ".join(str(error).split())
+                row.build = f"{'no attention' if 'no attention layers' in text else 'refused'}: {text}"
             else:
                 row.interface = supports_backend(loaded)
                 row.outcomes = check_all(loaded, checks or CHECKS)
@@ -133,8 +135,8 @@ def sweep(
 def category(row: Row) -> str:
     """Return the one :data:`CATEGORIES` heading ``row`` lands under (from its capture outcome)."""
     if row.build is not None:
-        if row.build.startswith("no attention"):
-            return "no attention"
+        if row.build.startswith(("no attention", "refused")):
+            return row.build.split(":")[0]
         return "error" if row.build.startswith("error") else "cannot build tiny"
     capture = row.outcomes.get("capture")
     if capture is None:
@@ -145,6 +147,8 @@ def category(row: Row) -> str:
         return "exact (fast path)" if "fast" in capture.detail else "exact (dense path)"
     if capture.status in ("refused", "wrong"):
         return capture.status
+    if capture.status == "n/a":
+        return "unverified"
     if any(o.status == "wrong" for o in row.outcomes.values()):
         return "wrong"
     return "error"
