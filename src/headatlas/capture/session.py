@@ -177,12 +177,15 @@ class CaptureSession:
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scaling: float,
-    ) -> torch.Tensor | None:
+    ) -> torch.Tensor | bool:
         """Fast path: fused attention with log-sum-exp, one :class:`LseView` to ``on_view``.
 
         Returns the layer output ``[batch, query, head, d_head]`` (bitwise what SDPA returns on
-        CPU), or ``None`` when the fast path does not apply (then the caller delegates and
-        calls :meth:`observe`).
+        CPU); ``True`` when the view went out but the output must come from the delegate (values
+        of another head size than queries and keys, as in DeepSeek's latent attention: the fused
+        kernel needs one size, so the log-sum-exp comes from a call with the keys as values); or
+        ``False`` when the fast path does not apply (then the caller delegates and calls
+        :meth:`observe`).
         """
         batch, _n_heads, n_query, d_head = query.shape
         n_key = key.shape[2]
@@ -191,11 +194,12 @@ class CaptureSession:
             self.mode != "auto"
             or layer in self._cross_layers  # cross detectors read whole rows
             or query.device.type != "cpu"
-            or value.shape[-1] != d_head
+            or key.shape[-1] != d_head
             or (attention_mask is None and n_query != n_key)
             or query.dtype not in (torch.float32, torch.bfloat16)
         ):
-            return None
+            return False
+        split_value = value.shape[-1] != d_head
         self.layers_seen.add(layer)
         check_head_count(self.loaded.info, layer, query.shape[1])
         self.check_keys(layer, n_query, n_key)
@@ -216,15 +220,19 @@ class CaptureSession:
         is_causal = attention_mask is None and causal and n_query > 1
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         with torch.no_grad():
-            out, lse = flash(query, key, value, 0.0, is_causal, attn_mask=additive, scale=scaling)
+            out, lse = flash(
+                query, key, key if split_value else value, 0.0, is_causal, attn_mask=additive, scale=scaling
+            )
 
             def keys_times_attention() -> torch.Tensor:
+                if split_value:  # the call above already had the keys as values
+                    return out
                 return flash(query, key, key, 0.0, is_causal, attn_mask=additive, scale=scaling)[0]
 
             self.on_view(
                 LseView(layer, query, key, lse, scaling, allowed, causal, n_keys, keys_times_attention)
             )
-        return out.transpose(1, 2).contiguous()
+        return True if split_value else out.transpose(1, 2).contiguous()
 
     def run(
         self,

@@ -66,10 +66,12 @@ def _forward(
         if replaced is not None:
             query, key, value = replaced
     exact_fast = kwargs.get("s_aux") is None and kwargs.get("position_bias") is None and dropout == 0.0
+    viewed = False
     if session is not None and not use_eager and exact_fast:
         fast = session.attend_fast(module, query, key, value, attention_mask, scale)
-        if fast is not None:
+        if isinstance(fast, torch.Tensor):
             return fast, None
+        viewed = fast  # True: the view went out, the output comes from the delegate
     if use_eager:
         out, _ = _module_eager(module)(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -80,7 +82,7 @@ def _forward(
         out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    if session is not None:
+    if session is not None and not viewed:
         session.observe(
             module,
             query,
