@@ -102,7 +102,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     ),
     "moshi": ArchSpec((_SELF_ATTN_O,), kv_refused="its depth decoder keeps a cache of its own"),
     "albert": ArchSpec(
-        (_BERT_DENSE,),
+        (),
         causal=False,
         refused="ALBERT shares one layer's weights across every layer: the same heads run once per layer, "
         "which one row per layer and head cannot hold; headatlas refuses its heads",
