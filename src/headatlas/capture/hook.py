@@ -23,24 +23,48 @@ from typing import Any
 import torch
 
 from ..core.errors import HeadatlasError
-from ..model.archs import arch_spec, match_layer
+from ..model.archs import arch_spec, in_text_stack, match_layer, projections_by_structure
 from ..model.info import LoadedModel, check_loaded
 
 HeadCallback = Callable[[int, torch.Tensor, Any], "torch.Tensor | None"]
 """``(layer, z [batch, query, head, d_head], context) -> replacement z or None``."""
 
 
+def check_heads_supported(loaded: LoadedModel) -> None:
+    """Raise :class:`HeadatlasError` when the architecture table refuses this family's heads."""
+    reason = arch_spec(loaded.info.arch).refused
+    if reason is not None:
+        raise HeadatlasError(f"{loaded.info.arch}: {reason}")
+
+
 def output_projections(loaded: LoadedModel) -> dict[int, torch.nn.Module]:
-    """Return ``{layer: attention output projection}`` found by the architecture table's patterns."""
+    """Return ``{layer: attention output projection}`` found by the architecture table's patterns,
+    else by structure (:func:`~headatlas.model.archs.projections_by_structure`: the linear child of
+    each attention module that reads the concatenated heads and writes the residual stream)."""
+    check_heads_supported(loaded)
     spec = arch_spec(loaded.info.arch)
     found: dict[int, torch.nn.Module] = {}
-    for name, module in loaded.model.named_modules():
-        layer = match_layer(spec.o_proj, name)
+    modules = dict(loaded.model.named_modules())
+    for name, module in modules.items():
+        layer = match_layer(spec.o_proj, name) if in_text_stack(name) else None
         if layer is not None and layer not in found:
             found[layer] = module
     if not found:
+        config = loaded.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        hidden = next(
+            (v for k in ("hidden_size", "n_embd", "d_model") if isinstance(v := getattr(text, k, None), int)),
+            0,
+        )
+        width = loaded.info.n_heads * loaded.info.head_dim
+        found = {
+            layer: modules[name]
+            for layer, name in projections_by_structure(loaded.model, width, hidden).items()
+        }
+    if not found:
         raise HeadatlasError(
-            f"cannot find the attention output projections of a {loaded.info.arch!r} model: "
+            f"cannot find the attention output projections of a {loaded.info.arch!r} model (no pattern "
+            "matches and no attention module has a linear child reading the concatenated heads): "
             "add a row for it to headatlas.model.archs.ARCHITECTURES"
         )
     return found

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..core.errors import HeadatlasError, check_choice, param
-from ..model.archs import arch_spec, attention_stacks
+from ..model.archs import arch_spec, attention_layer_numbers, attention_stacks
 from ..model.info import LoadedModel, check_loaded
 from .backends import eager as backend_eager
 from .backends import headatlas as backend
@@ -41,6 +41,16 @@ QKVCallback = Callable[
     [int, torch.Tensor, torch.Tensor, torch.Tensor, Any],
     "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None",
 ]
+
+
+def check_head_count(info: Any, layer: int, n_heads: int) -> None:
+    """Raise :class:`HeadatlasError` when layer ``layer`` has ``n_heads`` query heads and the model's
+    config says otherwise (per-layer head counts: an atlas needs one count for every layer)."""
+    if n_heads != info.n_heads:
+        raise HeadatlasError(
+            f"layer {layer} of {info.name} ({info.arch}) has {n_heads} heads, its config says {info.n_heads}: "
+            "an atlas needs the same head count in every layer; capture refused"
+        )
 
 
 def check_finite(layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -93,6 +103,19 @@ class CaptureSession:
         path patching writes a receiver head's query, key or value."""
         self.context: Any = None
         """Per-batch data for the callbacks (positions, word ids, prompts), set by :meth:`run`."""
+        self.keys_are_tokens = True
+        """In :meth:`run` (no cache) a self-attention layer's keys are the input's tokens; a layer with
+        more or fewer keys (DeepSeek V4's compressed memory) is refused. :meth:`forward` turns it off."""
+
+    def check_keys(self, layer: int, n_query: int, n_key: int) -> None:
+        """Raise :class:`HeadatlasError` when self-attention layer ``layer`` of a cacheless pass has
+        ``n_key`` keys for ``n_query`` tokens: its keys are not the tokens, and no score would mean
+        what it says."""
+        if self.keys_are_tokens and n_key != n_query and layer not in self._cross_layers:
+            raise HeadatlasError(
+                f"layer {layer} of {self.loaded.info.name} ({self.loaded.info.arch}) attends over {n_key} "
+                f"keys for {n_query} tokens (compressed or extra memory keys, not the tokens): capture refused"
+            )
 
     def layer_of(self, module: torch.nn.Module) -> int:
         """Return the layer index of attention module ``module``."""
@@ -129,6 +152,8 @@ class CaptureSession:
         self.layers_seen.add(layer)
         if self.mode == "none":
             return
+        check_head_count(self.loaded.info, layer, query.shape[1])
+        self.check_keys(layer, query.shape[2], key.shape[2])
         check_finite(layer, query, key)
         batch, n_heads, n_query, _ = query.shape
         n_key = key.shape[2]
@@ -161,12 +186,15 @@ class CaptureSession:
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scaling: float,
-    ) -> torch.Tensor | None:
+    ) -> torch.Tensor | bool:
         """Fast path: fused attention with log-sum-exp, one :class:`LseView` to ``on_view``.
 
         Returns the layer output ``[batch, query, head, d_head]`` (bitwise what SDPA returns on
-        CPU), or ``None`` when the fast path does not apply (then the caller delegates and
-        calls :meth:`observe`).
+        CPU); ``True`` when the view went out but the output must come from the delegate (values
+        of another head size than queries and keys, as in DeepSeek's latent attention: the fused
+        kernel needs one size, so the log-sum-exp comes from a call with the keys as values); or
+        ``False`` when the fast path does not apply (then the caller delegates and calls
+        :meth:`observe`).
         """
         batch, _n_heads, n_query, d_head = query.shape
         n_key = key.shape[2]
@@ -176,12 +204,15 @@ class CaptureSession:
             or self.grad  # the fused kernel with log-sum-exp has no backward
             or layer in self._cross_layers  # cross detectors read whole rows
             or query.device.type != "cpu"
-            or value.shape[-1] != d_head
+            or key.shape[-1] != d_head
             or (attention_mask is None and n_query != n_key)
             or query.dtype not in (torch.float32, torch.bfloat16)
         ):
-            return None
+            return False
+        split_value = value.shape[-1] != d_head
         self.layers_seen.add(layer)
+        check_head_count(self.loaded.info, layer, query.shape[1])
+        self.check_keys(layer, n_query, n_key)
         check_finite(layer, query, key)
         causal = bool(getattr(module, "is_causal", self.loaded.info.causal))
         allowed: torch.Tensor | None = None
@@ -199,15 +230,19 @@ class CaptureSession:
         is_causal = attention_mask is None and causal and n_query > 1
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         with torch.no_grad():
-            out, lse = flash(query, key, value, 0.0, is_causal, attn_mask=additive, scale=scaling)
+            out, lse = flash(
+                query, key, key if split_value else value, 0.0, is_causal, attn_mask=additive, scale=scaling
+            )
 
             def keys_times_attention() -> torch.Tensor:
+                if split_value:  # the call above already had the keys as values
+                    return out
                 return flash(query, key, key, 0.0, is_causal, attn_mask=additive, scale=scaling)[0]
 
             self.on_view(
                 LseView(layer, query, key, lse, scaling, allowed, causal, n_keys, keys_times_attention)
             )
-        return out.transpose(1, 2).contiguous()
+        return True if split_value else out.transpose(1, 2).contiguous()
 
     def run(
         self,
@@ -254,7 +289,15 @@ class CaptureSession:
         with torch.set_grad_enabled(self.grad):
             if self.fallback:
                 out = model(**source, output_attentions=True, **extra)
-                for view in backend_eager.views(out.attentions, attention_mask, self.loaded.info.causal):
+                maps = tuple(a for a in getattr(out, "attentions", None) or () if a is not None)
+                if not maps:
+                    raise HeadatlasError(
+                        f"{self.loaded.info.name} ({self.loaded.info.arch}) returns no attention maps "
+                        "from output_attentions and cannot swap attention backends: capture refused"
+                    )
+                numbers = eager_layer_numbers(self.loaded, len(maps))
+                for view in backend_eager.views(maps, attention_mask, self.loaded.info.causal, numbers):
+                    check_head_count(self.loaded.info, view.layer, view.probs.shape[1])
                     self.layers_seen.add(view.layer)
                     self.on_view(view)
             else:
@@ -275,12 +318,31 @@ class CaptureSession:
         """
         if self.fallback:
             raise RuntimeError("CaptureSession.forward needs a model that can swap attention backends")
+        self.keys_are_tokens = False
         token = backend.ACTIVE_SESSION.set(self)
         try:
             with torch.no_grad():
                 return self.loaded.model(**model_kwargs)
         finally:
             backend.ACTIVE_SESSION.reset(token)
+
+
+def eager_layer_numbers(loaded: LoadedModel, n_maps: int) -> list[int]:
+    """Return the layer index of each of ``n_maps`` eager attention maps: ``0 … n_layers − 1`` when
+    every layer has one, else (a hybrid stack: Jamba, Qwen3-Next, Nemotron-H, whose Mamba or
+    linear-attention layers return no map) the ``layer_idx`` of the attention modules in order, so
+    scores land on the layer whose heads they are. Raises :class:`HeadatlasError` when they cannot
+    be matched (never a score on the wrong layer)."""
+    if n_maps == loaded.info.n_layers:
+        return list(range(n_maps))
+    numbers = attention_layer_numbers(loaded.model)
+    if len(numbers) != n_maps:
+        raise HeadatlasError(
+            f"{loaded.info.name} ({loaded.info.arch}) returns {n_maps} attention maps for "
+            f"{loaded.info.n_layers} layers and headatlas cannot tell which layers they belong to: "
+            "capture refused"
+        )
+    return numbers
 
 
 def padded_positions(model: torch.nn.Module, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -319,11 +381,13 @@ def capture(
     """
     check_choice("mode", mode, ("auto", "dense", "none"))
     model = check_loaded(loaded).model
+    spec = arch_spec(loaded.info.arch)
+    refused = spec.refused or spec.capture_refused
+    if refused is not None:
+        raise HeadatlasError(f"{loaded.info.arch}: {refused}")
     previous: Any = model.config._attn_implementation
     fallback = not supports_backend(loaded)
-    name = (
-        "eager" if fallback else (backend.EAGER_NAME if backend.needs_eager(model.config) else backend.NAME)
-    )
+    name = "eager" if fallback else (backend.EAGER_NAME if backend.needs_eager(model) else backend.NAME)
     if fallback:
         logger.warning(
             "%s cannot swap attention backends: falling back to eager output_attentions "
@@ -331,7 +395,14 @@ def capture(
             type(model).__name__,
         )
     backend.register()
-    model.set_attn_implementation(name)
+    try:
+        model.set_attn_implementation(name)
+    except ValueError as error:  # a submodule (an audio tokenizer, ...) refuses custom attention
+        model.set_attn_implementation(previous)
+        raise HeadatlasError(
+            f"{type(model).__name__} refuses the {name} attention backend ({' '.join(str(error).split())[:120]}): "
+            "capture refused"
+        ) from error
     try:
         yield CaptureSession(loaded, on_view, fallback=fallback, mode=mode, grad=grad)
     finally:

@@ -13,6 +13,7 @@
 - :mod:`.guard`: ``guard fit``, ``guard score``, ``guard eval``
 - :mod:`.retain`: ``retain``
 - :mod:`.data`: ``data status``, ``data install``
+- :mod:`.conformance`: ``doctor``, ``conformance``
 
 Commands only parse, call the library and print; the work lives in the library. Torch and
 transformers are imported lazily, so ``headatlas --help`` is instant.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import sys
 
-from . import atlas, data, guard, interop, kv, patch, probe, prune, retain, steer, verify, view, zoo
+from . import atlas, conformance, data, guard, interop, kv, patch, probe, prune, retain, steer, verify, view, zoo
 from .common import app, err_console
 
 __all__ = ["app", "main"]
@@ -30,6 +31,7 @@ _COMMANDS = (
     prune,
     verify,
     atlas,
+    conformance,
     data,
     guard,
     interop,

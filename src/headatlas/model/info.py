@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..core.errors import HeadatlasError, param
-from .archs import arch_spec, attention_stacks
+from .archs import arch_spec, attention_stacks, value_head_dim
 
 if TYPE_CHECKING:
     import torch
@@ -21,7 +21,9 @@ class ModelInfo:
     """Facts about a loaded model that every later stage needs.
 
     ``n_heads`` counts query heads, ``n_kv_heads`` key/value heads (``n_heads`` for MHA, fewer
-    for GQA/MQA); query head ``h`` reads KV head ``h // (n_heads // n_kv_heads)``.
+    for GQA/MQA); query head ``h`` reads KV head ``h // (n_heads // n_kv_heads)``. ``head_dim`` is
+    the width of one head's output (the value head size where it differs from the query/key
+    size, as in DeepSeek's multi-head latent attention).
     """
 
     name: str
@@ -157,13 +159,14 @@ def model_info(
         )
     n_kv = _config_int(config, "num_key_value_heads", "n_kv_heads") or n_heads
     hidden = _config_int(config, "hidden_size", "n_embd", "d_model") or 0
-    head_dim = _config_int(config, "head_dim", "d_kv") or hidden // n_heads
+    # one head's output width: the value head size (DeepSeek's latent attention: q/k ≠ v)
+    head_dim = value_head_dim(config, _config_int(config, "head_dim", "d_kv") or hidden // n_heads)
     stacks = attention_stacks(model)
     if stacks is not None:
         n_layers = _encoder_decoder_layers(config, name, len(stacks), n_heads)
     attn_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "is_causal")]
     causal = (
-        any(bool(m.is_causal) for m in attn_modules) if attn_modules else arch_spec(config.model_type).causal
+        any(bool(m.is_causal) for m in attn_modules) if attn_modules else _causal_without_flags(model, config)
     )
     window = _config_int(config, "sliding_window")
     return ModelInfo(
@@ -181,6 +184,17 @@ def model_info(
         sliding_window=window,
         attn_kinds=None if stacks is None else tuple(layer.kind for layer in stacks),
     )
+
+
+def _causal_without_flags(model: Any, config: Any) -> bool:
+    """Whether a model whose attention modules carry no ``is_causal`` flag is causal: its family's
+    row where there is one, else not for a masked-LM head or an encoder config (``is_decoder`` off
+    on a BERT-style config), else causal."""
+    from .archs import ARCHITECTURES
+
+    if config.model_type in ARCHITECTURES:
+        return arch_spec(config.model_type).causal
+    return not type(model).__name__.endswith("ForMaskedLM")
 
 
 def _encoder_decoder_layers(config: Any, name: str, found: int, n_heads: int) -> int:

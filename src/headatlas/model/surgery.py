@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..core.errors import HeadatlasError
-from .archs import arch_spec, match_layer
+from .archs import arch_spec, in_text_stack, match_layer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -147,7 +147,7 @@ def attention_modules(model: PreTrainedModel) -> dict[int, torch.nn.Module]:
     found: dict[int, torch.nn.Module] = {}
     modules = dict(model.named_modules())
     for name in modules:
-        layer = match_layer(spec.o_proj, name)
+        layer = match_layer(spec.o_proj, name) if in_text_stack(name) else None
         if layer is not None and layer not in found:
             found[layer] = modules[name.rsplit(".", 1)[0]]
     return found

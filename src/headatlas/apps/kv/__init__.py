@@ -67,6 +67,12 @@ def _check_replaceable(loaded: Any) -> None:
             f"cache layers cannot be replaced: pass {param('fallback', 'fallback=True')} to use the plain cache"
         )
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    reason = _kv_refusal(model, text)
+    if reason is not None:
+        raise HeadatlasError(
+            f"{loaded.info.name} ({loaded.info.arch}): {reason}, so a head-wise cache cannot hold it: "
+            f"pass {param('fallback', 'fallback=True')} to use the plain cache"
+        )
     if set(getattr(text, "layer_types", None) or ["full_attention"]) - {
         "full_attention",
         "sliding_attention",
@@ -75,6 +81,21 @@ def _check_replaceable(loaded: Any) -> None:
             f"{loaded.info.name} has layer types {sorted(set(text.layer_types))} a head-wise cache cannot hold: "
             f"pass {param('fallback', 'fallback=True')} to use the plain cache"
         )
+
+
+def _kv_refusal(model: Any, text: Any) -> str | None:
+    """Why the head-wise cache cannot serve this model (found by the conformance sweep), or ``None``."""
+    from ...capture.backends.headatlas import has_sinks
+    from ...model.archs import arch_spec
+
+    spec = arch_spec(str(text.model_type))
+    if spec.refused or spec.kv_refused:
+        return spec.refused or spec.kv_refused
+    if getattr(text, "kv_lora_rank", None) is not None or isinstance(getattr(text, "v_head_dim", None), int):
+        return "multi-head latent attention (keys and values of different sizes, a compressed cache)"
+    if any(has_sinks(m) for m in model.modules()):
+        return "learned attention sinks, which the head-wise cache's attention does not apply"
+    return None
 
 
 def fill_from(cache: HeadwiseCache, source: Any, attention_mask: torch.Tensor | None = None) -> HeadwiseCache:
@@ -172,7 +193,7 @@ def compressed(
     backend_kv.register()
     model = loaded.model
     previous = model.config._attn_implementation
-    model.set_attn_implementation(backend_kv.backend_name(model.config))
+    model.set_attn_implementation(backend_kv.backend_name(model))
     try:
         yield cache
     finally:

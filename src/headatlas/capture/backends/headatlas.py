@@ -66,10 +66,12 @@ def _forward(
         if replaced is not None:
             query, key, value = replaced
     exact_fast = kwargs.get("s_aux") is None and kwargs.get("position_bias") is None and dropout == 0.0
+    viewed = False
     if session is not None and not use_eager and exact_fast:
         fast = session.attend_fast(module, query, key, value, attention_mask, scale)
-        if fast is not None:
+        if isinstance(fast, torch.Tensor):
             return fast, None
+        viewed = fast  # True: the view went out, the output comes from the delegate
     if use_eager:
         out, _ = _module_eager(module)(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -80,7 +82,7 @@ def _forward(
         out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    if session is not None:
+    if session is not None and not viewed:
         session.observe(
             module,
             query,
@@ -129,7 +131,19 @@ def register() -> None:
     register_backends(NAME, headatlas_attention, EAGER_NAME, headatlas_eager_attention)
 
 
-def needs_eager(config: Any) -> bool:
-    """Return whether the model's attention needs the eager delegate (soft-capping or sinks)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "attn_logit_softcapping", None) is not None or text.model_type == "gpt_oss"
+def has_sinks(module: torch.nn.Module) -> bool:
+    """Whether attention module ``module`` has learned sinks (a ``sinks`` parameter: gpt-oss, Granite
+    SWA, Flint, ...), which SDPA cannot express."""
+    return isinstance(getattr(module, "sinks", None), torch.nn.Parameter)
+
+
+def needs_eager(target: Any) -> bool:
+    """Return whether a model's attention needs the eager delegate: logit soft-capping in its config,
+    or learned sinks (gpt-oss by name; any family whose attention modules hold a ``sinks`` parameter
+    when ``target`` is the model rather than its config). SDPA would silently drop either."""
+    model = target if isinstance(target, torch.nn.Module) else None
+    config: Any = model.config if model is not None else target
+    text: Any = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "attn_logit_softcapping", None) is not None or text.model_type == "gpt_oss":
+        return True
+    return model is not None and any(has_sinks(m) for m in model.modules())

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ....capture.backends.headatlas import _module_eager, needs_eager, register_backends
+from ....capture.backends.headatlas import _module_eager, has_sinks, needs_eager, register_backends
 
 NAME = "headatlas_kv"
 EAGER_NAME = "headatlas_kv_eager"
@@ -52,7 +52,7 @@ def real_tokens(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv_
 
 
 def _delegate(module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    if needs_eager(module.config):
+    if needs_eager(module.config) or has_sinks(module):
         return _module_eager(module)(module, *args, **kwargs)  # type: ignore[no-any-return]
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -123,6 +123,7 @@ def register() -> None:
     register_backends(NAME, kv_attention, EAGER_NAME, kv_attention)
 
 
-def backend_name(config: Any) -> str:
-    """The backend name for ``config``: the eager-mask variant where SDPA cannot express the model."""
-    return EAGER_NAME if needs_eager(config) else NAME
+def backend_name(target: Any) -> str:
+    """The backend name for a model (or its config): the eager-mask variant where SDPA cannot
+    express the model (soft-capping, learned sinks)."""
+    return EAGER_NAME if needs_eager(target) else NAME
