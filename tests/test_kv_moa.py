@@ -235,3 +235,22 @@ def test_binary_plans_are_unchanged_and_span_plans_round_trip(tmp_path, profiled
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(HeadatlasError, match="field 'spans'"):
         kv.Plan.load(tmp_path / "bad.json")
+
+
+def test_the_command_line_writes_a_span_plan(tiny_model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from headatlas.cli import app
+
+    out = tmp_path / "moa.json"
+    args = ["kv", "fit", str(tiny_model_dir), "--method", "moa", "--seq-len", "64", "--n-prompts", "1"]
+    args += ["--keep-fraction", "0.5", "--context", "512", "--alphas", "4,16", "--out", str(out)]
+    refused = CliRunner().invoke(app, [*args, "--betas", "0,1.5"])
+    assert refused.exit_code == 2 and "--betas in [0, 1)" in refused.output and not out.exists()
+    assert CliRunner().invoke(app, [*args, "--method", "mixture"]).exit_code == 2
+    result = CliRunner().invoke(app, [*args, "--betas", "0,0.25", "--sensitivity", "mass"])
+    assert result.exit_code == 0, result.output
+    assert "1 prompts × " in result.output and "KV heads full" in result.output
+    plan = ha.kv.Plan.load(out)
+    assert plan.rule["moa"]["sensitivity"] == "mass" and plan.kv_bytes["fraction"] <= 0.5
+    assert len(plan.rule["moa"]["rules"]) == 4 and len(plan.spans) == plan.model["n_layers"]

@@ -280,7 +280,7 @@ def kv_eval(
     longest = loaded.info.context_length
     if longest is not None and max(sizes) > longest:
         fail(f"--lengths {max(sizes):,} is beyond {loaded.info.name}'s context of {longest:,} tokens")
-    if max(sizes) <= kv_plan.sink + kv_plan.recent + 1:
+    if not kv_plan.spans and max(sizes) <= kv_plan.sink + kv_plan.recent + 1:  # span plans resolve per length
         fail(
             f"the window (--sink + --recent + 1 = {kv_plan.sink + kv_plan.recent + 1}) is not smaller than --lengths"
         )
