@@ -8,7 +8,10 @@ Rows (every sample runs through every row):
   its time is counted for each, plus the compression);
 - ``random F``: the same number of full KV heads drawn at random (seeded), same bytes;
 - ``atlas F, streaming prefill``: DuoAttention's way, chunked prefill in which streaming heads
-  only ever see sink + window keys (its own prefill, timed on its own).
+  only ever see sink + window keys (its own prefill, timed on its own);
+- ``--moa LABEL=PLAN.json``: ``LABEL F``, a ``kv fit --method moa`` plan's profile solved again for
+  fraction F at each length (one window per KV head, MoA); ``--replan LABEL=PLAN.json``: a ``kv fit``
+  plan's gates planned again for F at each length (so every row of a length holds the same bytes).
 
 Columns: exact-match accuracy, KV bytes really held after prefill (``cache.nbytes()``: tensors,
 not a formula), peak RSS during prefill and during decode (Linux ``VmHWM`` reset before each
@@ -88,6 +91,36 @@ def _random_plan(kv: Any, info: Any, like: Any, seed: int) -> Any:
     )
 
 
+def _resolved_rows(kv: Any, loaded: Any, args: argparse.Namespace, fractions: list[float], length: int,
+                   types: list[str]) -> dict[str, Any]:  # fmt: skip
+    """The ``--moa`` and ``--replan`` rows: each saved profile or gate set planned at every fraction
+    for ``length`` tokens (the same byte budget as the atlas rows of that length)."""
+    import numpy as np
+
+    from headatlas.apps.kv import moa
+    from headatlas.apps.kv.fit import gate_atlas
+
+    rows: dict[str, Any] = {}
+    for spec in args.moa:
+        label, path = spec.split("=", 1)
+        path, _, sensitivity = path.partition(":")
+        saved = kv.Plan.load(path)
+        for f in fractions:
+            rows[f"{label} {f:g}"] = moa.replan(
+                loaded.info, saved, f, length, sensitivity or None, layer_types=types
+            )
+    for spec in args.replan:
+        label, path = spec.split("=", 1)
+        saved = kv.Plan.load(path)
+        gates = gate_atlas(loaded, np.asarray(saved.scores))
+        for f in fractions:
+            rows[f"{label} {f:g}"] = kv.plan(
+                gates, keep_fraction=f, by="duo_gate", sink=saved.sink, recent=saved.recent,
+                context=length, layer_types=types,
+            )  # fmt: skip
+    return rows
+
+
 def _add(stats: dict[str, dict[str, float]], label: str, **values: float) -> None:
     row = stats.setdefault(label, {"n": 0})
     row["n"] += 1
@@ -120,6 +153,15 @@ def main() -> None:
     parser.add_argument(
         "--plan", action="append", default=[], metavar="LABEL=PLAN.json",
         help="a saved plan as one more row (e.g. one from `headatlas kv fit`); made for --lengths",
+    )  # fmt: skip
+    parser.add_argument(
+        "--moa", action="append", default=[], metavar="LABEL=PLAN.json[:mass]",
+        help="a `kv fit --method moa` plan's profile, solved again at every --fractions and length (MoA "
+        "rows; `:mass` uses the attention-mass costs instead of the recorded ones)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--replan", action="append", default=[], metavar="LABEL=PLAN.json",
+        help="a `kv fit` plan's gates, planned again at every --fractions and length (binary rows)",
     )  # fmt: skip
     parser.add_argument(
         "--compensate-row", action="store_true",
@@ -185,6 +227,7 @@ def main() -> None:
         for spec in args.plan:
             label, path = spec.split("=", 1)
             plans[label] = kv.Plan.load(path)
+        plans.update(_resolved_rows(kv, loaded, args, fractions, length, types))
         stream_label = f"atlas {at:g}, streaming prefill"
         for task in args.tasks.split(","):
             samples = make_samples(loaded.tokenizer, task, length, args.n, seed=args.seed, haystack=haystack)

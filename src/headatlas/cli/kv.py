@@ -94,6 +94,7 @@ def kv_plan(
     epilog=example(
         "headatlas kv fit default --keep-fraction 0.25 --out fitted.json",
         "headatlas kv fit default --steps 80 --seq-len 1024 --recent 128 --out fitted.json",
+        "headatlas kv fit default --method moa --keep-fraction 0.25 --context 1024 --out moa.json",
     ),
 )
 def kv_fit(
@@ -117,10 +118,24 @@ def kv_fit(
         str,
         typer.Option(help="answer: the MSE on the answer's positions (DuoAttention's); all: every position"),
     ] = "answer",
+    method: Annotated[
+        str, typer.Option(help="duo: DuoAttention gates (full or streaming); moa: a window per KV head (MoA)")
+    ] = "duo",
+    sensitivity: Annotated[
+        str, typer.Option(help="moa: grad (MoA's loss gradient) or mass (attention outside the window)")
+    ] = "grad",
+    alphas: Annotated[
+        str, typer.Option(help="moa: window rules' alpha values (tokens)")
+    ] = "16,32,64,128,256,512",
+    betas: Annotated[str, typer.Option(help="moa: window rules' beta values (share of the input length)")] = (
+        "0,0.0625,0.125,0.25,0.5"
+    ),
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
 ) -> None:
-    """Fit DuoAttention gates (one per KV head; only the gates train) and write the plan they give."""
+    """Fit DuoAttention gates (one per KV head; only the gates train) and write the plan they give;
+    with --method moa, profile each KV head's loss sensitivity to a set of elastic windows
+    (alpha + beta · length, MoA) and write the plan with one window per KV head within the budget."""
     from ..apps import kv
     from ..apps.kv.fit import check_fit_settings, fit_gates, fitted_plan
     from ..apps.kv.plan import FORMAT, check_plan_settings
@@ -128,6 +143,12 @@ def kv_fit(
 
     run(lambda: check_output_file(out, (".json",), force=force, kind=FORMAT))
     task_names = [t for t in tasks.split(",") if t]
+    if method == "moa":
+        _fit_moa(model, out, keep_fraction, seq_len, n_prompts, sink, context, seed, task_names,
+                 sensitivity, alphas, betas, device)  # fmt: skip
+        return
+    if method != "duo":
+        fail(f"--method must be duo or moa, got {method!r}")
     run(
         lambda: check_fit_settings(steps, seq_len, n_prompts, sink, recent, lam, task_names, loss_on),
         flags={"lam": "--lambda"},
@@ -158,6 +179,51 @@ def kv_fit(
         f"{result.losses[-1]:.4f}; gates mean {result.alpha.mean():.3f}. {b['kv_heads_full']} of "
         f"{b['kv_heads_full'] + b['kv_heads_streaming']} KV heads full, KV at {context} tokens "
         f"{100 * b['fraction']:.1f} % → {out}"
+    )
+
+
+def _numbers(flag: str, text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{flag} must be comma-separated numbers, got {text!r}")
+        raise
+
+
+def _fit_moa(
+    model: str, out: Path, keep_fraction: float, seq_len: int, n_prompts: int, sink: int, context: int,
+    seed: int, tasks: list[str], sensitivity: str, alphas: str, betas: str, device: str,
+) -> None:  # fmt: skip
+    """``kv fit --method moa``: profile, solve the knapsack, write the plan."""
+    from ..apps import kv
+    from ..apps.kv import moa
+    from ..apps.kv.plan import check_plan_settings
+
+    a, b = _numbers("--alphas", alphas), _numbers("--betas", betas)
+    run(lambda: moa.check_moa_settings(seq_len, n_prompts, sink, a, b, tasks, sensitivity))
+    loaded = load_model(model, device)
+    run(lambda: check_plan_settings(loaded.info, keep_fraction, None, context, sink, 1))
+    with progress_bar() as progress:
+        bar = progress.add_task("profiling spans", total=n_prompts)
+        profile = run(
+            lambda: moa.profile_heads(
+                loaded, seq_len=seq_len, n_prompts=n_prompts, sink=sink, alphas=a, betas=b, seed=seed,
+                tasks=tasks, on_prompt=lambda done: progress.update(bar, completed=done),
+            )
+        )  # fmt: skip
+    types = kv.layer_types(loaded.model)
+    plan = run(
+        lambda: moa.profiled_plan(
+            loaded.info, profile, keep_fraction, context, sensitivity, layer_types=types
+        )
+    )
+    plan.save(out)
+    b_ = plan.kv_bytes
+    windows = sorted({w for row in plan.windows(context) for w in row if w is not None})
+    console.print(
+        f"{n_prompts} prompts × {profile.length} tokens profiled in {profile.seconds / 60:.1f} min; "
+        f"{b_['kv_heads_full']} of {b_['kv_heads_full'] + b_['kv_heads_streaming']} KV heads full, windows "
+        f"{', '.join(map(str, windows)) or 'none'} at {context} tokens; KV {100 * b_['fraction']:.1f} % → {out}"
     )
 
 
@@ -214,7 +280,7 @@ def kv_eval(
     longest = loaded.info.context_length
     if longest is not None and max(sizes) > longest:
         fail(f"--lengths {max(sizes):,} is beyond {loaded.info.name}'s context of {longest:,} tokens")
-    if max(sizes) <= kv_plan.sink + kv_plan.recent + 1:
+    if not kv_plan.spans and max(sizes) <= kv_plan.sink + kv_plan.recent + 1:  # span plans resolve per length
         fail(
             f"the window (--sink + --recent + 1 = {kv_plan.sink + kv_plan.recent + 1}) is not smaller than --lengths"
         )

@@ -24,7 +24,7 @@ from ...core.outputs import Folder, check_output_folder
 from ...model.compat import cache_kwargs
 from ..common.formats import DUO_CONFIG, DUO_FOLDER, DUO_TSV, check_format, read_duo, write_duo, write_headkv
 from .backends import headwise as backend_kv
-from .cache import HeadwiseCache, HeadwiseLayer, plain_layers
+from .cache import HeadwiseCache, HeadwiseLayer, SpanLayer, plain_layers
 from .plan import PRESETS, Plan, all_full, from_heads, head_scores, kv_scores, plan
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "HeadwiseCache",
     "HeadwiseLayer",
     "Plan",
+    "SpanLayer",
     "all_full",
     "build_cache",
     "cache_kwargs",
@@ -102,7 +103,7 @@ def fill_from(cache: HeadwiseCache, source: Any, attention_mask: torch.Tensor | 
     """Fill an empty head-wise ``cache`` from a prefilled plain ``source`` cache (full attention, then
     compressed: kvpress's way); ``attention_mask [batch, seq]`` marks real tokens. Returns ``cache``."""
     for i, (src, dst) in enumerate(zip(source.layers, cache.layers, strict=True)):
-        if not isinstance(dst, HeadwiseLayer):
+        if not isinstance(dst, HeadwiseLayer | SpanLayer):
             cache.layers[i] = copy.deepcopy(src)  # the model's own sliding window
             continue
         keys, values = src.keys, src.values  # [batch, kv_head, seq, d_head]
@@ -112,7 +113,9 @@ def fill_from(cache: HeadwiseCache, source: Any, attention_mask: torch.Tensor | 
             else attention_mask.bool().cpu()
         )
         dst.update(keys, values)
-        if dst.n_stream:
+        if isinstance(dst, SpanLayer):
+            dst.compress(real)
+        elif dst.n_stream:
             dst.streaming_keys(real)
             dst.commit(real)
     backend_kv.PENDING.set(None)
@@ -131,8 +134,13 @@ def _check_sliding(kv_plan: Plan, types: list[str], n_kv_heads: int) -> None:
         )
 
 
-def build_cache(loaded: Any, kv_plan: Plan | None, *, streaming_prefill: bool = False) -> HeadwiseCache:
-    """A :class:`HeadwiseCache` for ``kv_plan`` (``None``: transformers' plain dynamic layers)."""
+def build_cache(
+    loaded: Any, kv_plan: Plan | None, *, streaming_prefill: bool = False, length: int | None = None
+) -> HeadwiseCache:
+    """A :class:`HeadwiseCache` for ``kv_plan`` (``None``: transformers' plain dynamic layers).
+
+    A plan with per-head spans (MoA) gets one :class:`SpanLayer` per global layer, its windows
+    resolved at ``length`` prompt tokens (default: the plan's ``context``)."""
     info = loaded.info
     if kv_plan is None:
         return HeadwiseCache(plain_layers(loaded.model.config))
@@ -141,9 +149,15 @@ def build_cache(loaded: Any, kv_plan: Plan | None, *, streaming_prefill: bool = 
     types = layer_types(loaded.model)
     _check_sliding(kv_plan, types, info.n_kv_heads)
     layers: list[Any] = []
+    windows = kv_plan.windows(length or kv_plan.context) if kv_plan.spans else None
     for i, kind in enumerate(types):
         if kind == "sliding":
             layers.append(plain[i])  # the model's own window, left as it is
+            continue
+        if windows is not None:
+            layers.append(
+                SpanLayer(i, info.group_size, windows[i], kv_plan.sink, kv_plan.compensate, streaming_prefill)
+            )
             continue
         layers.append(
             HeadwiseLayer(
@@ -169,6 +183,7 @@ def compressed(
     fallback: bool = False,
     source: Any = None,
     attention_mask: torch.Tensor | None = None,
+    length: int | None = None,
 ) -> Iterator[HeadwiseCache]:
     """Yield a fresh head-wise cache for ``kv_plan`` with the model switched to the
     ``headatlas_kv`` attention backend; restore the model's backend on exit.
@@ -177,7 +192,9 @@ def compressed(
     (DuoAttention) instead of the full prompt compressed afterwards (kvpress). ``fallback``: on a
     model whose cache layers cannot be replaced, yield the plain cache instead of raising.
     ``source``: a prefilled plain cache (``attention_mask`` its real tokens) to compress into the
-    new cache (:func:`fill_from`), so one full prefill serves several plans.
+    new cache (:func:`fill_from`), so one full prefill serves several plans. ``length``: the prompt
+    tokens a span plan's windows are resolved at (default: ``source``'s length, else the plan's
+    ``context``).
     """
     loaded.info.require_one_stack("head-wise KV caches")
     try:
@@ -187,7 +204,9 @@ def compressed(
             raise
         yield HeadwiseCache(plain_layers(loaded.model.config))
         return
-    cache = build_cache(loaded, kv_plan, streaming_prefill=streaming_prefill)
+    if length is None and source is not None:
+        length = source.get_seq_length()
+    cache = build_cache(loaded, kv_plan, streaming_prefill=streaming_prefill, length=length)
     if source is not None:
         fill_from(cache, source, attention_mask)
     backend_kv.register()
@@ -259,6 +278,11 @@ def export(kv_plan: Plan, fmt: str, out: str | Path) -> list[Path]:
     spec = check_format(fmt)
     where = Path(out)
     if spec.name == "duo":
+        if kv_plan.spans:
+            raise HeadatlasError(
+                "a plan with per-head spans (MoA) has no DuoAttention pattern (one window for every "
+                "streaming head): export a binary plan"
+            )
         gates = np.zeros((len(kv_plan.full_heads), kv_plan.n_kv_heads))  # [layer, kv_head]
         for layer, heads in enumerate(kv_plan.full_heads):
             gates[layer, heads] = 1.0

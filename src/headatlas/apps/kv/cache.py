@@ -234,9 +234,121 @@ class HeadwiseLayer(CacheLayerMixin):
         self.comp_n = total
 
 
+class SpanLayer(CacheLayerMixin):
+    """One layer whose streaming KV heads each keep their own window (MoA, Fu et al. 2024).
+
+    ``windows[k]`` is KV head ``k``'s window (``None``: the head keeps every token). Full heads
+    grow as in :class:`HeadwiseLayer`; the streaming heads that share a window form one group, a
+    :class:`HeadwiseLayer` of their own with no full head, so each group is one ring buffer
+    ``[batch, heads in group, sink + window + 1, d_head]`` and nothing is padded to a longer window.
+    The attention backend runs each group (``groups``: KV heads, query heads, ring) on its own.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(
+        self,
+        layer_idx: int,
+        group_size: int,
+        windows: list[int | None],
+        sink: int,
+        compensate: bool,
+        streaming_prefill: bool = False,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        g = torch.arange(group_size)
+        self.full_kv = torch.tensor([k for k, w in enumerate(windows) if w is None], dtype=torch.long)
+        self.full_q = (self.full_kv[:, None] * group_size + g).reshape(-1)  # query heads of full KV heads
+        self.n_full, self.n_kv = len(self.full_kv), len(windows)
+        self.n_stream = self.n_kv - self.n_full
+        self.count = 0
+        by_window: dict[int, list[int]] = {}
+        for k, w in enumerate(windows):
+            if w is not None:
+                by_window.setdefault(w, []).append(k)
+        self.groups: list[tuple[torch.Tensor, torch.Tensor, HeadwiseLayer]] = []
+        for w, heads in sorted(by_window.items()):
+            kv = torch.tensor(heads, dtype=torch.long)
+            ring = HeadwiseLayer(
+                layer_idx, len(heads), group_size, [], sink, w, compensate, streaming_prefill
+            )
+            self.groups.append((kv, (kv[:, None] * group_size + g).reshape(-1), ring))
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Empty full keys/values ``[batch, n_full, 0, d_head]`` (the rings allocate their own)."""
+        batch, _, _, d_k = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_empty(batch, self.n_full, 0, d_k)
+        self.values = value_states.new_empty(batch, self.n_full, 0, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the full heads' new keys/values, hand each group its heads' new ones (held until
+        attention); return the full heads' ``[batch, n_full, key, d_head]`` keys and values."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        full = self.full_kv.to(key_states.device)
+        assert self.keys is not None and self.values is not None  # set by lazy_initialization
+        self.keys = torch.cat([self.keys, key_states.index_select(1, full)], dim=-2)
+        self.values = torch.cat([self.values, value_states.index_select(1, full)], dim=-2)
+        for kv, _, ring in self.groups:
+            idx = kv.to(key_states.device)
+            ring.update(key_states.index_select(1, idx), value_states.index_select(1, idx))
+        self.count += key_states.shape[-2]
+        PENDING.set(self)
+        return self.keys, self.values
+
+    def compress(self, real: torch.Tensor) -> None:
+        """Store the pending tokens of every group without attending (``real [batch, query]``)."""
+        for _, _, ring in self.groups:
+            ring.streaming_keys(real)
+            ring.commit(real)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` of the full heads' mask: every token seen plus the new ones."""
+        return self.count + query_length, 0
+
+    def get_seq_length(self) -> int:
+        """Tokens seen so far."""
+        return self.count
+
+    def get_max_length(self) -> int:
+        """No maximum: full heads grow."""
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder every held tensor along the batch for beam search."""
+        if self.is_initialized:
+            assert self.keys is not None and self.values is not None  # set by lazy_initialization
+            self.keys = self.keys.index_select(0, beam_idx.to(self.device))
+            self.values = self.values.index_select(0, beam_idx.to(self.device))
+            for _, _, ring in self.groups:
+                ring.reorder_cache(beam_idx)
+
+    def nbytes(self) -> int:
+        """Bytes of the full heads' keys/values and of every group's ring (slots and positions)."""
+        if not self.is_initialized:
+            return 0
+        own = sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+        return own + sum(ring.nbytes() for _, _, ring in self.groups)
+
+    def slots(self) -> list[int]:
+        """Per KV head, the slots its ring holds (``sink + window + 1``; 0 for a full head)."""
+        out = [0] * self.n_kv
+        for kv, _, ring in self.groups:
+            for k in kv.tolist():
+                out[k] = ring.sink + ring.recent + 1
+        return out
+
+
 def layer_nbytes(layer: Any) -> int:
     """Bytes of the tensors a cache layer holds (``keys``/``values`` for transformers' own layers)."""
-    if isinstance(layer, HeadwiseLayer):
+    if isinstance(layer, HeadwiseLayer | SpanLayer):
         return layer.nbytes()
     held = [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None]
     return sum(t.numel() * t.element_size() for t in held)
@@ -254,9 +366,14 @@ class HeadwiseCache(Cache):
         return sizes if per_layer else sum(sizes)
 
     def streaming_lengths(self) -> list[int]:
-        """Per layer, the streaming slots held (``sink + recent + 1``; 0 for layers without streaming heads)."""
+        """Per layer, the streaming slots held (``sink + recent + 1``; 0 for layers without streaming
+        heads; a :class:`SpanLayer`'s longest ring)."""
         return [
-            int(layer.s_keys.shape[-2]) if isinstance(layer, HeadwiseLayer) and layer.is_initialized else 0
+            int(layer.s_keys.shape[-2])
+            if isinstance(layer, HeadwiseLayer) and layer.is_initialized
+            else max(layer.slots(), default=0)
+            if isinstance(layer, SpanLayer)
+            else 0
             for layer in self.layers
         ]
 

@@ -76,7 +76,7 @@ def run_one(
 
         cm = contextlib.nullcontext(DynamicCache(config=model.config))
     else:
-        cm = compressed(loaded, kv_plan, streaming_prefill=streaming_prefill)
+        cm = compressed(loaded, kv_plan, streaming_prefill=streaming_prefill, length=ids.shape[1])
     with cm as cache, torch.no_grad():
         start = time.perf_counter()
         prefill(loaded, cache, ids, chunk=chunk or ids.shape[1])

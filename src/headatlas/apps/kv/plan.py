@@ -18,7 +18,7 @@ import numpy as np
 
 from ...atlas.table import Atlas
 from ...core.errors import HeadatlasError, check_at_least, check_number, param
-from ...core.records import check_record, is_bool, is_dict, is_int, is_number, list_of, one_of
+from ...core.records import check_record, is_bool, is_dict, is_int, is_number, list_of, one_of, optional
 from ...core.storage import atomic_path
 from ..common.kv_heads import kv_head_scores, relative_scores
 
@@ -44,9 +44,18 @@ PLAN_FIELDS = {
     "scores": list_of(list_of(is_number)),
     "head_scores": list_of(list_of(is_number)),
     "kv_bytes": is_dict,
+    "spans": list_of(list_of(optional(list_of(is_number)))),
 }
 """The fields of a plan file (:meth:`Plan.load` checks them)."""
-PLAN_OPTIONAL = frozenset({"rule", "atlas", "layer_types", "scores", "head_scores", "kv_bytes", "compensate"})
+PLAN_OPTIONAL = frozenset(
+    {"rule", "atlas", "layer_types", "scores", "head_scores", "kv_bytes", "compensate", "spans"}
+)
+
+
+def span_window(alpha: float, beta: float, n_tokens: int) -> int:
+    """Return the window (last tokens kept) of the elastic rule ``alpha + beta · n_tokens`` (MoA,
+    Fu et al. 2024), at least 1."""
+    return max(1, round(alpha + beta * n_tokens))
 
 
 @dataclass
@@ -65,6 +74,10 @@ class Plan:
     scores: list[list[float]] = field(default_factory=list)
     head_scores: list[list[float]] = field(default_factory=list)
     kv_bytes: dict[str, Any] = field(default_factory=dict)
+    spans: list[list[list[float] | None]] = field(default_factory=list)
+    """Per layer and KV head, the streaming window's elastic rule ``[alpha, beta]`` (window
+    ``alpha + beta · N`` at ``N`` prompt tokens, MoA) or ``None`` for a full head; empty in a
+    binary plan, whose streaming heads all keep ``recent``."""
 
     @property
     def n_kv_heads(self) -> int:
@@ -76,8 +89,29 @@ class Plan:
         return sum(len(h) for t, h in zip(self.layer_types, self.full_heads, strict=True) if t != "sliding")
 
     def to_dict(self) -> dict[str, Any]:
-        """The plan as a JSON-ready dict (with ``format`` and ``version``)."""
-        return {"format": FORMAT, "version": 1, **asdict(self)}
+        """The plan as a JSON-ready dict (with ``format`` and ``version``; a binary plan has no ``spans``)."""
+        data = asdict(self)
+        if not self.spans:
+            data.pop("spans")
+        return {"format": FORMAT, "version": 1, **data}
+
+    def windows(self, n_tokens: int) -> list[list[int | None]]:
+        """Return, per layer and KV head, the window a streaming head keeps at ``n_tokens`` prompt
+        tokens (``None``: the head keeps every token). A span plan's window is ``alpha + beta · n``;
+        one whose ``sink + window + 1`` slots would not be fewer than ``n_tokens`` is kept full."""
+        full = [set(h) for h in self.full_heads]
+        out: list[list[int | None]] = []
+        for layer in range(len(self.full_heads)):
+            row: list[int | None] = []
+            for k in range(self.n_kv_heads):
+                rule = self.spans[layer][k] if self.spans else [self.recent, 0.0]
+                if k in full[layer] or rule is None:
+                    row.append(None)
+                    continue
+                window = span_window(rule[0], rule[1], n_tokens) if self.spans else self.recent
+                row.append(None if self.spans and self.sink + window + 1 >= n_tokens else window)
+            out.append(row)
+        return out
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON through ``atomic_path``; return the path."""
@@ -114,6 +148,15 @@ class Plan:
         bad = [k for heads in self.full_heads for k in heads if not 0 <= k < n_kv]
         if bad:
             raise HeadatlasError(f"{where}: KV head {bad[0]} does not exist (the model has {n_kv} per layer)")
+        if self.spans and (
+            len(self.spans) != n_layers
+            or any(len(row) != n_kv for row in self.spans)
+            or any(r is not None and (len(r) != 2 or min(r) < 0) for row in self.spans for r in row)
+        ):
+            raise HeadatlasError(
+                f"{where}: field 'spans' needs, per layer ({n_layers}) and KV head ({n_kv}), "
+                "[alpha, beta] (both ≥ 0) or null"
+            )
 
     def check_model(self, info: Any) -> None:
         """Refuse a model other than the plan's (weights sha256, then layer/KV-head shape)."""

@@ -17,7 +17,8 @@ heads' keys and values and announces itself in :data:`PENDING`. This backend the
 Layers without a pending head-wise layer (Gemma 3's sliding layers, or a plain cache) are
 delegated to SDPA, or to the model's eager function where SDPA cannot express the attention.
 The layer object is duck-typed (``layer_idx``, ``n_full``, ``n_stream``, ``full_q``, ``stream_q``,
-``streaming_keys``, ``commit``), so capture does not import the apps stage.
+``streaming_keys``, ``commit``; or ``groups`` of ``(kv heads, query heads, ring)`` whose rings have
+those methods, for per-head windows), so capture does not import the apps stage.
 """
 
 from __future__ import annotations
@@ -111,10 +112,14 @@ def kv_attention(
         )  # [batch, query, n_full*g, d_head]
         out[:, :, layer.full_q] = o_full.to(out.dtype)
     real = real_tokens(attention_mask, batch, q_len, key.shape[-2])  # [batch, query]
-    s_key, s_value, allowed = layer.streaming_keys(real)  # [batch, n_stream, S, d], ..., [batch, query, S]
-    q_stream = query.index_select(1, layer.stream_q.to(query.device))  # [batch, n_stream*g, query, d_head]
-    out[:, :, layer.stream_q] = streaming_attention(q_stream, s_key, s_value, allowed, scale).to(out.dtype)
-    layer.commit(real)
+    groups = getattr(layer, "groups", None) or [
+        (None, layer.stream_q, layer)
+    ]  # per-head windows: one ring each
+    for _, stream_q, ring in groups:
+        s_key, s_value, allowed = ring.streaming_keys(real)  # [batch, n, S, d], ..., [batch, query, S]
+        q_stream = query.index_select(1, stream_q.to(query.device))  # [batch, n*g, query, d_head]
+        out[:, :, stream_q] = streaming_attention(q_stream, s_key, s_value, allowed, scale).to(out.dtype)
+        ring.commit(real)
     return out, None
 
 
