@@ -12,6 +12,8 @@
 - :mod:`.kv`: ``kv plan``, ``kv eval``, ``kv export``
 - :mod:`.guard`: ``guard fit``, ``guard score``, ``guard eval``
 - :mod:`.data`: ``data status``, ``data install``
+- :mod:`.conflict`: ``conflict``
+- :mod:`.safety`: ``safety``
 
 Commands only parse, call the library and print; the work lives in the library. Torch and
 transformers are imported lazily, so ``headatlas --help`` is instant.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import sys
 
-from . import atlas, data, guard, interop, kv, patch, probe, prune, steer, verify, view, zoo
+from . import atlas, conflict, data, guard, interop, kv, patch, probe, prune, safety, steer, verify, view, zoo
 from .common import app, err_console
 
 __all__ = ["app", "main"]
@@ -38,6 +40,8 @@ _COMMANDS = (
     steer,
     view,
     zoo,
+    conflict,
+    safety,
 )  # imported for their @app.command registrations
 
 
