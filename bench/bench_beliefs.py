@@ -12,6 +12,9 @@ Writes ``bench/results/<part>-<model>.json``. Usage::
 
     nice -n 10 .venv/bin/python bench/bench_beliefs.py conflict --model default --ks 5,10 --seeds 3
     nice -n 10 .venv/bin/python bench/bench_beliefs.py safety --model default --k 5 --seeds 3
+    nice -n 10 .venv/bin/python bench/bench_beliefs.py refusal --model qwen2.5-coder-0.5b
+
+``refusal``: the model's own refusal rates (nothing ablated) on all 32 + 32 requests.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def conflict(args: argparse.Namespace) -> dict[str, object]:
     loaded = ha.load(args.model)
     info = loaded.info
     start = time.perf_counter()
-    items = conflict_items(loaded, args.seed)
+    items = conflict_items(loaded, args.seed, args.alternatives)
     score_items, test_items = split_items(items, args.seed)
     contrib = direct_contributions(loaded, score_items)
     scores = contrib.mean(0).numpy()
@@ -83,6 +86,7 @@ def conflict(args: argparse.Namespace) -> dict[str, object]:
     return {
         "model": info.name,
         "n_items": len(items),
+        "alternatives": args.alternatives,
         "n_facts_known": len({i.fact for i in items}),
         "n_score_items": len(score_items),
         "n_test_items": len(test_items),
@@ -119,11 +123,33 @@ def safety(args: argparse.Namespace) -> dict[str, object]:
     return out
 
 
+def refusal(args: argparse.Namespace) -> dict[str, object]:
+    """The model's own refusal behaviour (nothing ablated) on all 32 harmful and 32 harmless requests."""
+    import headatlas as ha
+    from headatlas.apps.safety.prompts import HARMFUL, HARMLESS, REFUSAL_MARKERS, REFUSAL_OPENINGS
+    from headatlas.apps.safety.ships import behaviour, chat_prompts, replies
+
+    loaded = ha.load(args.model)
+    harmful, harmless = chat_prompts(loaded, HARMFUL), chat_prompts(loaded, HARMLESS)
+    out = behaviour(loaded, harmful, harmless, replies(loaded, harmless))
+    decode = loaded.tokenizer.decode
+    return {
+        "model": loaded.info.name,
+        "n_harmful": len(harmful),
+        "n_harmless": len(harmless),
+        "behaviour": out,
+        "harmful_replies": [decode(list(r), skip_special_tokens=True) for r in replies(loaded, harmful[:6])],
+        "openings": list(REFUSAL_OPENINGS),
+        "markers": list(REFUSAL_MARKERS),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("conflict", "safety"))
+    parser.add_argument("part", choices=("conflict", "safety", "refusal"))
     parser.add_argument("--model", default="default")
     parser.add_argument("--ks", default="5,10", help="conflict: k values")
+    parser.add_argument("--alternatives", type=int, default=2, help="conflict: context answers per fact")
     parser.add_argument("--k", type=int, default=5, help="safety: heads ablated")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -133,7 +159,7 @@ def main() -> None:
     quiet()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    result = conflict(args) if args.part == "conflict" else safety(args)
+    result = {"conflict": conflict, "safety": safety, "refusal": refusal}[args.part](args)
     result["wall_seconds"] = time.perf_counter() - start
     result["cpu"] = cpu_model()
     result["torch_threads"] = 1

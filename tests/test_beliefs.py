@@ -232,3 +232,17 @@ def test_default_model_conflict_set_and_direct_contributions() -> None:
     assert "Context:" in loaded.tokenizer.decode(list(items[0].ids))
     contrib = direct_contributions(loaded, items[:8])
     assert contrib.shape == (8, 30, 9) and torch.isfinite(contrib).all()
+
+
+def test_conflict_and_safety_commands_say_in_one_line_why_a_tiny_model_cannot_be_used(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    runner = CliRunner()
+    res = runner.invoke(app, ["conflict", str(tiny_model_dir), "--out", str(tmp_path / "c.json")])
+    assert res.exit_code == 2 and "knows 0 of" in res.output and "Traceback" not in res.output
+    res = runner.invoke(
+        app, ["conflict", str(tiny_model_dir), "--prefer", "both", "--out", str(tmp_path / "c.json")]
+    )
+    assert res.exit_code == 2 and "--prefer" in res.output
+    res = runner.invoke(app, ["safety", str(tiny_model_dir), "--out", str(tmp_path / "s.json")])
+    assert res.exit_code == 2 and "no chat template" in res.output and not (tmp_path / "s.json").exists()
