@@ -80,6 +80,8 @@ FILE_COMMANDS: dict[str, Callable[[dict[str, Path], Path], list[str]]] = {
     "kv plan": lambda f, out: ["kv", "plan", str(f["atlas"]), "--out", str(out)],
     "kv fit": lambda f, out: ["kv", "fit", str(f["model"]), "--out", str(out)],
     "kv eval": lambda f, out: ["kv", "eval", str(f["model"]), "--plan", str(f["plan"]), "--json", str(out)],
+    "conflict": lambda f, out: ["conflict", str(f["model"]), "--out", str(out)],
+    "safety": lambda f, out: ["safety", str(f["model"]), "--out", str(out)],
     "export": lambda f, out: [
         "export",
         str(f["atlas"]),

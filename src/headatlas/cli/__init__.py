@@ -14,6 +14,8 @@
 - :mod:`.retain`: ``retain``
 - :mod:`.data`: ``data status``, ``data install``
 - :mod:`.conformance`: ``doctor``, ``conformance``
+- :mod:`.conflict`: ``conflict``
+- :mod:`.safety`: ``safety``
 
 Commands only parse, call the library and print; the work lives in the library. Torch and
 transformers are imported lazily, so ``headatlas --help`` is instant.
@@ -23,7 +25,24 @@ from __future__ import annotations
 
 import sys
 
-from . import atlas, conformance, data, guard, interop, kv, patch, probe, prune, retain, steer, verify, view, zoo
+from . import (
+    atlas,
+    conflict,
+    conformance,
+    data,
+    guard,
+    interop,
+    kv,
+    patch,
+    probe,
+    prune,
+    retain,
+    safety,
+    steer,
+    verify,
+    view,
+    zoo,
+)
 from .common import app, err_console
 
 __all__ = ["app", "main"]
@@ -42,6 +61,8 @@ _COMMANDS = (
     steer,
     view,
     zoo,
+    conflict,
+    safety,
 )  # imported for their @app.command registrations
 
 

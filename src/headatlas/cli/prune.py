@@ -133,13 +133,17 @@ def redundancy(
     epilog=example(
         "headatlas prune default --fraction 0.2 --out pruned",
         "headatlas prune default --heads L17H3,L18H6 --out pruned --json",
+        "headatlas prune default --heads conflict-heads.json --out pruned",
     )
 )
 def prune(
     out: Annotated[Path, typer.Option(help="directory for the pruned checkpoint")],
     model: ModelArg = "default",
     fraction: Annotated[float | None, typer.Option(help="fraction of heads to remove, in [0, 1)")] = None,
-    heads: Annotated[str | None, typer.Option(help="exact heads to remove: L3H1,L17H4 (or 3.1,17.4)")] = None,
+    heads: Annotated[
+        str | None,
+        typer.Option(help="exact heads to remove: L3H1,L17H4 (or 3.1,17.4), or a head-set .json file"),
+    ] = None,
     by: Annotated[
         str, typer.Option(help="importance, random or an atlas score (lowest go first)")
     ] = "importance",
@@ -163,7 +167,7 @@ def prune(
         run_prune,
         select,
     )
-    from ..core.heads import parse_heads
+    from ..core.heads import parse_heads, read_head_set
 
     if (fraction is None) == (heads is None):
         fail("give exactly one of --fraction F or --heads L3H1,...")
@@ -174,7 +178,9 @@ def prune(
     run(lambda: check_prune_output(out, loaded.info.source, force))
     info = loaded.info
     with progress_bar() as progress:
-        if heads is not None:
+        if heads is not None and heads.endswith(".json"):  # a head set (headatlas conflict / safety)
+            chosen = run(lambda: read_head_set(heads, info.n_layers, info.n_heads))
+        elif heads is not None:
             chosen = run(lambda: parse_heads(heads, info.n_layers, info.n_heads))
         else:
             count = round((fraction or 0.0) * info.n_layers * info.n_heads)

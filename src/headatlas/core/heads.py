@@ -6,8 +6,10 @@ A head is ``(layer, head)`` with 0-based indices. It is always *shown* as ``L3H1
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import SupportsInt
 
 from .errors import HeadatlasError, param
@@ -100,3 +102,27 @@ def heads_by_layer(heads: Iterable[Head]) -> dict[int, list[int]]:
     for layer, head in heads:
         out.setdefault(layer, []).append(head)
     return out
+
+
+HEAD_SET_FORMAT = "headatlas head set"
+"""The ``format`` of a head-set JSON file (``headatlas conflict --out``, ``headatlas safety --out``):
+an object whose ``heads`` is a list of head names, which ``headatlas prune --heads FILE`` and
+``ha.ablate(loaded, heads)`` apply."""
+
+
+def read_head_set(path: str | Path, n_layers: int | None = None, n_heads: int | None = None) -> list[Head]:
+    """Return the heads of a head-set JSON file (``{"format": "headatlas head set", "heads": [...]}``),
+    checked to exist in an ``n_layers × n_heads`` model when both are given; raise
+    :class:`HeadatlasError` naming the file when it cannot be read."""
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise HeadatlasError(f"cannot read head set {str(file)!r}: {type(exc).__name__}") from None
+    heads = data.get("heads") if isinstance(data, dict) else None
+    if not isinstance(heads, list) or not heads or not all(isinstance(h, str) for h in heads):
+        raise HeadatlasError(f"head set {str(file)!r} has no 'heads' list of names such as \"L3H1\"")
+    parsed = list(dict.fromkeys(parse_head(h) for h in heads))
+    if n_layers is not None and n_heads is not None:
+        check_heads(parsed, n_layers, n_heads)
+    return parsed

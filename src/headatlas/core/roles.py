@@ -22,6 +22,10 @@ hundred examples (2σ of a difference of two accuracies near 0.5 at n = 500 is ~
 hundreds of heads adds more), so 15 points.
 """
 
+SHIPS_THRESHOLD = 0.1
+"""Ships (KL, nats) a head needs for the ``safety`` role: ablating one head of a model that has
+hundreds moves the first response token's distribution by a few hundredths of a nat typically."""
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -126,6 +130,25 @@ RULES: tuple[Rule, ...] = (
         "ioi_previous_token",
         0.05,
         "IOI previous-token head: ≥ 5% runs through the induction / duplicate heads' keys",
+    ),
+    Rule(
+        "memory-head",
+        "conflict",
+        0.25,
+        "knowledge conflict: its direct path pushes the memorised answer over the context's by ≥ 0.25 logits",
+    ),
+    Rule(
+        "context-head",
+        "conflict",
+        -0.25,
+        "knowledge conflict: its direct path pushes the context's answer over the memorised one by ≥ 0.25 logits",
+        below=True,
+    ),
+    Rule(
+        "safety",
+        "ships",
+        SHIPS_THRESHOLD,
+        f"ablating it alone moves the first response token on harmful requests by ≥ {SHIPS_THRESHOLD} nats (KL)",
     ),
     *(
         Rule(

@@ -44,6 +44,8 @@ class ScoreSpec:
 
 _CLARK = "Clark et al. 2019, What Does BERT Look At?"
 _HEWITT = "Hewitt & Liang 2019, Designing and Interpreting Probes with Control Tasks"
+_JIN = "Jin et al. 2024, Cutting Off the Head Ends the Conflict (knowledge-conflict heads, PH3)"
+_ZHOU = "Zhou et al. 2024, On the Role of Attention Heads in Large Language Model Safety (Ships)"
 _SPECS = (
     ScoreSpec(
         "previous_token", "previous token", "prev", "mean A[i, i−1]: attention on the token just before",
@@ -199,6 +201,16 @@ _SPECS = (
                 "probe", _HEWITT, signed=True,
             ),
         )
+    ),
+    ScoreSpec(
+        "conflict", "knowledge conflict (memory − context)", "confl",
+        "direct contribution to logit(memorised answer) − logit(context answer) on conflict prompts (logits)",
+        "conflict", _JIN, signed=True, bounded=False,
+    ),
+    ScoreSpec(
+        "ships", "safety head importance (Ships)", "ships",
+        "KL(model ‖ head ablated) of the first response token on harmful requests (nats)",
+        "safety", _ZHOU, bounded=False,
     ),
 )  # fmt: skip
 

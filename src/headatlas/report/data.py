@@ -48,6 +48,9 @@ ROLE_COLORS: dict[str, str] = {
     "probe-deprel": "#fdae6b",
     "probe-word-start": "#c6dbef",
     "probe-truth": "#fa9fb5",
+    "memory-head": "#6a51a3",
+    "context-head": "#238b45",
+    "safety": "#cb181d",
 }
 """One colour per role, in drawing priority: a head with several roles shows them in this order."""
 NO_ROLE_COLOR = "#eeeeee"

@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ...batteries.base import Batch, make_batch, pad_id, read_text_file
+from ...batteries.base import Batch, ProbeSequence, make_batch, pad_id, read_text_file
 from ...batteries.natural import natural_battery
 from ...capture import head_outputs
 from ...core.errors import HeadatlasError
@@ -196,3 +196,27 @@ def forward_seconds(loaded: LoadedModel, batch: Batch, repeats: int = 3) -> floa
             loaded.model(input_ids=ids, attention_mask=mask)
             best = min(best, time.perf_counter() - start)
     return best
+
+
+def next_token_logits(
+    loaded: LoadedModel, seqs: Sequence[Sequence[int]], batch_size: int = 16
+) -> torch.Tensor:
+    """Return the next-token logits after each token sequence, ``[n, vocab]`` (float; left-padded
+    batches with their real positions, only the last position through the LM head), under whatever
+    hooks are active (ablation, steering). Needs a causal LM that takes ``logits_to_keep``."""
+    from ...capture import padded_positions
+
+    out = []
+    pad = pad_id(loaded.tokenizer)
+    for start in range(0, len(seqs), batch_size):
+        batch = make_batch([ProbeSequence(tuple(s)) for s in seqs[start : start + batch_size]], pad)
+        mask = batch.attention_mask.to(loaded.device)  # [batch, seq]
+        with torch.no_grad():
+            logits = loaded.model(
+                input_ids=batch.input_ids.to(loaded.device),
+                attention_mask=mask,
+                **padded_positions(loaded.model, mask),
+                logits_to_keep=1,
+            ).logits
+        out.append(logits[:, -1].float())  # [batch, vocab]
+    return torch.cat(out)
