@@ -127,6 +127,19 @@ RULES: tuple[Rule, ...] = (
         0.05,
         "IOI previous-token head: ≥ 5% runs through the induction / duplicate heads' keys",
     ),
+    Rule(
+        "dormant",
+        "dormancy",
+        0.5,
+        "dormant on ≥ half the sequences: ≥ 60% of its attention on the first token, whose value is "
+        "near zero, and an output ≤ 0.3 typical value norms (Guo et al. 2024)",
+    ),
+    Rule(
+        "first-token-reader",
+        "sink_read",
+        0.5,
+        "really reads the first token: attention there × its value norm ≥ half a typical value norm",
+    ),
     *(
         Rule(
             f"probe-{task}",

@@ -43,6 +43,7 @@ class ScoreSpec:
 
 
 _CLARK = "Clark et al. 2019, What Does BERT Look At?"
+_GUO = "Guo et al. 2024, Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs"
 _HEWITT = "Hewitt & Liang 2019, Designing and Interpreting Probes with Control Tasks"
 _SPECS = (
     ScoreSpec(
@@ -198,6 +199,20 @@ _SPECS = (
                 f"probe accuracy − control-task accuracy (Hewitt & Liang 2019) on the {task} task",
                 "probe", _HEWITT, signed=True,
             ),
+        )
+    ),
+    *(
+        ScoreSpec(name, label, short, meaning, "dormant", _GUO, bounded=bounded)
+        for name, label, short, meaning, bounded in (
+            ("dormancy", "dormancy rate", "dorm",
+             "share of sequences (prose, code, repeated tokens) where ≥ 60% of its attention is on the "
+             "first token and its output norm is ≤ 0.3 typical value norms", True),
+            ("sink_value_norm", "value norm at the sink", None,
+             "‖v(first token)‖ / mean ‖v(other tokens)‖: ≪ 1 is the value-state drain", False),
+            ("sink_output_norm", "output norm", None,
+             "mean ‖head output‖ / mean ‖v(other tokens)‖: how much the head writes", False),
+            ("sink_read", "first-token read-out", "sink_rd",
+             "first_token × sink_value_norm: what the first token contributes to its output", False),
         )
     ),
 )  # fmt: skip

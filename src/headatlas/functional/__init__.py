@@ -7,6 +7,7 @@
 | ``copy``      | ``copying``                               | Elhage et al. 2021; McDougall et al. 2023 |
 | ``translate`` | ``translation``                           | word-list translation heads |
 | ``syntax``    | ``syntactic`` (+ side table)              | Clark et al. 2019 |
+| ``dormant``   | ``dormancy``, ``sink_value_norm``, ``sink_output_norm``, ``sink_read`` (+ side table) | Guo et al. 2024, active–dormant heads |
 
 Each lives in its own module and exposes ``SPEC`` (a :class:`~.base.BatterySpec`); the registry
 below names the module, so importing this package stays cheap.
@@ -26,6 +27,7 @@ FUNCTIONAL_BATTERIES: dict[str, str] = {
     "copy": "headatlas.functional.copying",
     "translate": "headatlas.functional.translate",
     "syntax": "headatlas.functional.syntax",
+    "dormant": "headatlas.functional.dormant",
 }
 """Every functional battery by name → the module holding its ``SPEC``."""
 
