@@ -142,6 +142,20 @@ RULES: tuple[Rule, ...] = (
     ),
     *(
         Rule(
+            f"semantic-{relation}",
+            f"semantic_{relation}",
+            1.0,
+            f"attending to the {what}, it raises the {tail}'s logit by ≥ 1 vocabulary std "
+            "(attention-weighted; Ren et al. 2024's semantic induction heads)",
+        )
+        for relation, what, tail in (
+            ("dependency", "syntactic head word", "dependent"),
+            ("capital", "country", "capital"),
+            ("antonym", "word", "opposite"),
+        )
+    ),
+    *(
+        Rule(
             f"probe-{task}",
             f"probe_{column}_selectivity",
             PROBE_SELECTIVITY,

@@ -215,6 +215,19 @@ _SPECS = (
              "first_token × sink_value_norm: what the first token contributes to its output", False),
         )
     ),
+    *(
+        ScoreSpec(
+            f"semantic_{relation}", f"semantic induction ({relation})", short,
+            f"attention on the {what} × z-score of the {tail}'s logit from the head's output", "semantic",
+            "Ren et al. 2024, Identifying Semantic Induction Heads to Understand In-Context Learning",
+            signed=True, bounded=False,
+        )
+        for relation, short, what, tail in (
+            ("dependency", "sem_dep", "syntactic head word (UD EWT)", "dependent"),
+            ("capital", "sem_cap", "country", "capital"),
+            ("antonym", "sem_ant", "word", "opposite"),
+        )
+    ),
 )  # fmt: skip
 
 SCORES: dict[str, ScoreSpec] = {spec.name: spec for spec in _SPECS}
