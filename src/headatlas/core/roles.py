@@ -154,6 +154,12 @@ RULES: tuple[Rule, ...] = (
             ("antonym", "word", "opposite"),
         )
     ),
+    Rule(
+        "negative-bias",
+        "negative_attention",
+        1.0,
+        'yes/no questions: attends to the instruction\'s "No" over its "Yes" with NAS ≥ 1 (Yu et al. 2024)',
+    ),
     *(
         Rule(
             f"probe-{task}",

@@ -228,6 +228,12 @@ _SPECS = (
             ("antonym", "sem_ant", "word", "opposite"),
         )
     ),
+    ScoreSpec(
+        "negative_attention", "negative attention score (NAS)", "nas",
+        "yes/no questions: Σ (A[yes] + A[no]) · log(A[no]/A[yes]) over the rows after the instruction",
+        "negative", "Yu et al. 2024, Correcting Negative Bias in Large Language Models through Negative "
+        "Attention Score Alignment", signed=True, bounded=False,
+    ),
 )  # fmt: skip
 
 SCORES: dict[str, ScoreSpec] = {spec.name: spec for spec in _SPECS}
