@@ -117,10 +117,11 @@ def test_wired_capital_head_tops_semantic_capital(no_treebank: None) -> None:
     roles = assign_roles({"semantic_capital": cap.reshape(-1)})
     assert roles == ["semantic-capital", ""]
     config = FunctionalConfig(batch_size=40)
-    before = semantic.tail_logprob(loaded, config, relation="capital")
+    before = semantic.tail_logprobs(loaded, config)["capital"]
     with ha.ablate(loaded, ["L0H0"]):
-        after = semantic.tail_logprob(loaded, config, relation="capital")
+        after = semantic.tail_logprobs(loaded, config)["capital"]
     assert before > after + 1.0, (before, after)
+    assert np.isfinite(semantic.tail_logprob(loaded, config))
 
 
 def test_semantic_on_the_tiny_bpe_model(tiny_loaded, no_treebank) -> None:  # type: ignore[no-untyped-def]

@@ -139,8 +139,11 @@ def _first_index(positions: torch.Tensor) -> torch.Tensor:
     return (positions == 0).float().argmax(dim=-1)  # [batch]
 
 
-def run_domain(loaded: LoadedModel, battery: Battery, batch_size: int, stats: HeadStats) -> None:
-    """Add one row per sequence of ``battery`` to ``stats`` (every score of :data:`DORMANT_SCORES`)."""
+def run_domain(
+    loaded: LoadedModel, battery: Battery, batch_size: int, stats: HeadStats, first: HeadStats | None = None
+) -> None:
+    """Add one row per sequence of ``battery`` to ``stats`` (every score of :data:`DORMANT_SCORES`) and,
+    when given, its mean attention on the first token to ``first`` (as ``first_token``)."""
     info = loaded.info
     group = info.n_heads // info.n_kv_heads
     pad = pad_id(loaded.tokenizer)
@@ -166,10 +169,13 @@ def run_domain(loaded: LoadedModel, battery: Battery, batch_size: int, stats: He
         count = scored.sum(-1).clamp_min(1)[:, None]  # [batch, 1]
         zn = (z.float().norm(dim=-1) * scored[..., None]).sum(1) / count  # [batch, head]
         keys = torch.cat([torch.zeros_like(scored[:, :1]), scored], dim=-1)  # [batch, 1 + key]
-        rows = dormant_rows(ctx.first.pop(layer) / count, ctx.values.pop(layer), zn, keys)
+        a0 = ctx.first.pop(layer) / count  # [batch, head]
+        rows = dormant_rows(a0, ctx.values.pop(layer), zn, keys)
         ok = scored.sum(-1, keepdim=True) >= 1  # [batch, 1]
         for name, values in rows.items():
             stats.add(name, layer, values[..., None], ok)  # one row per sequence
+        if first is not None:
+            first.add("first_token", layer, a0[..., None], ok)
 
     seqs = battery.sequences
     with head_outputs(loaded, on_output), capture(loaded, on_view) as session:
@@ -196,14 +202,17 @@ def run_dormant(
     rows = []
     for index, (domain, battery) in enumerate(batteries.items()):
         stats = HeadStats(info.n_layers, info.n_heads)
-        run_domain(loaded, battery, config.batch_size, stats)
+        first = HeadStats(info.n_layers, info.n_heads)
+        run_domain(loaded, battery, config.batch_size, stats, first)
         total = total.merge(stats)
-        means = {name: stats.mean(name) for name in DORMANT_SCORES}
+        means = {name: stats.mean(name) for name in DORMANT_SCORES} | {
+            "first_token": first.mean("first_token")
+        }
         for layer in range(info.n_layers):
             for head in range(info.n_heads):
                 rows.append(
                     {"layer": layer, "head": head, "domain": domain}
-                    | {name: float(means[name][layer, head]) for name in DORMANT_SCORES}
+                    | {name: float(value[layer, head]) for name, value in means.items()}
                 )
         progress(index + 1, len(batteries))
     params = {
@@ -218,16 +227,20 @@ def run_dormant(
     return FunctionalResult("dormant", total, params, {"dormant_domains": pd.DataFrame(rows)})
 
 
-def domain_loss(loaded: LoadedModel, config: FunctionalConfig, progress: Progress = no_progress) -> float:
-    """Return the mean next-token loss (nats) over the domains' sequences — what ablating dormant
-    heads should barely move (Guo et al. 2024) and ablating active heads should."""
+def domain_losses(
+    loaded: LoadedModel, config: FunctionalConfig, progress: Progress = no_progress
+) -> dict[str, float]:
+    """Return the mean next-token loss (nats) of each domain of :data:`DOMAINS` (on ``repeat``, over
+    the second copy only: the first is random tokens) — what ablating dormant heads should barely
+    move (Guo et al. 2024) and ablating active heads should."""
     n = config.n_prompts or DEFAULT_PROMPTS
     seq_len = min(config.max_len or SEQ_LEN, loaded.info.context_length or SEQ_LEN)
     pad = pad_id(loaded.tokenizer)
-    total = count = 0.0
-    batteries = list(domain_batteries(loaded, n, seq_len, config.seed).values())
+    out: dict[str, float] = {}
+    batteries = domain_batteries(loaded, n, seq_len, config.seed)
     with torch.no_grad():
-        for index, battery in enumerate(batteries):
+        for index, (domain, battery) in enumerate(batteries.items()):
+            total = count = 0.0
             seqs = battery.sequences
             for i in range(0, len(seqs), config.batch_size):
                 batch = make_batch(seqs[i : i + config.batch_size], pad)
@@ -239,11 +252,19 @@ def domain_loss(loaded: LoadedModel, config: FunctionalConfig, progress: Progres
                 nll = torch.nn.functional.cross_entropy(
                     logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none"
                 )  # [batch, seq - 1]
-                keep = mask[:, 1:].bool() & mask[:, :-1].bool()
+                keep = mask[:, 1:].bool() & mask[:, :-1].bool()  # [batch, seq - 1]
+                if battery.period is not None:  # predicting a token of the second copy
+                    keep &= batch.positions[:, 1:].to(keep.device) >= battery.repeat_start + battery.period
                 total += float(nll[keep].sum())
                 count += float(keep.sum())
+            out[domain] = total / max(count, 1.0)
             progress(index + 1, len(batteries))
-    return total / max(count, 1.0)
+    return out
+
+
+def domain_loss(loaded: LoadedModel, config: FunctionalConfig, progress: Progress = no_progress) -> float:
+    """Return the mean over domains of :func:`domain_losses`."""
+    return float(sum(domain_losses(loaded, config, progress).values()) / len(DOMAINS))
 
 
 SPEC = BatterySpec(

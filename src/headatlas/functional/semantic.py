@@ -284,14 +284,11 @@ def run_semantic(
     return FunctionalResult("semantic", stats, params, {"semantic_relations": pd.DataFrame(table)})
 
 
-def tail_logprob(
-    loaded: LoadedModel,
-    config: FunctionalConfig,
-    progress: Progress = no_progress,
-    relation: str | None = None,
-) -> float:
-    """Return the mean log-probability of the tail token at the examples' queries (each relation's mean,
-    averaged over relations; or one ``relation``'s) — the prediction semantic induction heads serve."""
+def tail_logprobs(
+    loaded: LoadedModel, config: FunctionalConfig, progress: Progress = no_progress
+) -> dict[str, float]:
+    """Return each relation type's mean log-probability of the tail token at its examples' queries —
+    the prediction semantic induction heads serve (Ren et al. 2024)."""
     prompts = semantic_prompts(loaded, config)
     pad = pad_id(loaded.tokenizer)
     sums: dict[str, list[float]] = {}
@@ -307,12 +304,14 @@ def tail_logprob(
             logp = torch.log_softmax(logits[ex.ex_row, ex.ex_query].float(), dim=-1)  # [example, vocab]
             picked = logp.gather(1, ex.tails.to(logp.device)[:, None])[:, 0]  # [example]
             for name, value in zip(ex.names, picked.tolist(), strict=True):
-                key = name if name in RELATIONS else "dependency"
-                sums.setdefault(key, []).append(value)
+                sums.setdefault(name if name in RELATIONS else "dependency", []).append(value)
             progress(index + 1, len(batches))
-    if relation is not None:
-        return float(np.mean(sums.get(relation, [float("nan")])))
-    return float(np.mean([np.mean(v) for v in sums.values()]))
+    return {relation: float(np.mean(values)) for relation, values in sums.items()}
+
+
+def tail_logprob(loaded: LoadedModel, config: FunctionalConfig, progress: Progress = no_progress) -> float:
+    """Return the tail log-probability of :func:`tail_logprobs`, averaged over the relation types."""
+    return float(np.mean(list(tail_logprobs(loaded, config, progress).values())))
 
 
 SPEC = BatterySpec(
