@@ -52,7 +52,7 @@ def scan(
         str,
         typer.Option(
             help="comma-separated batteries: natural, repeat (attention), align (text encoder–decoders), "
-            "speech (Whisper), needle, ordinal, copy, translate, syntax (functional)"
+            "speech (Whisper), needle, ordinal, copy, translate, syntax, negative, semantic, dormant (functional)"
         ),
     ] = "natural,repeat",
     out: Annotated[Path, typer.Option(help="directory for atlas.parquet + atlas.json")] = Path("atlas"),

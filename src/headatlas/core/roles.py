@@ -150,6 +150,39 @@ RULES: tuple[Rule, ...] = (
         SHIPS_THRESHOLD,
         f"ablating it alone moves the first response token on harmful requests by ≥ {SHIPS_THRESHOLD} nats (KL)",
     ),
+    Rule(
+        "dormant",
+        "dormancy",
+        0.5,
+        "dormant on ≥ half the sequences: ≥ 60% of its attention on the first token, whose value is "
+        "near zero, and an output ≤ 0.3 typical value norms (Guo et al. 2024)",
+    ),
+    Rule(
+        "first-token-reader",
+        "sink_read",
+        0.5,
+        "really reads the first token: attention there × its value norm ≥ half a typical value norm",
+    ),
+    *(
+        Rule(
+            f"semantic-{relation}",
+            f"semantic_{relation}",
+            1.0,
+            f"attending to the {what}, it raises the {tail}'s logit by ≥ 1 vocabulary std "
+            "(attention-weighted; Ren et al. 2024's semantic induction heads)",
+        )
+        for relation, what, tail in (
+            ("dependency", "syntactic head word", "dependent"),
+            ("capital", "country", "capital"),
+            ("antonym", "word", "opposite"),
+        )
+    ),
+    Rule(
+        "negative-bias",
+        "negative_attention",
+        1.0,
+        'yes/no questions: attends to the instruction\'s "No" over its "Yes" with NAS ≥ 1 (Yu et al. 2024)',
+    ),
     *(
         Rule(
             f"probe-{task}",

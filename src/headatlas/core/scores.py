@@ -43,6 +43,7 @@ class ScoreSpec:
 
 
 _CLARK = "Clark et al. 2019, What Does BERT Look At?"
+_GUO = "Guo et al. 2024, Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs"
 _HEWITT = "Hewitt & Liang 2019, Designing and Interpreting Probes with Control Tasks"
 _JIN = "Jin et al. 2024, Cutting Off the Head Ends the Conflict (knowledge-conflict heads, PH3)"
 _ZHOU = "Zhou et al. 2024, On the Role of Attention Heads in Large Language Model Safety (Ships)"
@@ -211,6 +212,39 @@ _SPECS = (
         "ships", "safety head importance (Ships)", "ships",
         "KL(model ‖ head ablated) of the first response token on harmful requests (nats)",
         "safety", _ZHOU, bounded=False,
+    ),
+    *(
+        ScoreSpec(name, label, short, meaning, "dormant", _GUO, bounded=bounded)
+        for name, label, short, meaning, bounded in (
+            ("dormancy", "dormancy rate", "dorm",
+             "share of sequences (prose, code, repeated tokens) where ≥ 60% of its attention is on the "
+             "first token and its output norm is ≤ 0.3 typical value norms", True),
+            ("sink_value_norm", "value norm at the sink", None,
+             "‖v(first token)‖ / mean ‖v(other tokens)‖: ≪ 1 is the value-state drain", False),
+            ("sink_output_norm", "output norm", None,
+             "mean ‖head output‖ / mean ‖v(other tokens)‖: how much the head writes", False),
+            ("sink_read", "first-token read-out", "sink_rd",
+             "first_token × sink_value_norm: what the first token contributes to its output", False),
+        )
+    ),
+    *(
+        ScoreSpec(
+            f"semantic_{relation}", f"semantic induction ({relation})", short,
+            f"attention on the {what} × z-score of the {tail}'s logit from the head's output", "semantic",
+            "Ren et al. 2024, Identifying Semantic Induction Heads to Understand In-Context Learning",
+            signed=True, bounded=False,
+        )
+        for relation, short, what, tail in (
+            ("dependency", "sem_dep", "syntactic head word (UD EWT)", "dependent"),
+            ("capital", "sem_cap", "country", "capital"),
+            ("antonym", "sem_ant", "word", "opposite"),
+        )
+    ),
+    ScoreSpec(
+        "negative_attention", "negative attention score (NAS)", "nas",
+        "yes/no questions: Σ (A[yes] + A[no]) · log(A[no]/A[yes]) over the rows after the instruction",
+        "negative", "Yu et al. 2024, Correcting Negative Bias in Large Language Models through Negative "
+        "Attention Score Alignment", signed=True, bounded=False,
     ),
 )  # fmt: skip
 

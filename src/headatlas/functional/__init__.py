@@ -7,6 +7,9 @@
 | ``copy``      | ``copying``                               | Elhage et al. 2021; McDougall et al. 2023 |
 | ``translate`` | ``translation``                           | word-list translation heads |
 | ``syntax``    | ``syntactic`` (+ side table)              | Clark et al. 2019 |
+| ``dormant``   | ``dormancy``, ``sink_value_norm``, ``sink_output_norm``, ``sink_read`` (+ side table) | Guo et al. 2024, active–dormant heads |
+| ``semantic``  | ``semantic_dependency``, ``semantic_capital``, ``semantic_antonym`` (+ side table) | Ren et al. 2024, semantic induction heads |
+| ``negative``  | ``negative_attention`` (NAS)              | Yu et al. 2024, negative-bias heads |
 
 Each lives in its own module and exposes ``SPEC`` (a :class:`~.base.BatterySpec`); the registry
 below names the module, so importing this package stays cheap.
@@ -26,6 +29,9 @@ FUNCTIONAL_BATTERIES: dict[str, str] = {
     "copy": "headatlas.functional.copying",
     "translate": "headatlas.functional.translate",
     "syntax": "headatlas.functional.syntax",
+    "dormant": "headatlas.functional.dormant",
+    "semantic": "headatlas.functional.semantic",
+    "negative": "headatlas.functional.negative",
 }
 """Every functional battery by name → the module holding its ``SPEC``."""
 

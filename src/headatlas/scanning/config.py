@@ -21,7 +21,8 @@ class ScanConfig:
 
     Attributes:
         probes: batteries: ``natural``, ``repeat`` (attention) and the functional ones
-            (``needle``, ``ordinal``, ``copy``, ``translate``, ``syntax``).
+            (``needle``, ``ordinal``, ``copy``, ``translate``, ``syntax``, ``negative``, ``semantic``,
+            ``dormant``).
         texts: exactly these texts, one sequence each, in place of the natural battery's corpus.
         text_file: a UTF-8 file whose lines replace UD English EWT in the natural battery.
         n_prompts: sequences per attention battery.
