@@ -4,7 +4,8 @@
 - :mod:`.view`: ``report``, ``serve``
 - :mod:`.prune`: ``importance``, ``redundancy``, ``prune``, ``prune-curve``
 - :mod:`.verify`: ``verify``
-- :mod:`.patch`: ``patch``, ``circuit``
+- :mod:`.patch`: ``patch``
+- :mod:`.circuit`: ``circuit`` (faithfulness curves, ``circuit compare``, IOI path patching)
 - :mod:`.probe`: ``probe``
 - :mod:`.steer`: ``steer fit``, ``steer eval``, ``steer generate``, ``steer export``
 - :mod:`.zoo`: ``zoo``
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import sys
 
-from . import atlas, data, guard, interop, kv, patch, probe, prune, steer, verify, view, zoo
+from . import atlas, circuit, data, guard, interop, kv, patch, probe, prune, steer, verify, view, zoo
 from .common import app, err_console
 
 __all__ = ["app", "main"]
@@ -34,6 +35,7 @@ _COMMANDS = (
     interop,
     kv,
     patch,
+    circuit,
     probe,
     steer,
     view,
