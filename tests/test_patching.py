@@ -303,7 +303,9 @@ def test_the_ioi_circuit_command_writes_classes_roles_and_a_figure(tmp_path: Pat
     LlamaForCausalLM(one_layer_llama_config(len(tok), num_hidden_layers=2)).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     out = tmp_path / "atlas"
-    res = CliRunner().invoke(app, ["circuit", str(model_dir), "--method", "path", "--n", "4", "--out", str(out)])
+    res = CliRunner().invoke(
+        app, ["circuit", str(model_dir), "--method", "path", "--n", "4", "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
     atlas = ha.Atlas.load(out)
     assert "ioi_direct" in atlas.scores and (out / "figures" / "circuit-ioi.png").exists()
