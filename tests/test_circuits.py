@@ -77,8 +77,7 @@ def test_curve_areas_of_hand_made_curves() -> None:
     )
 
 
-@pytest.mark.parametrize("ablation", ["mean", "counterfactual", "zero"])
-def test_all_heads_is_the_model_and_the_ends_are_0_and_1(tiny_loaded: ha.LoadedModel, ablation: str) -> None:
+def test_all_heads_is_the_model_and_the_ends_are_0_and_1(tiny_loaded: ha.LoadedModel) -> None:
     prep = prepare(tiny_loaded, encode_exact(tiny_loaded, _tiny_task()))
     info = tiny_loaded.info
     keep = torch.stack(
@@ -87,19 +86,21 @@ def test_all_heads_is_the_model_and_the_ends_are_0_and_1(tiny_loaded: ha.LoadedM
             torch.zeros(info.n_layers, info.n_heads, dtype=torch.bool),
         ]
     )
-    full, empty = circuit_metrics(tiny_loaded, prep, keep, ablation, rows_per_pass=5).tolist()
-    assert full == pytest.approx(
-        float(prep.clean_metric.mean()), abs=1e-4
-    )  # the hook keeping every head changes nothing
-    assert abs(full - empty) > 1e-3
-    curve = faithfulness_curve(
-        tiny_loaded, prep, random_order(info.n_layers, info.n_heads, 0), [1, 3, 6], ablation
-    )
+    for ablation in ("mean", "counterfactual", "zero"):
+        full, empty = circuit_metrics(tiny_loaded, prep, keep, ablation, rows_per_pass=16).tolist()
+        assert full == pytest.approx(
+            float(prep.clean_metric.mean()), abs=1e-4
+        )  # keeping every head changes nothing
+        assert abs(full - empty) > 1e-3, ablation
+    order = random_order(info.n_layers, info.n_heads, 0)
+    curve = faithfulness_curve(tiny_loaded, prep, order, [1, 3, 6], "zero")
     assert (
         curve.sizes == [0, 1, 3, 6, 12]
         and curve.faithfulness[0] == 0.0
         and curve.faithfulness[-1] == pytest.approx(1.0)
     )
+    with pytest.raises(HeadatlasError, match="all 12 heads"):
+        faithfulness_curve(tiny_loaded, prep, order[:5], [1], "zero")
 
 
 def test_mean_ablation_through_the_hook_equals_a_hand_written_hook(tiny_loaded: ha.LoadedModel) -> None:
@@ -232,7 +233,10 @@ def test_circuit_command_writes_results_atlas_columns_and_compares(
     ]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     runs = []
-    for ablation, methods in (("counterfactual", "eap-ig,attribution,random"), ("mean", "attribution")):
+    for ablation, methods in (
+        ("counterfactual", "eap-ig,attribution,random"),
+        ("mean", "attribution,atlas:circuit_pairs"),
+    ):
         out = tmp_path / ablation
         args = ["circuit", str(tiny_model_dir), "--task", str(pairs), "--method", methods, "--ablation", ablation,
                 "--sizes", "1,2,4", "--seeds", "0,1", "--steps", "2", "--out", str(out), "--atlas", str(tmp_path / "atlas")]  # fmt: skip
@@ -243,11 +247,16 @@ def test_circuit_command_writes_results_atlas_columns_and_compares(
         assert data["methods"]["attribution"]["signed"]["sizes"] == [0, 1, 2, 4, 12]
         runs.append(out)
     atlas = ha.Atlas.load(tmp_path / "atlas")
-    rank = atlas.matrix("circuit_pairs")
+    rank = atlas.matrix("circuit_pairs_rank")
+    k = atlas.meta["circuits"]["pairs"]["minimal_k"]
+    assert (
+        atlas.matrix("circuit_pairs").sum() == (k or 0)
+        and atlas.meta["circuits"]["pairs"]["method"] == "attribution"
+    )
     assert sorted(rank.ravel().tolist()) == list(range(1, 13))
     res = CliRunner().invoke(app, ["circuit", "compare", *map(str, runs), "--out", str(tmp_path / "cmp")])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "cmp" / "compare.png").exists() and len(compare_results(runs)) == 4
+    assert (tmp_path / "cmp" / "compare.png").exists() and len(compare_results(runs)) == 5
     res = CliRunner().invoke(
         app,
         [

@@ -242,9 +242,10 @@ def write_results(result: CircuitResult, out: str | Path) -> list[Path]:
 
 
 def write_circuit_columns(atlas: Atlas, result: CircuitResult) -> list[str]:
-    """Add ``circuit_<task>`` (rank of each head by the first scored method, 1 = most important) and
-    ``circuit_<task>_member`` (1 for heads of the smallest circuit with f ≥ 0.9) to ``atlas``; return
-    the columns written. ``atlas.meta["circuits"][task]`` records the CPR / CMD of every method."""
+    """Add ``circuit_<task>`` (1 for the heads of the smallest circuit with f ≥ 0.9 by the first scored
+    method, else 0) and ``circuit_<task>_rank`` (each head's rank by that method, 1 = most important)
+    to ``atlas``; return the columns written. ``atlas.meta["circuits"][task]`` records the method, the
+    ablation and every method's CPR / CMD (Mueller et al. 2025)."""
     scored = [m for m in result.methods if m in result.scores]
     if not scored:
         return []
@@ -252,21 +253,20 @@ def write_circuit_columns(atlas: Atlas, result: CircuitResult) -> list[str]:
     score = result.scores[method]
     safe = "".join(c if c.isalnum() else "_" for c in result.task.name.lower()).strip("_")
     column = f"circuit_{safe}"
-    order = order_by(score)
     rank = np.zeros(score.shape)
-    for position, (layer, head) in enumerate(order, start=1):
+    for position, (layer, head) in enumerate(order_by(score), start=1):
         rank[layer, head] = position
     k = result.methods[method]["minimal_k"]
-    member = (rank <= (k if k is not None else 0)).astype(float)
-    atlas.set_matrix(column, rank)
-    atlas.set_matrix(f"{column}_member", member)
+    atlas.set_matrix(column, (rank <= (k if k is not None else 0)).astype(float))
+    atlas.set_matrix(f"{column}_n", np.full(score.shape, len(result.task.pairs)))
+    atlas.set_matrix(f"{column}_rank", rank)
     atlas.meta.setdefault("circuits", {})[result.task.name] = {
         "method": method,
         "ablation": result.ablation,
         "minimal_k": k,
         **{m: {"cpr": e["cpr"], "cmd": e["cmd"]} for m, e in result.methods.items()},
     }
-    return [column, f"{column}_member"]
+    return [column, f"{column}_rank"]
 
 
 def read_results(folder: str | Path) -> dict[str, Any]:

@@ -135,8 +135,8 @@ def random_order(n_layers: int, n_heads: int, seed: int) -> list[tuple[int, int]
 
 def atlas_scores(atlas: Atlas, score: str) -> np.ndarray:
     """Return ``atlas``'s column ``score`` as ``[layer, head]``; one-line error naming the columns."""
-    if score not in atlas.scores:
-        known = ", ".join(sorted(atlas.scores)[:12])
+    if score not in atlas.score_columns:
+        known = ", ".join(sorted(atlas.score_columns)[:12])
         raise HeadatlasError(f"the atlas has no score {score!r} (it has {known}, …)")
     return np.asarray(atlas.matrix(score), dtype=np.float64)
 
