@@ -34,7 +34,7 @@ def _curves(args: argparse.Namespace, loaded: ha.LoadedModel) -> dict:
     task = circuit_task(loaded.tokenizer, args.task, args.n, args.seed)
     result = measure_circuits(
         loaded, task, args.methods.split(","), args.ablation, steps=args.steps,
-        seeds=tuple(range(args.seeds)), rows_per_pass=args.rows_per_pass,
+        seeds=tuple(range(args.seeds)), rows_per_pass=args.rows_per_pass, only_correct=not args.all_pairs,
     )  # fmt: skip
     return result.as_dict()
 
@@ -45,7 +45,7 @@ def _operators(args: argparse.Namespace, loaded: ha.LoadedModel) -> dict:
         task = circuit_task(loaded.tokenizer, f"arithmetic:{op}", args.n, args.seed)
         result = measure_circuits(
             loaded, task, args.methods.split(","), args.ablation, steps=args.steps,
-            seeds=tuple(range(args.seeds)), rows_per_pass=args.rows_per_pass,
+            seeds=tuple(range(args.seeds)), rows_per_pass=args.rows_per_pass, only_correct=not args.all_pairs,
         )  # fmt: skip
         out[op] = result.as_dict()
     return out
@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows-per-pass", type=int, default=64)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--all-pairs", action="store_true", help="keep pairs the model gets wrong too")
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -124,7 +125,8 @@ def main() -> None:
         "wall_seconds": round(time.perf_counter() - start, 1), "threads": 1,
     }  # fmt: skip
     tag = args.tag or (args.task if args.what != "operators" else "arithmetic")
-    name = f"circuits-{args.model}-{args.what}-{tag}-{args.ablation}.json"
+    ablation = args_mode if args.what == "icl-top1" else args.ablation
+    name = f"circuits-{args.model}-{args.what}-{tag}-{ablation}.json"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / name).write_text(json.dumps(record, indent=1) + "\n")
     print(f"{name}: {record['wall_seconds']} s")

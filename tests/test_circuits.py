@@ -239,7 +239,7 @@ def test_circuit_command_writes_results_atlas_columns_and_compares(
     ):
         out = tmp_path / ablation
         args = ["circuit", str(tiny_model_dir), "--task", str(pairs), "--method", methods, "--ablation", ablation,
-                "--sizes", "1,2,4", "--seeds", "0,1", "--steps", "2", "--out", str(out), "--atlas", str(tmp_path / "atlas")]  # fmt: skip
+                "--sizes", "1,2,4", "--seeds", "0,1", "--steps", "2", "--only-correct", "--out", str(out), "--atlas", str(tmp_path / "atlas")]  # fmt: skip
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 0, res.output
         data = json.loads((out / "circuit.json").read_text())
@@ -292,3 +292,12 @@ def test_write_results_round_trip(tiny_loaded: ha.LoadedModel, tmp_path: Path) -
     paths = write_results(result, tmp_path / "r")
     assert {p.name for p in paths} == {"circuit.json", "pairs.jsonl", "scores.csv", "circuit.png"}
     assert len((tmp_path / "r" / "pairs.jsonl").read_text().splitlines()) == len(_tiny_task().pairs)
+
+
+def test_only_correct_keeps_the_pairs_the_model_gets_right(tiny_loaded: ha.LoadedModel) -> None:
+    task = _tiny_task()
+    right = int((prepare(tiny_loaded, encode_exact(tiny_loaded, task)).clean_metric > 0).sum())
+    assert 2 <= right < len(task.pairs)  # the tiny random model gets some right, some wrong
+    result = measure_circuits(tiny_loaded, task, ("random",), "zero", [2], seeds=(0,), only_correct=True)
+    assert result.baseline["n_pairs"] == right and result.baseline["drawn_pairs"] == len(task.pairs)
+    assert result.baseline["clean_accuracy"] == 1.0 and result.baseline["drawn_accuracy"] < 1.0

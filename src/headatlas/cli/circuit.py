@@ -67,6 +67,9 @@ def circuit(
     out: Annotated[
         Path | None, typer.Option(help="results folder (default circuit/; the atlas for --method path)")
     ] = None,
+    only_correct: Annotated[
+        bool, typer.Option(help="keep only the pairs the model answers right (as circuit papers do)")
+    ] = False,
     rows_per_pass: Annotated[int, typer.Option(help="rows per forward pass")] = 64,
     device: DeviceOpt = "cpu",
 ) -> None:
@@ -100,7 +103,7 @@ def circuit(
         result = run(
             lambda: measure_circuits(
                 loaded, pairs, methods, ablation, size_list, steps, seed_list, book, rows_per_pass,
-                step(progress, "methods"),
+                step(progress, "methods"), only_correct=only_correct,
             ),
             {"methods": "--method", "ablation": "--ablation", "steps": "--steps"},
         )  # fmt: skip
@@ -139,7 +142,13 @@ def _print(data: dict[str, Any]) -> None:
         f"{data['ablation']} ablation of {data['total_heads']} heads",
         highlight=False,
     )
-    if base["clean_accuracy"] < 0.7:
+    if base.get("only_correct"):
+        console.print(
+            f"  kept the {base['n_pairs']} of {base['drawn_pairs']} pairs the model gets right "
+            f"(accuracy on all {base['drawn_accuracy']:.2f})",
+            highlight=False,
+        )
+    if base.get("drawn_accuracy", base["clean_accuracy"]) < 0.7:
         console.print(
             "  the model does not do this task (accuracy < 0.70): its circuit means little", style="yellow"
         )

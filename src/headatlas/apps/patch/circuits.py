@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,12 +137,15 @@ def measure_circuits(
     atlas: Atlas | None = None,
     rows_per_pass: int = 64,
     progress: Progress | None = None,
+    only_correct: bool = False,
 ) -> CircuitResult:
     """Return the faithfulness curves, CPR, CMD, minimal circuit and times of each of ``methods``
     (``activation``, ``attribution``, ``eap-ig``, ``random``, ``atlas:<score>``) on ``task``.
 
     ``sizes`` default to :func:`default_sizes`; 0 and all heads are always measured. The model's own
     accuracy (answer above the wrong answer on clean prompts) and metrics come first in ``baseline``.
+    ``only_correct`` keeps the pairs the model gets right (as circuit papers filter their prompts);
+    ``baseline`` then also gives how many were drawn and the accuracy on all of them.
     """
     check_choice("ablation", ablation, ABLATIONS)
     if not methods:
@@ -156,8 +159,22 @@ def measure_circuits(
             raise HeadatlasError(f"method {method!r} reads an atlas: give one (--atlas DIR)")
     start = time.perf_counter()
     prep = prepare(loaded, encode_exact(loaded, task))
+    accuracy, drawn = prep.accuracy, len(task.pairs)
+    if only_correct:
+        right = tuple(p for p, m in zip(task.pairs, prep.clean_metric.tolist(), strict=True) if m > 0)
+        if len(right) < 2:
+            raise HeadatlasError(
+                f"the model answers {len(right)} of {drawn} pairs of {task.name!r} right: too few"
+            )
+        task = replace(
+            task, pairs=right, params={**(task.params or {}), "only_correct": True, "drawn": drawn}
+        )
+        prep = prepare(loaded, encode_exact(loaded, task))
     baseline = {
         "n_pairs": len(task.pairs),
+        "drawn_pairs": drawn,
+        "only_correct": only_correct,
+        "drawn_accuracy": round(accuracy, 4),
         "clean_accuracy": round(prep.accuracy, 4),
         "clean_metric": round(float(prep.clean_metric.mean()), 6),
         "counterfactual_metric": round(float(prep.corrupt_metric.mean()), 6),
