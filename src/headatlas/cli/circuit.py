@@ -174,7 +174,7 @@ def _print(data: dict[str, Any]) -> None:
 
 def _compare(folders: list[Path], out: Path) -> None:
     from ..apps.patch.circuit_figures import compare_figure
-    from ..apps.patch.circuits import compare_results, read_results
+    from ..apps.patch.circuits import compare_results, figure_curve, read_results
     from ..core.outputs import check_output_dir
     from ..core.storage import atomic_path
 
@@ -186,7 +186,7 @@ def _compare(folders: list[Path], out: Path) -> None:
     for folder in folders:
         data = read_results(folder)
         for name, entry in data["methods"].items():
-            runs[f"{data['model']} {data['task']} {name}"] = (entry.get("signed", entry), data["total_heads"])
+            runs[f"{data['model']} {data['task']} {name}"] = (figure_curve(entry), data["total_heads"])
     out.mkdir(parents=True, exist_ok=True)
     figure = compare_figure(runs, "faithfulness curves", out / "compare.png")
     with atomic_path(out / "compare.csv", suffix=".csv") as tmp:

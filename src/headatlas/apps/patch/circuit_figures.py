@@ -28,7 +28,7 @@ def curves_figure(curves: Mapping[str, Mapping[str, Any]], total: int, title: st
     ax.set_xscale("symlog", linthresh=1.0 / total)
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"circuit size: share of the {total} heads kept (others ablated)")
-    ax.set_ylabel("faithfulness f = (m(C) − m(∅)) / (m(M) − m(∅))")
+    ax.set_ylabel("faithfulness f (top-k by signed score)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)

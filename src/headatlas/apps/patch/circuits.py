@@ -223,6 +223,12 @@ def measure_circuits(
     return result
 
 
+def figure_curve(entry: dict[str, Any]) -> dict[str, Any]:
+    """Return the curve a figure draws for a method entry: the signed ranking's curve, labelled with
+    the method's reported CPR (signed curve) and CMD (absolute curve)."""
+    return {**entry.get("signed", entry), "cpr": entry["cpr"], "cmd": entry["cmd"]}
+
+
 def write_results(result: CircuitResult, out: str | Path) -> list[Path]:
     """Write ``circuit.json``, the task's pairs (``pairs.jsonl``), the scores (``scores.csv``) and the
     figure into the folder ``out``; return the paths."""
@@ -246,7 +252,7 @@ def write_results(result: CircuitResult, out: str | Path) -> list[Path]:
         table.to_csv(tmp, index_label="head")
     from .circuit_figures import curves_figure
 
-    curves = {name: entry.get("signed", entry) for name, entry in result.methods.items()}
+    curves = {name: figure_curve(entry) for name, entry in result.methods.items()}
     paths.append(
         curves_figure(
             curves,
