@@ -303,7 +303,9 @@ def test_the_ioi_circuit_command_writes_classes_roles_and_a_figure(tmp_path: Pat
     LlamaForCausalLM(one_layer_llama_config(len(tok), num_hidden_layers=2)).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     out = tmp_path / "atlas"
-    res = CliRunner().invoke(app, ["circuit", str(model_dir), "--n", "4", "--out", str(out)])
+    res = CliRunner().invoke(
+        app, ["circuit", str(model_dir), "--method", "path", "--n", "4", "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
     atlas = ha.Atlas.load(out)
     assert "ioi_direct" in atlas.scores and (out / "figures" / "circuit-ioi.png").exists()
@@ -314,7 +316,9 @@ def test_the_ioi_circuit_command_writes_classes_roles_and_a_figure(tmp_path: Pat
     }
     assert set(atlas.meta["circuit"]["ioi"]["steps"]) >= {"ioi_direct"}
     assert all(rule.role in ROLE_COLORS for rule in RULES)  # every role has a colour in the pictures
-    res = CliRunner().invoke(app, ["circuit", str(model_dir), "--task", "fv:antonym", "--out", str(out)])
+    res = CliRunner().invoke(
+        app, ["circuit", str(model_dir), "--method", "path", "--task", "fv:antonym", "--out", str(out)]
+    )
     assert res.exit_code == 2 and "ioi task only" in res.output
 
 

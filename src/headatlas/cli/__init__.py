@@ -4,7 +4,8 @@
 - :mod:`.view`: ``report``, ``serve``
 - :mod:`.prune`: ``importance``, ``redundancy``, ``prune``, ``prune-curve``
 - :mod:`.verify`: ``verify``
-- :mod:`.patch`: ``patch``, ``circuit``
+- :mod:`.patch`: ``patch``
+- :mod:`.circuit`: ``circuit`` (faithfulness curves, ``circuit compare``, IOI path patching)
 - :mod:`.probe`: ``probe``
 - :mod:`.steer`: ``steer fit``, ``steer eval``, ``steer generate``, ``steer export``
 - :mod:`.zoo`: ``zoo``
@@ -27,6 +28,7 @@ import sys
 
 from . import (
     atlas,
+    circuit,
     conflict,
     conformance,
     data,
@@ -56,6 +58,7 @@ _COMMANDS = (
     interop,
     kv,
     patch,
+    circuit,
     probe,
     retain,
     steer,

@@ -17,7 +17,6 @@ from .common import (
     app,
     console,
     example,
-    fail,
     load_model,
     locked,
     progress_bar,
@@ -126,43 +125,3 @@ def patch(
         )
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in params["seconds"].items())
     console.print(f"→ {out / 'atlas.parquet'} ({', '.join(columns)}), {figure}; {timing}", highlight=False)
-
-
-@app.command(epilog=example("headatlas circuit default --task ioi --n 8 --out atlas"))
-def circuit(
-    model: ModelArg = "default",
-    task: Annotated[str, typer.Option(help="ioi (Wang et al.'s classes need its name structure)")] = "ioi",
-    n: Annotated[int, typer.Option(help="IOI pairs")] = 8,
-    seed: Annotated[int, typer.Option(help="seed of the pairs")] = 0,
-    out: Annotated[Path, typer.Option(help="atlas directory for the class columns and the figure")] = Path(
-        "atlas"
-    ),
-    rows_per_pass: Annotated[int, typer.Option(help="(pair, sender) rows per forward pass")] = 64,
-    device: DeviceOpt = "cpu",
-) -> None:
-    """Sort heads into the IOI circuit's classes by path patching (Wang et al. 2022)."""
-    quiet_libraries(False)
-    from ..apps.common.patch_tasks import build_task
-    from ..apps.patch.circuit import circuit_figure, ioi_circuit, write_circuit
-    from ..atlas.table import open_atlas
-    from ..core.errors import check_at_least
-    from ..core.outputs import check_output_dir
-
-    if task != "ioi":
-        fail(f"--task {task!r}: circuit knows the ioi task only (its classes need the IOI name structure)")
-    run(lambda: check_at_least("rows_per_pass", rows_per_pass, 1))
-    run(lambda: check_output_dir(out))
-    loaded = load_model(model, device)
-    ioi = run(lambda: build_task(loaded.tokenizer, "ioi", n, seed))
-    with locked(out):
-        atlas = run(lambda: open_atlas(loaded.info, out))
-        with progress_bar() as progress:
-            found = run(lambda: ioi_circuit(loaded, ioi, rows_per_pass, step(progress, "senders")))
-        columns = write_circuit(atlas, found)
-        atlas.save(out)
-        figure = circuit_figure(
-            found, f"{loaded.info.name} — IOI circuit by path patching", out / "figures" / "circuit-ioi.png"
-        )
-    for role, heads in found.classes.items():
-        console.print(f"  {role:<20} {', '.join(head_name(*h) for h in heads) or '—'}", highlight=False)
-    console.print(f"→ {out / 'atlas.parquet'} ({', '.join(columns)}), {figure}", highlight=False)
