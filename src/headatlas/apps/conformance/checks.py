@@ -423,7 +423,7 @@ CHECKS: dict[str, Check] = {
     "patch": check_patch,
     "prune": check_prune,
 }
-"""The checks every model gets, in page order; the CLI adds ``kv`` (:func:`headatlas.apps.kv.check.check_cache`)."""
+"""The checks every model gets, in page order; the CLI adds ``kv`` from the KV app's own check (an app imports no other app)."""
 
 
 def run_check(check: Check, loaded: LoadedModel) -> Outcome:

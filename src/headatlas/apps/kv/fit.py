@@ -31,7 +31,7 @@ from ...model.info import LoadedModel
 from .backends import gate as backend_gate
 from .evaluate import encode
 from .plan import Plan, plan
-from .tasks import TASKS, Sample, make_samples
+from .tasks import Sample, check_tasks, make_samples
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +72,7 @@ def check_fit_settings(
         )
     if loss_on not in ("answer", "all"):
         raise HeadatlasError(f"{param('loss_on')} must be answer or all, got {loss_on!r}")
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise HeadatlasError(
-            f"{param('tasks')} must be some of {', '.join(TASKS)}, got {', '.join(tasks) or 'none'}"
-        )
+    check_tasks(tasks)
 
 
 def fit_gates(

@@ -31,7 +31,7 @@ from ...model.info import LoadedModel
 from .backends import moa as backend_moa
 from .fit import _teacher_forced, loss_positions
 from .plan import Plan, check_plan_settings, span_window
-from .tasks import TASKS
+from .tasks import check_tasks
 
 ALPHAS = (16, 32, 64, 128, 256, 512)
 BETAS = (0.0, 0.0625, 0.125, 0.25, 0.5)
@@ -78,11 +78,7 @@ def check_moa_settings(
         raise HeadatlasError(f"{param('alphas')}: a rule with alpha < 1 and beta 0 keeps no token")
     if sensitivity not in SENSITIVITIES:
         raise HeadatlasError(f"{param('sensitivity')} must be grad or mass, got {sensitivity!r}")
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise HeadatlasError(
-            f"{param('tasks')} must be some of {', '.join(TASKS)}, got {', '.join(tasks) or 'none'}"
-        )
+    check_tasks(tasks)
 
 
 def profile_heads(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import random
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,16 @@ from ...core.errors import HeadatlasError, param
 from ...data.sequences import chat_frame
 
 TASKS = ("niah", "multikey", "multivalue", "vt")
+
+
+def check_tasks(tasks: Sequence[str]) -> None:
+    """Raise :class:`HeadatlasError` unless ``tasks`` names at least one task, each of :data:`TASKS`."""
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise HeadatlasError(
+            f"{param('tasks')} must be some of {', '.join(TASKS)}, got {', '.join(tasks) or 'none'}"
+        )
+
+
 _KEYS = (
     "apple", "river", "candle", "falcon", "garden", "harbor", "island", "jacket", "kettle", "lantern",
     "meadow", "needle", "orange", "pepper", "quartz", "rabbit", "saddle", "tiger", "violin", "walnut",
