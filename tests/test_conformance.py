@@ -57,6 +57,21 @@ def test_shrinker_rewrites_sizes_nested_configs_and_per_layer_lists() -> None:
     assert tiny["pad_token_id"] == 2
 
 
+def test_shrinker_keeps_per_layer_overrides_of_the_kept_layers() -> None:
+    """``per_layer_config`` (Gemma 4: wider heads on its full-attention layers) follows the kept
+    layers, renumbered, and a wider per-layer size stays wider than the config's own."""
+    values = {
+        "num_hidden_layers": 6,
+        "head_dim": 256,
+        "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+        "per_layer_config": {"02": {"sliding_window": 512}, "05": {"head_dim": 512, "sliding_window": None}},
+    }
+    tiny = shrink(values)
+    assert tiny["layer_types"] == ["sliding_attention", "full_attention"]
+    assert tiny["per_layer_config"] == {"01": {"head_dim": 32, "sliding_window": None}}
+    assert tiny["head_dim"] == 16
+
+
 def test_time_limit_stops_a_family(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib
 
@@ -147,6 +162,14 @@ def test_refusals_are_one_line_headatlas_errors() -> None:
     falcon = load_tiny(_family("causal", "falcon"))
     with pytest.raises(HeadatlasError, match="output_attentions"):
         ha.attention_maps(falcon, falcon.tokenizer(["a b c"], return_tensors="pt")["input_ids"])
+
+
+@pytest.mark.slow
+def test_per_layer_head_sizes_are_refused_with_the_reason() -> None:
+    """Gemma 4's full-attention layers have wider heads than its sliding ones: one head width per
+    atlas cannot describe them, so loading says so (it raised transformers' own error before)."""
+    with pytest.raises(HeadatlasError, match="head_dim differs between layers"):
+        load_tiny(_family("causal", "gemma4_text"))
 
 
 @pytest.mark.slow

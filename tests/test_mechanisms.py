@@ -209,6 +209,15 @@ def test_only_capture_hooks_head_outputs() -> None:
     assert readers == ["ct2.py", "families.py", "sequences.py"]
 
 
+def test_only_compat_swaps_attention_implementations() -> None:
+    """A model's attention backend is swapped and restored through ``model.compat`` alone, which
+    puts back every sub-model's own implementation (one place)."""
+    swappers = sorted(
+        str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if "set_attn_implementation" in p.read_text()
+    )
+    assert swappers == ["model/compat.py"]
+
+
 # ---------------------------------------------------------------- scores as data
 
 

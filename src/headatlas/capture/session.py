@@ -5,9 +5,11 @@ pass every attention layer hands its query/key tensors to the session, which pas
 :class:`~headatlas.capture.views.AttentionView` to ``on_view`` and drops it before the next
 layer, so the T×T attention of all layers is never held at once. Two exact paths:
 
-- ``fast`` (CPU, no soft-capping or sinks): the fused flash kernel returns the layer output
-  *and* the per-row log-sum-exp; the view reads probabilities from it without a T×T buffer
-  (:class:`~headatlas.capture.views.LseView`).
+- ``fast`` (CPU, no soft-capping): the fused flash kernel returns the layer output *and* the
+  per-row log-sum-exp; the view reads probabilities from it without a T×T buffer
+  (:class:`~headatlas.capture.views.LseView`). Learned sinks (gpt-oss, Granite SWA, ...) stay on
+  it: a sink logit ``s`` is one more term of the softmax denominator, so ``LSE' = logaddexp(LSE,
+  s)`` and the output is the kernel's scaled by the real keys' share ``exp(LSE − LSE')``.
 - ``dense``: probabilities are materialised a block of query rows at a time
   (:class:`~headatlas.capture.views.DenseView`), and the output comes from the delegate backend.
 
@@ -20,13 +22,14 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 
 from ..core.errors import HeadatlasError, check_choice, param
 from ..model.archs import arch_spec, attention_layer_numbers, attention_stacks
+from ..model.compat import attention_implementation
 from ..model.info import LoadedModel, check_loaded
 from .backends import eager as backend_eager
 from .backends import headatlas as backend
@@ -51,6 +54,17 @@ def check_head_count(info: Any, layer: int, n_heads: int) -> None:
             f"layer {layer} of {info.name} ({info.arch}) has {n_heads} heads, its config says {info.n_heads}: "
             "an atlas needs the same head count in every layer; capture refused"
         )
+
+
+def with_sinks(lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(LSE', mass)`` for rows whose softmax denominator also holds a learned sink logit
+    per head: ``LSE' = logaddexp(LSE, sink)`` and ``mass = exp(LSE − LSE')``, the share of the
+    probability the real keys keep, both ``[batch, head, query]`` in fp32 (``lse [batch, head,
+    query]`` over the keys alone, ``sinks [head]``)."""
+    sink = sinks.detach().float().view(1, -1, 1)  # [1, head, 1]
+    lse = lse.float()  # [batch, head, query]
+    both = torch.logaddexp(lse, sink.expand_as(lse))  # [batch, head, query]
+    return both, torch.exp(lse - both)
 
 
 def check_finite(layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -186,11 +200,15 @@ class CaptureSession:
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scaling: float,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor | bool:
         """Fast path: fused attention with log-sum-exp, one :class:`LseView` to ``on_view``.
 
-        Returns the layer output ``[batch, query, head, d_head]`` (bitwise what SDPA returns on
-        CPU); ``True`` when the view went out but the output must come from the delegate (values
+        ``sinks [head]``: learned sink logits (gpt-oss; Xiao et al. 2024's attention sink made a
+        parameter), which take probability mass without being a key. Returns the layer output
+        ``[batch, query, head, d_head]`` (bitwise what SDPA returns on CPU; with sinks, the
+        kernel's output times the real keys' share of the mass, as the eager sink softmax
+        computes it up to rounding); ``True`` when the view went out but the output must come from the delegate (values
         of another head size than queries and keys, as in DeepSeek's latent attention: the fused
         kernel needs one size, so the log-sum-exp comes from a call with the keys as values); or
         ``False`` when the fast path does not apply (then the caller delegates and calls
@@ -233,6 +251,11 @@ class CaptureSession:
             out, lse = flash(
                 query, key, key if split_value else value, 0.0, is_causal, attn_mask=additive, scale=scaling
             )
+            mass: torch.Tensor | None = None
+            if sinks is not None:
+                lse, mass = with_sinks(lse, sinks)
+                # the kernel gives a row with no allowed key LSE 0, not −inf: it keeps no mass
+                mass = mass * (n_keys > 0)[:, None].to(mass.dtype)  # [batch, head, query]
 
             def keys_times_attention() -> torch.Tensor:
                 if split_value:  # the call above already had the keys as values
@@ -240,9 +263,13 @@ class CaptureSession:
                 return flash(query, key, key, 0.0, is_causal, attn_mask=additive, scale=scaling)[0]
 
             self.on_view(
-                LseView(layer, query, key, lse, scaling, allowed, causal, n_keys, keys_times_attention)
+                LseView(layer, query, key, lse, scaling, allowed, causal, n_keys, keys_times_attention, mass)
             )
-        return True if split_value else out.transpose(1, 2).contiguous()
+        if split_value:
+            return True
+        if mass is not None:
+            out = out * mass.unsqueeze(-1).to(out.dtype)  # [batch, head, query, d_head]
+        return out.transpose(1, 2).contiguous()
 
     def run(
         self,
@@ -385,7 +412,6 @@ def capture(
     refused = spec.refused or spec.capture_refused
     if refused is not None:
         raise HeadatlasError(f"{loaded.info.arch}: {refused}")
-    previous: Any = model.config._attn_implementation
     fallback = not supports_backend(loaded)
     name = "eager" if fallback else (backend.EAGER_NAME if backend.needs_eager(model) else backend.NAME)
     if fallback:
@@ -395,18 +421,15 @@ def capture(
             type(model).__name__,
         )
     backend.register()
-    try:
-        model.set_attn_implementation(name)
-    except ValueError as error:  # a submodule (an audio tokenizer, ...) refuses custom attention
-        model.set_attn_implementation(previous)
-        raise HeadatlasError(
-            f"{type(model).__name__} refuses the {name} attention backend ({' '.join(str(error).split())[:120]}): "
-            "capture refused"
-        ) from error
-    try:
+    with ExitStack() as restore:
+        try:
+            restore.enter_context(attention_implementation(model, name))
+        except ValueError as error:  # a submodule (an audio tokenizer, ...) refuses custom attention
+            raise HeadatlasError(
+                f"{type(model).__name__} refuses the {name} attention backend "
+                f"({' '.join(str(error).split())[:120]}): capture refused"
+            ) from error
         yield CaptureSession(loaded, on_view, fallback=fallback, mode=mode, grad=grad)
-    finally:
-        model.set_attn_implementation(previous)
 
 
 def attention_maps(

@@ -101,7 +101,10 @@ class LseView:
         allowed: bool ``[batch, 1, query, key]`` mask, or ``None`` for plain causal/full attention.
         causal: whether keys after the query are blocked when ``allowed`` is ``None``.
         n_keys: ``[batch, query]``.
-        keys_times_attention: computes ``A K`` ``[batch, head, query, d_head]`` on demand (entropy).
+        keys_times_attention: computes ``A K`` ``[batch, head, query, d_head]`` on demand (entropy),
+            with ``A`` normalised over the keys alone.
+        row_mass: ``[batch, head, query]`` share of each row's mass on the keys when a learned sink
+            takes the rest (then ``lse`` includes the sink), or ``None``.
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class LseView:
         causal: bool,
         n_keys: torch.Tensor,
         keys_times_attention: Callable[[], torch.Tensor],
+        row_mass: torch.Tensor | None = None,
     ) -> None:
         self.layer = layer
         _batch, heads, n_query, _d_head = query.shape
@@ -128,6 +132,7 @@ class LseView:
         self.n_keys = n_keys
         self.q_index = torch.arange(key.shape[2] - n_query, key.shape[2], device=query.device)
         self._ak = keys_times_attention
+        self.row_mass = row_mass
         self._cache: dict[int, torch.Tensor] = {}
         self._band_cache: torch.Tensor | None = None
 
@@ -221,6 +226,9 @@ class LseView:
         ak = self._ak().float()  # [batch, head, query, d_head]
         dot = (self.query * ak).sum(-1) * self.scaling  # [batch, head, query]
         ent = self.lse - dot  # [batch, head, query]
+        if self.row_mass is not None:
+            # With a sink, A'_j = m·A_j and log A'_j = scale·q·k_j − LSE', so H = m·(LSE' − dot).
+            ent = self.row_mass * ent  # [batch, head, query]
         return torch.where(torch.isfinite(ent), ent, torch.zeros_like(ent)).clamp_min(0.0)
 
     def last_row(self) -> torch.Tensor:

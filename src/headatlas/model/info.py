@@ -136,9 +136,34 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
+_HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size")
+"""Fields an atlas needs the same in every layer (one table of heads, one head width)."""
+
+
+def _per_layer_value(config: Any, name: str) -> Any:
+    """The value of a field transformers keeps per layer (``per_layer_config``: Gemma 4's wider
+    full-attention heads, NeoMME's windows) when every layer has the same; ``None`` when they
+    differ, or a :class:`HeadatlasError` when an atlas needs it to be one number."""
+    layers = config.per_layer_config
+    values = {getattr(layers[i], name, None) for i in range(int(config.num_hidden_layers))}
+    if len(values) == 1:
+        return values.pop()
+    if name in _HEAD_FIELDS:
+        raise HeadatlasError(
+            f"{config.model_type}: {name} differs between layers ({', '.join(sorted(map(str, values)))}): "
+            "an atlas needs one head layout in every layer; refused"
+        )
+    return None
+
+
 def _config_int(config: Any, *names: str) -> int | None:
     for name in names:
-        value = getattr(config, name, None)
+        try:
+            value = getattr(config, name, None)
+        except Exception as error:  # transformers' per-layer attributes refuse a global read
+            if type(error).__name__ != "AmbiguousGlobalPerLayerAttributeError":
+                raise
+            value = _per_layer_value(config, name)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None

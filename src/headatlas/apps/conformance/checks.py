@@ -38,6 +38,7 @@ from ...capture.session import eager_layer_numbers, padded_positions
 from ...capture.views import DenseView, LseView
 from ...core.errors import HeadatlasError
 from ...detectors.attention import DETECTORS, Context
+from ...model.compat import attention_implementation
 from ...model.info import LoadedModel
 from .families import TEXTS
 
@@ -75,13 +76,8 @@ def _accumulate(stats: HeadStats, view: AttentionView, ctx: Context) -> None:
 
 def _eager(loaded: LoadedModel, **inputs: Any) -> Any:
     model = loaded.model
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            return model(**inputs, output_attentions=True)
-    finally:
-        model.set_attn_implementation(previous)
+    with attention_implementation(model, "eager"), torch.no_grad():
+        return model(**inputs, output_attentions=True)
 
 
 def _max_delta(a: HeadStats, b: HeadStats) -> tuple[float, str]:
@@ -124,12 +120,17 @@ def check_capture(loaded: LoadedModel) -> Outcome:
     attentions = [a for a in (getattr(out, "attentions", None) or ()) if a is not None]
     if not session.layers_seen:
         raise HeadatlasError(f"{info.name} ran without calling any attention layer: nothing to scan")
-    if len(attentions) != len(session.layers_seen) or not attentions:
-        return Outcome(
-            "n/a", None, f"eager gives {len(attentions)} attention maps for {len(session.layers_seen)} layers"
-        )
+    seen = sorted(session.layers_seen)
+    if len(attentions) == info.n_layers > len(seen):
+        # one entry per layer, the linear-attention layers' being their own state (MiniMax's
+        # lightning attention): the softmax layers' maps sit at their layer's index
+        attentions = [attentions[layer] for layer in seen]
+        numbers = seen
+    elif len(attentions) != len(seen) or not attentions:
+        return Outcome("n/a", None, f"eager gives {len(attentions)} attention maps for {len(seen)} layers")
+    else:
+        numbers = eager_layer_numbers(loaded, len(attentions))
     reference = HeadStats(info.n_layers, info.n_heads)
-    numbers = eager_layer_numbers(loaded, len(attentions))
     if len(numbers) < info.n_layers:
         path += f"; hybrid: attention in layers {numbers} of {info.n_layers}, the others have no heads"
     if set(numbers) != session.layers_seen:
@@ -238,12 +239,8 @@ def _attention_writes(
 
     AttentionInterface.register("headatlas_conformance", fn)
     AttentionMaskInterface.register("headatlas_conformance", eager_mask if use_eager else sdpa_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("headatlas_conformance")
-    try:
+    with attention_implementation(model, "headatlas_conformance"):
         yield
-    finally:
-        model.set_attn_implementation(previous)
 
 
 class _NoReference(Exception):

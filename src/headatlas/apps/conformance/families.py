@@ -81,6 +81,10 @@ _SIZES: dict[str, float] = {
     **{"v_head_dim": 16, "qk_head_dim": 24},
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_target_positions"), 512),
     **dict.fromkeys(("sliding_window", "attention_window", "window_size"), 8),
+    # sparse attention that an indexer picks per query (DeepSeek V3.2's DSA, MiniMax M3): fewer
+    # keys than the sweep's texts have, so the selection really drops keys
+    **dict.fromkeys(("index_topk",), 4),
+    **dict.fromkeys(("index_block_size", "index_topk_blocks"), 2),
     **dict.fromkeys(("initializer_range", "init_std"), INIT_RANGE),
 }
 """Integer fields the shrinker sets wherever a config (or a nested one) has them as numbers."""
@@ -111,6 +115,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "falcon": {"new_decoder_architecture": False, "multi_query": True},
     "gpt_neox": {"rotary_pct": 0.5},
     "falcon_h1": {"mamba_d_ssm": 128, "mamba_n_heads": 16, "mamba_d_state": 16, "mamba_chunk_size": 16},
+    # MiniMax M3's sparse layers exist only when a checkpoint lists them (real ones do)
+    "minimax_m3_vl_text": {"layer_types": ["full_attention", "minimax_m3_sparse"]},
     "reformer": {
         "attn_layers": ["local", "lsh"],
         "axial_pos_shape": [16, 32],
@@ -141,6 +147,7 @@ REPRESENTATIVE: tuple[tuple[str, str], ...] = (
             "deepseek_v3",
             "gpt_oss",
             "granite_swa",
+            "deepseek_v32",
             "mixtral",
             "olmo2",
             "diffllama",
@@ -203,6 +210,31 @@ def _per_layer_lists(values: dict[str, Any]) -> list[int] | None:
     return None
 
 
+def _per_layer_size(key: str, value: Any, base: Any) -> Any:
+    """A per-layer override of size field ``key``, shrunk so that it still differs from the
+    config's own ``base`` the way it did (wider stays wider: Gemma 4's full-attention heads)."""
+    if key not in _SIZES or not isinstance(value, int) or isinstance(value, bool):
+        return value
+    tiny = int(_SIZES[key])
+    if isinstance(base, int) and value != base:
+        return tiny * 2 if value > base else max(1, tiny // 2)
+    return tiny
+
+
+def _per_layer_config(value: dict[str, Any], keep: list[int], values: dict[str, Any]) -> dict[str, Any]:
+    """A ``per_layer_config`` (per-layer overrides keyed by the zero-padded layer index: Gemma 4's
+    wider full-attention heads, NeoMME's windows) cut to the kept layers, renumbered, its sizes
+    shrunk like the config's own (``values``)."""
+    width = max((len(k) for k in value), default=2)
+    by_layer = {int(k): v for k, v in value.items()}
+    out: dict[str, Any] = {}
+    for new, old in enumerate(keep):
+        entry = by_layer.get(old)
+        if isinstance(entry, dict):
+            out[str(new).zfill(width)] = {k: _per_layer_size(k, v, values.get(k)) for k, v in entry.items()}
+    return out
+
+
 def shrink(values: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Return a tiny copy of config dict ``values`` (a config's ``to_dict()``): every known size field
     rewritten, nested configs shrunk the same way, per-layer lists cut to the kept layers, then
@@ -211,7 +243,9 @@ def shrink(values: dict[str, Any], overrides: dict[str, Any] | None = None) -> d
     n_layers = next((v for k in _LAYER_COUNTS if isinstance(v := values.get(k), int)), None)
     keep = _per_layer_lists(values) or list(range(LAYERS))
     for key, value in values.items():
-        if isinstance(value, dict) and ("model_type" in value or key.endswith(("_config", "config"))):
+        if key == "per_layer_config" and isinstance(value, dict):
+            out[key] = _per_layer_config(value, keep, values)
+        elif isinstance(value, dict) and ("model_type" in value or key.endswith(("_config", "config"))):
             out[key] = shrink(value)
         elif key in _SIZES and isinstance(value, int | float) and not isinstance(value, bool):
             out[key] = _SIZES[key] if key not in ("max_position_embeddings",) else min(value, 512)

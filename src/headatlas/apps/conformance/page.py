@@ -82,7 +82,8 @@ def summary(rows: list[Row]) -> list[str]:
     if interface:
         lines += [
             "",
-            f"Causal-LM families that run through transformers' attention interface: {interface}; "
+            f"Causal-LM families that run through transformers' attention interface (those headatlas "
+            f"refuses included): {interface}; "
             f"exact on the fast path: {fast} ({100 * fast / interface:.0f} %), exact on the fast or "
             f"the dense path: {exact} ({100 * exact / interface:.0f} %).",
         ]
@@ -91,7 +92,8 @@ def summary(rows: list[Row]) -> list[str]:
 
 def goal(rows: list[Row]) -> dict[str, int]:
     """The issue's measure: causal-LM families whose attention runs through transformers' attention
-    interface, and how many of them are exact on the fast path / on the fast or the dense path."""
+    interface (refused ones included, built or not), and how many of them are exact on the fast
+    path / on the fast or the dense path."""
     interface = [r for r in rows if r.family.kind == "causal" and r.interface]
     return {
         "through_interface": len(interface),

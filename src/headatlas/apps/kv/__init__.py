@@ -21,7 +21,7 @@ import torch
 
 from ...core.errors import HeadatlasError, param
 from ...core.outputs import Folder, check_output_folder
-from ...model.compat import cache_kwargs
+from ...model.compat import attention_implementation, cache_kwargs
 from ..common.formats import DUO_CONFIG, DUO_FOLDER, DUO_TSV, check_format, read_duo, write_duo, write_headkv
 from .backends import headwise as backend_kv
 from .cache import HeadwiseCache, HeadwiseLayer, SpanLayer, plain_layers
@@ -211,13 +211,11 @@ def compressed(
         fill_from(cache, source, attention_mask)
     backend_kv.register()
     model = loaded.model
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(backend_kv.backend_name(model))
-    try:
-        yield cache
-    finally:
-        backend_kv.PENDING.set(None)
-        model.set_attn_implementation(previous)
+    with attention_implementation(model, backend_kv.backend_name(model)):
+        try:
+            yield cache
+        finally:
+            backend_kv.PENDING.set(None)
 
 
 def prefill(

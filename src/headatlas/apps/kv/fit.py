@@ -27,6 +27,7 @@ import torch
 
 from ...atlas.table import Atlas
 from ...core.errors import HeadatlasError, check_at_least, check_number, param
+from ...model.compat import attention_implementation
 from ...model.info import LoadedModel
 from .backends import gate as backend_gate
 from .evaluate import encode
@@ -99,7 +100,6 @@ def fit_gates(
     prompts, answers = _teacher_forced(loaded.tokenizer, list(tasks), seq_len, n_prompts, seed)
     where = [loss_positions(p, a, loss_on) for p, a in answers]
     body = model.base_model
-    previous = model.config._attn_implementation
     frozen = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -111,27 +111,26 @@ def fit_gates(
     alpha = torch.ones(info.n_layers, info.n_kv_heads, requires_grad=True, device=loaded.device)
     optimiser = torch.optim.Adam([alpha], lr=lr)
     backend_gate.register()
-    model.set_attn_implementation(backend_gate.NAME)
     token = backend_gate.ACTIVE_GATES.set(backend_gate.GateState(alpha, sink, recent))
     losses: list[float] = []
     started = time.perf_counter()
     try:
-        for step in range(steps):
-            i = step % len(prompts)
-            hidden = body(input_ids=prompts[i].to(loaded.device)).last_hidden_state[:, where[i]]
-            distill = torch.nn.functional.mse_loss(hidden, targets[i]) / targets[i].pow(2).mean()
-            loss = distill + lam * alpha.abs().mean()
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            with torch.no_grad():
-                alpha.clamp_(0.0, 1.0)
-            losses.append(loss.item())
-            if on_step is not None:
-                on_step(step + 1, losses[-1])
+        with attention_implementation(model, backend_gate.NAME):
+            for step in range(steps):
+                i = step % len(prompts)
+                hidden = body(input_ids=prompts[i].to(loaded.device)).last_hidden_state[:, where[i]]
+                distill = torch.nn.functional.mse_loss(hidden, targets[i]) / targets[i].pow(2).mean()
+                loss = distill + lam * alpha.abs().mean()
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                with torch.no_grad():
+                    alpha.clamp_(0.0, 1.0)
+                losses.append(loss.item())
+                if on_step is not None:
+                    on_step(step + 1, losses[-1])
     finally:
         backend_gate.ACTIVE_GATES.reset(token)
-        model.set_attn_implementation(previous)
         for p, flag in zip(model.parameters(), frozen, strict=True):
             p.requires_grad_(flag)
     settings: dict[str, float | int | str] = {

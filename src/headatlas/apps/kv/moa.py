@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ...core.errors import HeadatlasError, check_at_least, param
+from ...model.compat import attention_implementation
 from ...model.info import LoadedModel
 from .backends import moa as backend_moa
 from .fit import _teacher_forced, loss_positions
@@ -102,37 +103,37 @@ def profile_heads(
     prompts, answers = _teacher_forced(loaded.tokenizer, list(tasks), seq_len, n_prompts, seed)
     shape = (info.n_layers, info.n_kv_heads, len(rules))
     grad, mass = np.zeros(shape), np.zeros(shape)
-    previous = model.config._attn_implementation
     frozen = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     backend_moa.register()
-    model.set_attn_implementation(backend_moa.NAME)
     started = time.perf_counter()
     try:
-        for i, (ids, (n_prompt, n_answer)) in enumerate(zip(prompts, answers, strict=True)):
-            n = ids.shape[1]
-            windows = [span_window(a, b, n) for a, b in rules]
-            rows = loss_positions(n_prompt, n_answer, "answer")
-            profile = backend_moa.Profile(windows, sink, rows)
-            token = backend_moa.ACTIVE_PROFILE.set(profile)
-            try:
-                ids = ids.to(loaded.device)
-                embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # [1, seq, d_model]
-                logits = model(inputs_embeds=embeds, logits_to_keep=n_answer + 1).logits[0, :n_answer]
-                loss = torch.nn.functional.cross_entropy(
-                    logits.float(), ids[0, n_prompt : n_prompt + n_answer]
-                )
-                loss.backward()
-            finally:
-                backend_moa.ACTIVE_PROFILE.reset(token)
-            for layer in range(info.n_layers):
-                grad[layer] += _per_kv_head(profile.grad[layer], info.n_kv_heads)
-                mass[layer] += _per_kv_head(profile.mass[layer], info.n_kv_heads)
-            if on_prompt is not None:
-                on_prompt(i + 1)
+        with attention_implementation(model, backend_moa.NAME):
+            for i, (ids, (n_prompt, n_answer)) in enumerate(zip(prompts, answers, strict=True)):
+                n = ids.shape[1]
+                windows = [span_window(a, b, n) for a, b in rules]
+                rows = loss_positions(n_prompt, n_answer, "answer")
+                profile = backend_moa.Profile(windows, sink, rows)
+                token = backend_moa.ACTIVE_PROFILE.set(profile)
+                try:
+                    ids = ids.to(loaded.device)
+                    embeds = (
+                        model.get_input_embeddings()(ids).detach().requires_grad_(True)
+                    )  # [1, seq, d_model]
+                    logits = model(inputs_embeds=embeds, logits_to_keep=n_answer + 1).logits[0, :n_answer]
+                    loss = torch.nn.functional.cross_entropy(
+                        logits.float(), ids[0, n_prompt : n_prompt + n_answer]
+                    )
+                    loss.backward()
+                finally:
+                    backend_moa.ACTIVE_PROFILE.reset(token)
+                for layer in range(info.n_layers):
+                    grad[layer] += _per_kv_head(profile.grad[layer], info.n_kv_heads)
+                    mass[layer] += _per_kv_head(profile.mass[layer], info.n_kv_heads)
+                if on_prompt is not None:
+                    on_prompt(i + 1)
     finally:
-        model.set_attn_implementation(previous)
         for p, flag in zip(model.parameters(), frozen, strict=True):
             p.requires_grad_(flag)
     settings = {

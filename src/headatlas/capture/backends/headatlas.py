@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ...core.errors import HeadatlasError
+
 if TYPE_CHECKING:
     from ..session import CaptureSession
 
@@ -61,14 +63,24 @@ def _forward(
     """
     session = ACTIVE_SESSION.get()
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if kwargs.get("indices") is not None:  # DSA: the indexer's keys, as eager and SDPA apply them
+        attention_mask = with_selected_keys(attention_mask, kwargs["indices"], key.shape[2], use_eager)
+    if session is not None and kwargs.get("block_indices") is not None:
+        raise HeadatlasError(
+            f"{type(module).__name__}: block-sparse attention whose key blocks an indexer picks per query "
+            "and head (MiniMax M3): a per-head key set is not one attention mask; capture refused"
+        )
     if session is not None and session.on_qkv is not None:
         replaced = session.on_qkv(session.layer_of(module), query, key, value, session.context)
         if replaced is not None:
             query, key, value = replaced
-    exact_fast = kwargs.get("s_aux") is None and kwargs.get("position_bias") is None and dropout == 0.0
+    sinks = kwargs.get("s_aux")
+    # The eager delegate exists for sinks or soft-capping; layers of a sink family (``sinks``
+    # attribute, a parameter or None in its dense layers) take the fast path, soft-capping does not.
+    exact_fast = kwargs.get("position_bias") is None and dropout == 0.0 and not softcapped(module, kwargs)
     viewed = False
-    if session is not None and not use_eager and exact_fast:
-        fast = session.attend_fast(module, query, key, value, attention_mask, scale)
+    if session is not None and exact_fast and (not use_eager or hasattr(module, "sinks")):
+        fast = session.attend_fast(module, query, key, value, attention_mask, scale, sinks)
         if isinstance(fast, torch.Tensor):
             return fast, None
         viewed = fast  # True: the view went out, the output comes from the delegate
@@ -90,10 +102,34 @@ def _forward(
             attention_mask,
             scale,
             softcap=kwargs.get("softcap"),
-            sinks=kwargs.get("s_aux"),
+            sinks=sinks,
             bias=kwargs.get("position_bias"),
         )
     return out, None
+
+
+def with_selected_keys(
+    mask: torch.Tensor | None, indices: torch.Tensor, n_key: int, additive: bool
+) -> torch.Tensor:
+    """Return the attention mask with only the keys a sparse-attention indexer selected allowed
+    (DeepSeek V3.2's DSA and the families that copy it: ``indices [batch, query, top_k]`` key
+    positions per query), as transformers' eager and SDPA paths fold them in; the model passes them
+    to other backends as ``indices``, and dropping them would attend to every key. ``mask``: boolean
+    (SDPA) or additive (eager) ``[batch, 1, query, key]``, or ``None`` for plain causal attention;
+    ``additive``: the form to build when ``mask`` is ``None``."""
+    batch, n_query, _ = indices.shape
+    dropped = torch.ones(batch, n_query, n_key, dtype=torch.bool, device=indices.device)
+    dropped = dropped.scatter(-1, indices.long(), False).unsqueeze(1)  # [batch, 1, query, key]
+    if mask is None:
+        causal = torch.ones(n_query, n_key, dtype=torch.bool, device=indices.device)
+        mask = causal.tril(n_key - n_query)[None, None]  # [1, 1, query, key]
+        if additive:
+            mask = torch.zeros(mask.shape, device=indices.device).masked_fill(
+                ~mask, torch.finfo(torch.float32).min
+            )
+    if mask.dtype == torch.bool:
+        return mask & ~dropped
+    return mask.masked_fill(dropped, torch.finfo(mask.dtype).min)
 
 
 def headatlas_attention(module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -129,6 +165,13 @@ def register_backends(
 def register() -> None:
     """Register both backends and their mask functions with transformers (idempotent)."""
     register_backends(NAME, headatlas_attention, EAGER_NAME, headatlas_eager_attention)
+
+
+def softcapped(module: torch.nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Whether this attention call soft-caps its logits (Gemma 2's ``cap·tanh(logit / cap)``),
+    which neither SDPA nor the fused kernel's log-sum-exp can express."""
+    config = getattr(module, "config", None)
+    return kwargs.get("softcap") is not None or getattr(config, "attn_logit_softcapping", None) is not None
 
 
 def has_sinks(module: torch.nn.Module) -> bool:
