@@ -15,6 +15,12 @@ Writes ``bench/results/<part>-<model>.json``. Usage::
     nice -n 10 .venv/bin/python bench/bench_beliefs.py refusal --model qwen2.5-coder-0.5b
 
 ``refusal``: the model's own refusal rates (nothing ablated) on all 32 + 32 requests.
+
+``safety-topk``: the top ``--k`` heads of a stored ``safety`` run's Ships ranking (at most 10)
+ablated together against ``--k`` random heads, on the same held-out requests; writes
+``results/safety-topk<k>-<model>.json``::
+
+    nice -n 10 .venv/bin/python bench/bench_beliefs.py safety-topk --model qwen2.5-coder-0.5b --k 10 --seeds 2
 """
 
 from __future__ import annotations
@@ -123,6 +129,53 @@ def safety(args: argparse.Namespace) -> dict[str, object]:
     return out
 
 
+def safety_topk(args: argparse.Namespace) -> dict[str, object]:
+    """Top-k heads by the Ships ranking a ``safety`` run stored (its ``top_ships``, up to 10 heads),
+    ablated together against k random heads: the same held-out requests and measures, without
+    scoring every head again."""
+    import random
+
+    import headatlas as ha
+    from headatlas.apps.safety.prompts import HARMFUL, HARMLESS
+    from headatlas.apps.safety.ships import behaviour, chat_prompts, replies, split_requests
+    from headatlas.core.heads import head_name
+
+    name = args.model.replace("/", "_")
+    stored = json.loads((RESULTS / f"safety-{name}.json").read_text())
+    ranking = [row["head"] for row in stored["top_ships"]]
+    if args.k > len(ranking):
+        raise SystemExit(f"the stored ranking has {len(ranking)} heads, fewer than --k {args.k}")
+    loaded = ha.load(args.model)
+    info = loaded.info
+    _, test_requests = split_requests(HARMFUL, args.seed)
+    harmful = chat_prompts(loaded, test_requests)
+    harmless = chat_prompts(loaded, HARMLESS[: args.n_harmless])
+    base_replies = replies(loaded, harmless)
+    top = ranking[: args.k]
+    out: dict[str, object] = {
+        "model": info.name,
+        "k": args.k,
+        "heads": top,
+        "ranking_from": f"results/safety-{name}.json",
+        "before": stored["before"],
+        "after": behaviour(loaded, harmful, harmless, base_replies, top),
+    }
+    randoms = []
+    for s in range(args.seeds):
+        flat = random.Random(args.seed * 1000 + 100 + s).sample(range(info.n_layers * info.n_heads), args.k)
+        heads = [head_name(*divmod(i, info.n_heads)) for i in flat]
+        randoms.append(
+            {
+                "seed": s,
+                "heads": heads,
+                "behaviour": behaviour(loaded, harmful, harmless, base_replies, heads),
+            }
+        )
+        print(f"random {s}: {randoms[-1]['behaviour']}", flush=True)
+    out["random"] = randoms
+    return out
+
+
 def refusal(args: argparse.Namespace) -> dict[str, object]:
     """The model's own refusal behaviour (nothing ablated) on all 32 harmful and 32 harmless requests."""
     import headatlas as ha
@@ -146,7 +199,7 @@ def refusal(args: argparse.Namespace) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("conflict", "safety", "refusal"))
+    parser.add_argument("part", choices=("conflict", "safety", "safety-topk", "refusal"))
     parser.add_argument("--model", default="default")
     parser.add_argument("--ks", default="5,10", help="conflict: k values")
     parser.add_argument("--alternatives", type=int, default=2, help="conflict: context answers per fact")
@@ -159,13 +212,16 @@ def main() -> None:
     quiet()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    result = {"conflict": conflict, "safety": safety, "refusal": refusal}[args.part](args)
+    result = {"conflict": conflict, "safety": safety, "safety-topk": safety_topk, "refusal": refusal}[
+        args.part
+    ](args)
     result["wall_seconds"] = time.perf_counter() - start
     result["cpu"] = cpu_model()
     result["torch_threads"] = 1
     RESULTS.mkdir(exist_ok=True)
     name = args.model.replace("/", "_")
-    path = RESULTS / f"{args.part}-{name}.json"
+    stem = f"{args.part}{args.k}" if args.part == "safety-topk" else args.part
+    path = RESULTS / f"{stem}-{name}.json"
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(
         json.dumps({k: v for k, v in result.items() if k not in ("runs", "random")}, indent=1, default=str)[

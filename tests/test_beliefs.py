@@ -56,11 +56,19 @@ def _items(loaded: ha.LoadedModel) -> list[ConflictItem]:
     return out
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2", "gemma3"])
 def test_head_contributions_sum_to_each_layers_direct_attention_contribution(name: str) -> None:
     """Σ over a layer's heads = the direct logit-difference contribution of that layer's attention
-    output (minus the projection's bias), computed here independently from the norm's own formula."""
+    output (minus the projection's bias), computed here independently from the norm's own formula.
+    Gemma 3 normalises the attention output before the residual (sandwich norm, gain ``1 + w``) and
+    its final norm's gain is ``1 + w`` too; its norm weights are randomised so a missed gain fails."""
     loaded = _loaded(name)
+    if name == "gemma3":
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for module in loaded.model.modules():
+                if type(module).__name__ == "Gemma3RMSNorm" and module.weight.numel() > 16:
+                    module.weight.uniform_(-0.5, 1.5)
     items = _items(loaded)
     contrib = direct_contributions(loaded, items)  # [item, layer, head]
     outputs: dict[int, torch.Tensor] = {}
@@ -88,6 +96,9 @@ def test_head_contributions_sum_to_each_layers_direct_attention_contribution(nam
     if isinstance(norm, torch.nn.LayerNorm):
         scale = (x.var(-1, unbiased=False) + norm.eps).sqrt()
         linear = lambda c: norm.weight * (c - c.mean(-1, keepdim=True)) / scale[:, None]  # noqa: E731
+    elif name == "gemma3":
+        scale = (x.pow(2).mean(-1) + norm.eps).sqrt()
+        linear = lambda c: (1 + norm.weight) * c / scale[:, None]  # noqa: E731
     else:
         scale = (x.pow(2).mean(-1) + norm.variance_epsilon).sqrt()
         linear = lambda c: norm.weight * c / scale[:, None]  # noqa: E731
@@ -96,6 +107,8 @@ def test_head_contributions_sum_to_each_layers_direct_attention_contribution(nam
     for layer, out in outputs.items():
         bias = getattr(projections[layer], "bias", None)
         c = out[:, -1] - (bias if bias is not None else 0.0)
+        if name == "gemma3":  # the sandwich norm, on the whole attention output of the layer
+            c = loaded.model.model.layers[layer].post_attention_layernorm(out)[:, -1]
         expected = (linear(c) * diff).sum(-1)  # [item]
         assert torch.allclose(contrib[:, layer].sum(-1), expected, atol=1e-4, rtol=1e-4), (name, layer)
     # and the whole residual read the same way is the real logit difference
