@@ -320,6 +320,19 @@ def test_metrics_on_known_cases() -> None:
         auroc(np.array([0.1, 0.2]), np.array([1, 1]))
 
 
+def test_threshold_is_mean_minus_k_sigma_and_never_flags_nothing() -> None:
+    from headatlas.apps.guard.fitting import calibrate
+
+    tight = np.array([0.5, 0.6, 0.7, 0.6, 0.6])
+    assert calibrate(tight, 2.0) == pytest.approx(0.6 - 2 * tight.std())
+    # a benign focus spread over [0, 1] (SmolLM2-135M's): mean − 2σ < 0 would flag no row at all
+    skewed = np.linspace(0.0, 1.0, 101)
+    assert skewed.mean() - 2 * skewed.std() < 0
+    tau = calibrate(skewed, 2.0)
+    assert tau == pytest.approx(np.quantile(skewed, 0.02275), rel=1e-3) and tau > 0
+    assert 0 < float((skewed < tau).mean()) <= 0.05  # the rule's false-positive rate, not 0
+
+
 def test_best_single_head_is_the_head_whose_focus_drops_on_injected_rows() -> None:
     y = np.array([0, 0, 1, 1])
     focus = np.full((4, 2, 3), 0.5)  # [row, layer, head]: no head tells the labels apart...

@@ -2,7 +2,8 @@
 
 - Important heads (Hung et al. 2024, Attention Tracker): keep head h when
   (mean_benign − mean_attack) − n·(std_benign + std_attack) > 0 over its focus values.
-- Threshold: calibrated on benign rows only, τ = mean − k·std of their focus score.
+- Threshold: calibrated on benign rows only, τ = mean − k·std of their focus score (the benign
+  Φ(−k) quantile where that would be ≤ 0 and flag nothing).
 - Logistic regression (standardised features, L2 penalty; the one fitter of
   :mod:`headatlas.apps.common.logreg`): on all heads'
   focus values (the learned head variant), and on the last token's residual stream at one layer
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,8 +32,20 @@ def select_heads(focus: np.ndarray, labels: np.ndarray, n_sigma: float) -> list[
 
 
 def calibrate(benign_focus: np.ndarray, k_sigma: float) -> float:
-    """Return τ = mean − k·std of the benign rows' focus scores ``[row]``; flag a focus below τ."""
-    return float(np.mean(benign_focus) - k_sigma * np.std(benign_focus))
+    """Return τ = mean − k·std of the benign rows' focus scores ``[row]`` (Attention Tracker's
+    rule, Hung et al. 2024); flag a focus below τ.
+
+    A focus is an attention share, never negative, so a τ ≤ 0 would flag nothing (a spread-out,
+    skewed benign focus: SmolLM2-135M's). Then τ is the benign quantile that k standard deviations
+    cut under a normal distribution (k = 2: the 2.3 % quantile), which keeps the rule's intended
+    false-positive rate on the benign rows.
+    """
+    focus = np.asarray(benign_focus, dtype=np.float64)  # [row]
+    tau = float(focus.mean() - k_sigma * focus.std())
+    if tau > 0:
+        return tau
+    share = 0.5 * math.erfc(k_sigma / math.sqrt(2.0))  # Φ(−k)
+    return float(np.quantile(focus, share))
 
 
 @dataclass(frozen=True)
