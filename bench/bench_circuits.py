@@ -6,6 +6,7 @@ Examples (1 torch thread, ``nice -n 10``; each ≤ 15 min on the 2-core CPU at 1
     python bench/bench_circuits.py curves --task ioi --methods activation,eap-ig,attribution,random
     python bench/bench_circuits.py operators --methods eap-ig,random
     python bench/bench_circuits.py icl-top1 --task icl
+    python bench/bench_circuits.py accuracy --model gemma3-270m --n 32     # every task's clean accuracy
 
 Writes ``bench/results/circuits-<model>-<what>.json`` (every number, wall times included).
 """
@@ -98,11 +99,37 @@ def _icl_top1(args: argparse.Namespace, loaded: ha.LoadedModel) -> dict:
     return out
 
 
+ACCURACY_TASKS = (
+    "ioi", "greater-than", "arithmetic", "arithmetic:+", "arithmetic:-", "arithmetic:*", "arithmetic:/",
+    "acronym", "mcqa", "icl", "icl:country-capital", "sequence",
+)  # fmt: skip
+
+
+def _accuracy(args: argparse.Namespace, loaded: ha.LoadedModel) -> dict:
+    """The model's own accuracy (answer logit above the wrong one's) on each task's clean prompts,
+    measured before any circuit: a task counts when it is at least 0.70."""
+    out = {}
+    tasks = args.task.split(",") if args.task != "ioi" else ACCURACY_TASKS
+    for name in tasks:
+        start = time.perf_counter()
+        task = circuit_task(loaded.tokenizer, name, args.n, args.seed)
+        prep = prepare(loaded, encode_exact(loaded, task))
+        out[name] = {
+            "n_pairs": len(task.pairs),
+            "accuracy": round(prep.accuracy, 4),
+            "clean_metric": round(float(prep.clean_metric.mean()), 4),
+            "counterfactual_metric": round(float(prep.corrupt_metric.mean()), 4),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        print(f"  {name:22s} accuracy {out[name]['accuracy']:.2f} on {len(task.pairs)} pairs", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=("curves", "operators", "icl-top1"))
+    parser.add_argument("what", choices=("accuracy", "curves", "operators", "icl-top1"))
     parser.add_argument("--model", default="default")
     parser.add_argument("--task", default="ioi")
     parser.add_argument("--methods", default="eap-ig,attribution,random")
@@ -118,7 +145,9 @@ def main() -> None:
     torch.set_num_threads(1)
     start = time.perf_counter()
     loaded = ha.load(args.model)
-    run = {"curves": _curves, "operators": _operators, "icl-top1": _icl_top1}[args.what]
+    run = {"accuracy": _accuracy, "curves": _curves, "operators": _operators, "icl-top1": _icl_top1}[
+        args.what
+    ]
     data = run(args, loaded)
     record = {
         "what": args.what, "model": loaded.info.name, "args": vars(args), "result": data,
@@ -127,6 +156,8 @@ def main() -> None:
     tag = args.tag or (args.task if args.what != "operators" else "arithmetic")
     ablation = args_mode if args.what == "icl-top1" else args.ablation
     name = f"circuits-{args.model}-{args.what}-{tag}-{ablation}.json"
+    if args.what == "accuracy":
+        name = f"circuits-{args.model}-accuracy{'-' + args.tag if args.tag else ''}.json"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / name).write_text(json.dumps(record, indent=1) + "\n")
     print(f"{name}: {record['wall_seconds']} s")

@@ -16,7 +16,13 @@ from typer.testing import CliRunner
 import headatlas as ha
 from headatlas.apps.common.circuit_tasks import TASKS, circuit_task, encode_exact, usable
 from headatlas.apps.common.patch_tasks import PatchPair, PatchTask
-from headatlas.apps.patch.circuits import compare_results, default_sizes, measure_circuits, write_results
+from headatlas.apps.patch.circuits import (
+    circuit_column,
+    compare_results,
+    default_sizes,
+    measure_circuits,
+    write_results,
+)
 from headatlas.apps.patch.faithfulness import (
     areas,
     circuit_metrics,
@@ -30,6 +36,10 @@ from headatlas.apps.patch.rankings import eap_ig, method_scores, order_by, rando
 from headatlas.capture import output_projections
 from headatlas.cli import app
 from headatlas.core.errors import HeadatlasError
+from headatlas.core.heads import parse_head
+from headatlas.core.scores import score_spec
+from headatlas.report.data import atlas_payload
+from headatlas.report.html import render_report
 from test_patching import MOVER, _mover_model
 from tiny_models import make_tokenizer
 
@@ -254,6 +264,19 @@ def test_circuit_command_writes_results_atlas_columns_and_compares(
         and atlas.meta["circuits"]["pairs"]["method"] == "attribution"
     )
     assert sorted(rank.ravel().tolist()) == list(range(1, 13))
+    stored = atlas.meta["circuits"]["pairs"]  # what the report reads: curves and the minimal circuit
+    assert stored["column"] == "circuit_pairs" and len(stored["heads"]) == (k or 0)
+    assert {parse_head(h) for h in stored["heads"]} == {
+        (int(r), int(c)) for r, c in zip(*np.nonzero(atlas.matrix("circuit_pairs")), strict=True)
+    }
+    assert stored["methods"]["attribution"]["sizes"] == [0, 1, 2, 4, 12]
+    assert stored["methods"]["attribution"]["faithfulness"][::4] == [0.0, 1.0]
+    shown = {c["task"]: c for c in atlas_payload(atlas)["circuits"]}["pairs"]
+    assert [m["name"] for m in shown["methods"]] == ["attribution", "atlas:circuit_pairs"]
+    assert shown["methods"][0]["curve"][0] == [0, 0.0] and len(shown["heads"]) == (k or 0)
+    assert 'id="circuits"' in render_report(atlas) and score_spec("circuit_ioi_rank").paper.startswith(
+        "Mueller"
+    )
     res = CliRunner().invoke(app, ["circuit", "compare", *map(str, runs), "--out", str(tmp_path / "cmp")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "cmp" / "compare.png").exists() and len(compare_results(runs)) == 5
@@ -301,3 +324,17 @@ def test_only_correct_keeps_the_pairs_the_model_gets_right(tiny_loaded: ha.Loade
     result = measure_circuits(tiny_loaded, task, ("random",), "zero", [2], seeds=(0,), only_correct=True)
     assert result.baseline["n_pairs"] == right and result.baseline["drawn_pairs"] == len(task.pairs)
     assert result.baseline["clean_accuracy"] == 1.0 and result.baseline["drawn_accuracy"] < 1.0
+
+
+def test_circuit_columns_are_named_per_task_and_operator() -> None:
+    names = [circuit_column(t) for t in ("arithmetic:+", "arithmetic:-", "arithmetic:*", "arithmetic:/")]
+    assert names == [
+        "circuit_arithmetic_plus", "circuit_arithmetic_minus", "circuit_arithmetic_times", "circuit_arithmetic_divide"
+    ]  # fmt: skip
+    assert (
+        circuit_column("greater-than") == "circuit_greater_than"
+        and circuit_column("My task!") == "circuit_my_task"
+    )
+    for task in (*TASKS, "arithmetic:+", "icl:country-capital"):  # every built-in task's columns have a spec
+        assert score_spec(circuit_column(task)).battery == "circuits", task
+        assert score_spec(circuit_column(task) + "_rank").battery == "circuits", task
