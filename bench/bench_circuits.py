@@ -7,6 +7,7 @@ Examples (1 torch thread, ``nice -n 10``; each ≤ 15 min on the 2-core CPU at 1
     python bench/bench_circuits.py operators --methods eap-ig,random
     python bench/bench_circuits.py icl-top1 --task icl
     python bench/bench_circuits.py accuracy --model gemma3-270m --n 32     # every task's clean accuracy
+    python bench/bench_circuits.py figure --results bench/results/circuits-gemma3-270m-curves-*.json
 
 Writes ``bench/results/circuits-<model>-<what>.json`` (every number, wall times included).
 """
@@ -125,11 +126,26 @@ def _accuracy(args: argparse.Namespace, loaded: ha.LoadedModel) -> dict:
     return out
 
 
+def _figures(paths: list[str], out: Path) -> None:
+    """Draw the curves of committed ``curves`` results (``circuits-<model>-curves-<tag>-<ablation>.json``)
+    as ``out/circuits-<model>-<tag>-<ablation>.png``."""
+    from headatlas.apps.patch.circuit_figures import curves_figure
+    from headatlas.apps.patch.circuits import figure_curve
+
+    for path in paths:
+        record = json.loads(Path(path).read_text())
+        data = record["result"]
+        curves = {name: figure_curve(entry) for name, entry in data["methods"].items()}
+        stem = Path(path).stem.replace("-curves-", "-")
+        title = f"{data['model']} — {data['task']} ({data['ablation']} ablation, {data['baseline']['n_pairs']} pairs)"
+        print(curves_figure(curves, data["total_heads"], title, out / f"{stem}.png"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=("accuracy", "curves", "operators", "icl-top1"))
+    parser.add_argument("what", choices=("accuracy", "curves", "operators", "icl-top1", "figure"))
     parser.add_argument("--model", default="default")
     parser.add_argument("--task", default="ioi")
     parser.add_argument("--methods", default="eap-ig,attribution,random")
@@ -141,7 +157,12 @@ def main() -> None:
     parser.add_argument("--rows-per-pass", type=int, default=64)
     parser.add_argument("--tag", default="")
     parser.add_argument("--all-pairs", action="store_true", help="keep pairs the model gets wrong too")
+    parser.add_argument("--results", nargs="*", default=[], help="figure: the curves results to draw")
+    parser.add_argument("--figures", default="docs/figures", help="figure: where the PNGs go")
     args = parser.parse_args()
+    if args.what == "figure":
+        _figures(args.results, Path(args.figures))
+        return
     torch.set_num_threads(1)
     start = time.perf_counter()
     loaded = ha.load(args.model)

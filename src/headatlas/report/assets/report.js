@@ -242,11 +242,13 @@
     [0, c.threshold || 0.9, 1].forEach((f) => {
       ctx.setLineDash(f === 0 || f === 1 ? [] : [3, 3]);
       ctx.beginPath(); ctx.moveTo(X(0), Y(f)); ctx.lineTo(X(total), Y(f)); ctx.stroke();
-      ctx.fillText(String(f), 4, Y(f) + 3);
+      if (f !== c.threshold) ctx.fillText(String(f), 4, Y(f) + 3);
     });
     ctx.setLineDash([]);
-    [0, 1, 10, 100, 1000].filter((k) => k <= total).concat([total]).forEach((k) => ctx.fillText(String(k), X(k) - 4, h - 8));
-    ctx.fillText("heads kept (log scale)", w / 2 - 40, h);
+    if (fmax > 1.2) ctx.fillText(fmt(fmax, 1), 4, Y(fmax) + 8);
+    ctx.fillText("f", 24, Y(fmax) + 8);
+    [0, 1, 10, 100, 1000].filter((k) => X(total) - X(k) > 16).concat([total]).forEach((k) => ctx.fillText(String(k), X(k) - 4, h - 10));
+    ctx.fillText("heads kept (log scale)", w / 2 - 30, h - 1);
     c.methods.forEach((m, i) => {
       ctx.strokeStyle = CURVE_COLORS[i % CURVE_COLORS.length];
       ctx.lineWidth = 1.6;
