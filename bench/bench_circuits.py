@@ -113,7 +113,12 @@ def _accuracy(args: argparse.Namespace, loaded: ha.LoadedModel) -> dict:
     tasks = args.task.split(",") if args.task != "ioi" else ACCURACY_TASKS
     for name in tasks:
         start = time.perf_counter()
-        task = circuit_task(loaded.tokenizer, name, args.n, args.seed)
+        try:
+            task = circuit_task(loaded.tokenizer, name, args.n, args.seed)
+        except ha.HeadatlasError as exc:
+            out[name] = {"error": str(exc)}
+            print(f"  {name:22s} {exc}", flush=True)
+            continue
         prep = prepare(loaded, encode_exact(loaded, task))
         out[name] = {
             "n_pairs": len(task.pairs),
