@@ -41,6 +41,7 @@ from headatlas.core.scores import score_spec
 from headatlas.report.data import atlas_payload
 from headatlas.report.html import render_report
 from test_patching import MOVER, _mover_model
+from conftest import requires_qwen
 from tiny_models import make_tokenizer
 
 
@@ -338,3 +339,18 @@ def test_circuit_columns_are_named_per_task_and_operator() -> None:
     for task in (*TASKS, "arithmetic:+", "icl:country-capital"):  # every built-in task's columns have a spec
         assert score_spec(circuit_column(task)).battery == "circuits", task
         assert score_spec(circuit_column(task) + "_rank").battery == "circuits", task
+
+
+@requires_qwen
+def test_acronym_falls_back_to_the_spaced_form_where_the_tokenizer_merges_letters() -> None:
+    from transformers import AutoTokenizer
+
+    from headatlas.model.convert import packaged_dir
+    from headatlas.model.packaged import packaged_model
+
+    qwen = AutoTokenizer.from_pretrained(packaged_dir(packaged_model("qwen2.5-coder-0.5b"))[0])  # merges ".U"
+    task = circuit_task(qwen, "acronym", 6)
+    assert len(task.pairs) == 6 and all(usable(qwen, p) and p.answer.startswith(" ") for p in task.pairs)
+    assert all("." not in p.clean for p in task.pairs)
+    dotted = circuit_task(make_tokenizer(), "acronym", 4).pairs  # a tokenizer that keeps letters apart
+    assert all(p.clean.endswith(".") and not p.answer.startswith(" ") for p in dotted)
