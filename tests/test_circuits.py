@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import headatlas as ha
+from conftest import requires_qwen
 from headatlas.apps.common.circuit_tasks import TASKS, circuit_task, encode_exact, usable
 from headatlas.apps.common.patch_tasks import PatchPair, PatchTask
 from headatlas.apps.patch.circuits import (
@@ -41,7 +42,6 @@ from headatlas.core.scores import score_spec
 from headatlas.report.data import atlas_payload
 from headatlas.report.html import render_report
 from test_patching import MOVER, _mover_model
-from conftest import requires_qwen
 from tiny_models import make_tokenizer
 
 
