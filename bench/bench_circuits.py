@@ -65,18 +65,19 @@ args_mode = "mean"
 
 
 def _icl_top1(args: argparse.Namespace, loaded: ha.LoadedModel) -> dict:
-    """ICL accuracy (top-1 answer on the clean prompts) with the top 1 % of heads by EAP-IG ablated,
-    against random 1 % (Yu & Ananiadou 2024 report 87.6 % → 24.4 % with 1 % of heads)."""
+    """ICL accuracy (top-1 answer on the clean prompts) with the top 1 % (``--share``) of heads by
+    EAP-IG ablated, against random 1 % (Yu & Ananiadou 2024 report 87.6 % → 24.4 % with 1 % of heads)."""
     task = circuit_task(loaded.tokenizer, args.task, args.n, args.seed)
     enc = encode_exact(loaded, task)
     prep = prepare(loaded, enc)
     info = loaded.info
     total = info.n_layers * info.n_heads
-    k = max(1, round(total * 0.01))
+    k = max(1, round(total * args.share))
     out: dict = {
         "task": task.name,
         "n_pairs": len(task.pairs),
         "k": k,
+        "share": args.share,
         "total_heads": total,
         "ablation": args_mode,
     }
@@ -161,6 +162,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows-per-pass", type=int, default=64)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--share", type=float, default=0.01, help="icl-top1: the share of heads ablated")
     parser.add_argument("--all-pairs", action="store_true", help="keep pairs the model gets wrong too")
     parser.add_argument("--results", nargs="*", default=[], help="figure: the curves results to draw")
     parser.add_argument("--figures", default="docs/figures", help="figure: where the PNGs go")
