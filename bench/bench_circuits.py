@@ -6,6 +6,8 @@ Examples (1 torch thread, ``nice -n 10``; each ≤ 15 min on the 2-core CPU at 1
     python bench/bench_circuits.py curves --task ioi --methods activation,eap-ig,attribution,random
     python bench/bench_circuits.py operators --methods eap-ig,random
     python bench/bench_circuits.py icl-top1 --task icl
+    python bench/bench_circuits.py accuracy --model gemma3-270m --n 32     # every task's clean accuracy
+    python bench/bench_circuits.py figure --results bench/results/circuits-gemma3-270m-curves-*.json
 
 Writes ``bench/results/circuits-<model>-<what>.json`` (every number, wall times included).
 """
@@ -63,18 +65,19 @@ args_mode = "mean"
 
 
 def _icl_top1(args: argparse.Namespace, loaded: ha.LoadedModel) -> dict:
-    """ICL accuracy (top-1 answer on the clean prompts) with the top 1 % of heads by EAP-IG ablated,
-    against random 1 % (Yu & Ananiadou 2024 report 87.6 % → 24.4 % with 1 % of heads)."""
+    """ICL accuracy (top-1 answer on the clean prompts) with the top 1 % (``--share``) of heads by
+    EAP-IG ablated, against random 1 % (Yu & Ananiadou 2024 report 87.6 % → 24.4 % with 1 % of heads)."""
     task = circuit_task(loaded.tokenizer, args.task, args.n, args.seed)
     enc = encode_exact(loaded, task)
     prep = prepare(loaded, enc)
     info = loaded.info
     total = info.n_layers * info.n_heads
-    k = max(1, round(total * 0.01))
+    k = max(1, round(total * args.share))
     out: dict = {
         "task": task.name,
         "n_pairs": len(task.pairs),
         "k": k,
+        "share": args.share,
         "total_heads": total,
         "ablation": args_mode,
     }
@@ -98,11 +101,57 @@ def _icl_top1(args: argparse.Namespace, loaded: ha.LoadedModel) -> dict:
     return out
 
 
+ACCURACY_TASKS = (
+    "ioi", "greater-than", "arithmetic", "arithmetic:+", "arithmetic:-", "arithmetic:*", "arithmetic:/",
+    "acronym", "mcqa", "icl", "icl:country-capital", "sequence",
+)  # fmt: skip
+
+
+def _accuracy(args: argparse.Namespace, loaded: ha.LoadedModel) -> dict:
+    """The model's own accuracy (answer logit above the wrong one's) on each task's clean prompts,
+    measured before any circuit: a task counts when it is at least 0.70."""
+    out = {}
+    tasks = args.task.split(",") if args.task != "ioi" else ACCURACY_TASKS
+    for name in tasks:
+        start = time.perf_counter()
+        try:
+            task = circuit_task(loaded.tokenizer, name, args.n, args.seed)
+        except ha.HeadatlasError as exc:
+            out[name] = {"error": str(exc)}
+            print(f"  {name:22s} {exc}", flush=True)
+            continue
+        prep = prepare(loaded, encode_exact(loaded, task))
+        out[name] = {
+            "n_pairs": len(task.pairs),
+            "accuracy": round(prep.accuracy, 4),
+            "clean_metric": round(float(prep.clean_metric.mean()), 4),
+            "counterfactual_metric": round(float(prep.corrupt_metric.mean()), 4),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        print(f"  {name:22s} accuracy {out[name]['accuracy']:.2f} on {len(task.pairs)} pairs", flush=True)
+    return out
+
+
+def _figures(paths: list[str], out: Path) -> None:
+    """Draw the curves of committed ``curves`` results (``circuits-<model>-curves-<tag>-<ablation>.json``)
+    as ``out/circuits-<model>-<tag>-<ablation>.png``."""
+    from headatlas.apps.patch.circuit_figures import curves_figure
+    from headatlas.apps.patch.circuits import figure_curve
+
+    for path in paths:
+        record = json.loads(Path(path).read_text())
+        data = record["result"]
+        curves = {name: figure_curve(entry) for name, entry in data["methods"].items()}
+        stem = Path(path).stem.replace("-curves-", "-")
+        title = f"{data['model']} — {data['task']} ({data['ablation']} ablation, {data['baseline']['n_pairs']} pairs)"
+        print(curves_figure(curves, data["total_heads"], title, out / f"{stem}.png"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=("curves", "operators", "icl-top1"))
+    parser.add_argument("what", choices=("accuracy", "curves", "operators", "icl-top1", "figure"))
     parser.add_argument("--model", default="default")
     parser.add_argument("--task", default="ioi")
     parser.add_argument("--methods", default="eap-ig,attribution,random")
@@ -113,12 +162,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows-per-pass", type=int, default=64)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--share", type=float, default=0.01, help="icl-top1: the share of heads ablated")
     parser.add_argument("--all-pairs", action="store_true", help="keep pairs the model gets wrong too")
+    parser.add_argument("--results", nargs="*", default=[], help="figure: the curves results to draw")
+    parser.add_argument("--figures", default="docs/figures", help="figure: where the PNGs go")
     args = parser.parse_args()
+    if args.what == "figure":
+        _figures(args.results, Path(args.figures))
+        return
     torch.set_num_threads(1)
     start = time.perf_counter()
     loaded = ha.load(args.model)
-    run = {"curves": _curves, "operators": _operators, "icl-top1": _icl_top1}[args.what]
+    run = {"accuracy": _accuracy, "curves": _curves, "operators": _operators, "icl-top1": _icl_top1}[
+        args.what
+    ]
     data = run(args, loaded)
     record = {
         "what": args.what, "model": loaded.info.name, "args": vars(args), "result": data,
@@ -127,6 +184,8 @@ def main() -> None:
     tag = args.tag or (args.task if args.what != "operators" else "arithmetic")
     ablation = args_mode if args.what == "icl-top1" else args.ablation
     name = f"circuits-{args.model}-{args.what}-{tag}-{ablation}.json"
+    if args.what == "accuracy":
+        name = f"circuits-{args.model}-accuracy{'-' + args.tag if args.tag else ''}.json"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / name).write_text(json.dumps(record, indent=1) + "\n")
     print(f"{name}: {record['wall_seconds']} s")

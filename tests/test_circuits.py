@@ -14,9 +14,16 @@ import torch
 from typer.testing import CliRunner
 
 import headatlas as ha
+from conftest import requires_qwen
 from headatlas.apps.common.circuit_tasks import TASKS, circuit_task, encode_exact, usable
 from headatlas.apps.common.patch_tasks import PatchPair, PatchTask
-from headatlas.apps.patch.circuits import compare_results, default_sizes, measure_circuits, write_results
+from headatlas.apps.patch.circuits import (
+    circuit_column,
+    compare_results,
+    default_sizes,
+    measure_circuits,
+    write_results,
+)
 from headatlas.apps.patch.faithfulness import (
     areas,
     circuit_metrics,
@@ -30,6 +37,10 @@ from headatlas.apps.patch.rankings import eap_ig, method_scores, order_by, rando
 from headatlas.capture import output_projections
 from headatlas.cli import app
 from headatlas.core.errors import HeadatlasError
+from headatlas.core.heads import parse_head
+from headatlas.core.scores import score_spec
+from headatlas.report.data import atlas_payload
+from headatlas.report.html import render_report
 from test_patching import MOVER, _mover_model
 from tiny_models import make_tokenizer
 
@@ -254,6 +265,19 @@ def test_circuit_command_writes_results_atlas_columns_and_compares(
         and atlas.meta["circuits"]["pairs"]["method"] == "attribution"
     )
     assert sorted(rank.ravel().tolist()) == list(range(1, 13))
+    stored = atlas.meta["circuits"]["pairs"]  # what the report reads: curves and the minimal circuit
+    assert stored["column"] == "circuit_pairs" and len(stored["heads"]) == (k or 0)
+    assert {parse_head(h) for h in stored["heads"]} == {
+        (int(r), int(c)) for r, c in zip(*np.nonzero(atlas.matrix("circuit_pairs")), strict=True)
+    }
+    assert stored["methods"]["attribution"]["sizes"] == [0, 1, 2, 4, 12]
+    assert stored["methods"]["attribution"]["faithfulness"][::4] == [0.0, 1.0]
+    shown = {c["task"]: c for c in atlas_payload(atlas)["circuits"]}["pairs"]
+    assert [m["name"] for m in shown["methods"]] == ["attribution", "atlas:circuit_pairs"]
+    assert shown["methods"][0]["curve"][0] == [0, 0.0] and len(shown["heads"]) == (k or 0)
+    assert 'id="circuits"' in render_report(atlas) and score_spec("circuit_ioi_rank").paper.startswith(
+        "Mueller"
+    )
     res = CliRunner().invoke(app, ["circuit", "compare", *map(str, runs), "--out", str(tmp_path / "cmp")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "cmp" / "compare.png").exists() and len(compare_results(runs)) == 5
@@ -301,3 +325,32 @@ def test_only_correct_keeps_the_pairs_the_model_gets_right(tiny_loaded: ha.Loade
     result = measure_circuits(tiny_loaded, task, ("random",), "zero", [2], seeds=(0,), only_correct=True)
     assert result.baseline["n_pairs"] == right and result.baseline["drawn_pairs"] == len(task.pairs)
     assert result.baseline["clean_accuracy"] == 1.0 and result.baseline["drawn_accuracy"] < 1.0
+
+
+def test_circuit_columns_are_named_per_task_and_operator() -> None:
+    names = [circuit_column(t) for t in ("arithmetic:+", "arithmetic:-", "arithmetic:*", "arithmetic:/")]
+    assert names == [
+        "circuit_arithmetic_plus", "circuit_arithmetic_minus", "circuit_arithmetic_times", "circuit_arithmetic_divide"
+    ]  # fmt: skip
+    assert (
+        circuit_column("greater-than") == "circuit_greater_than"
+        and circuit_column("My task!") == "circuit_my_task"
+    )
+    for task in (*TASKS, "arithmetic:+", "icl:country-capital"):  # every built-in task's columns have a spec
+        assert score_spec(circuit_column(task)).battery == "circuits", task
+        assert score_spec(circuit_column(task) + "_rank").battery == "circuits", task
+
+
+@requires_qwen
+def test_acronym_falls_back_to_the_spaced_form_where_the_tokenizer_merges_letters() -> None:
+    from transformers import AutoTokenizer
+
+    from headatlas.model.convert import packaged_dir
+    from headatlas.model.packaged import packaged_model
+
+    qwen = AutoTokenizer.from_pretrained(packaged_dir(packaged_model("qwen2.5-coder-0.5b"))[0])  # merges ".U"
+    task = circuit_task(qwen, "acronym", 6)
+    assert len(task.pairs) == 6 and all(usable(qwen, p) and p.answer.startswith(" ") for p in task.pairs)
+    assert all("." not in p.clean for p in task.pairs)
+    dotted = circuit_task(make_tokenizer(), "acronym", 4).pairs  # a tokenizer that keeps letters apart
+    assert all(p.clean.endswith(".") and not p.answer.startswith(" ") for p in dotted)

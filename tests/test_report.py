@@ -150,3 +150,33 @@ def test_repr_html_escapes(tiny_atlas_dir: Path) -> None:
     text = atlas._repr_html_()
     assert XSS not in text and "&lt;img src=x" in text
     assert "<table>" in text and "induction" in text
+
+
+def test_circuits_section_shows_stored_curves_as_text(tiny_atlas_dir: Path) -> None:
+    atlas = ha.Atlas.load(tiny_atlas_dir)
+    assert atlas_payload(atlas)["circuits"] == []
+    atlas.meta["circuits"] = {
+        XSS: {
+            "column": "circuit_x", "method": "eap-ig", "ablation": "counterfactual", "minimal_k": 2,
+            "threshold": 0.9, "total_heads": 8, "n_pairs": 4, "clean_accuracy": 1.0,
+            "heads": ["L1H0", "L0H1", XSS],
+            "methods": {
+                "eap-ig": {"cpr": 0.8, "cmd": 0.1, "minimal_k": 2, "sizes": [0, 1, 2, 8],
+                           "faithfulness": [0.0, 0.5, float("nan"), 1.0]},
+                "random": {"cpr": 0.4, "cmd": 0.6, "cpr_std": 0.1, "sizes": [0, 8], "faithfulness": [0, 1]},
+                "broken": "not a dict",
+            },
+        },
+        "old": {"method": "attribution", "minimal_k": None, "attribution": {"cpr": 0.5, "cmd": 0.5}},
+        "junk": [1, 2],
+    }  # fmt: skip
+    shown = atlas_payload(atlas)["circuits"]
+    assert [c["task"] for c in shown] == [XSS, "old"]
+    first = shown[0]
+    assert [h["name"] for h in first["heads"]] == ["L1H0", "L0H1"] and first["heads"][0]["layer"] == 1
+    assert [m["name"] for m in first["methods"]] == ["eap-ig", "random"]
+    assert first["methods"][0]["curve"] == [[0, 0.0], [1, 0.5], [8, 1.0]]  # NaN point dropped
+    assert first["methods"][1]["cpr_std"] == 0.1 and shown[1]["methods"][0]["cpr"] == 0.5
+    page = render_report(atlas)
+    assert XSS not in page and "renderCircuit" in page  # the script shows it, data only as text
+    assert _embedded(page)["circuits"][0]["task"] == XSS

@@ -46,6 +46,7 @@ _CLARK = "Clark et al. 2019, What Does BERT Look At?"
 _GUO = "Guo et al. 2024, Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs"
 _HEWITT = "Hewitt & Liang 2019, Designing and Interpreting Probes with Control Tasks"
 _JIN = "Jin et al. 2024, Cutting Off the Head Ends the Conflict (knowledge-conflict heads, PH3)"
+_MIB = "Mueller et al. 2025, MIB: A Mechanistic Interpretability Benchmark (faithfulness f, CPR, CMD)"
 _ZHOU = "Zhou et al. 2024, On the Role of Attention Heads in Large Language Model Safety (Ships)"
 _SPECS = (
     ScoreSpec(
@@ -238,6 +239,28 @@ _SPECS = (
             ("dependency", "sem_dep", "syntactic head word (UD EWT)", "dependent"),
             ("capital", "sem_cap", "country", "capital"),
             ("antonym", "sem_ant", "word", "opposite"),
+        )
+    ),
+    *(
+        spec
+        for column, task in (
+            ("ioi", "ioi"), ("greater_than", "greater-than"), ("arithmetic", "arithmetic"),
+            ("arithmetic_plus", "arithmetic:+"), ("arithmetic_minus", "arithmetic:-"),
+            ("arithmetic_times", "arithmetic:*"), ("arithmetic_divide", "arithmetic:/"), ("acronym", "acronym"),
+            ("mcqa", "mcqa"), ("icl", "icl"), ("icl_antonym", "icl:antonym"),
+            ("icl_country_capital", "icl:country-capital"), ("sequence", "sequence"),
+        )
+        for spec in (
+            ScoreSpec(
+                f"circuit_{column}", f"circuit ({task})", None,
+                f"1 if the head is in the smallest top-k circuit with faithfulness f ≥ 0.9 on the {task} "
+                "task (every other head ablated), else 0", "circuits", _MIB,
+            ),
+            ScoreSpec(
+                f"circuit_{column}_rank", f"circuit rank ({task})", None,
+                f"the head's rank (1 = most important) by the circuit's ranking method (EAP-IG, attribution "
+                f"or activation patching) on the {task} task", "circuits", _MIB, bounded=False,
+            ),
         )
     ),
     ScoreSpec(

@@ -216,6 +216,60 @@ def heads_payload(atlas: Atlas) -> dict[str, Any]:
     return out
 
 
+_HEAD_NAME = re.compile(r"L(\d+)H(\d+)")
+_CIRCUIT_FIELDS = ("cpr", "cmd", "minimal_k", "stable_k", "cpr_std", "cmd_std", "ranking_seconds")
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return round(number, 4) if math.isfinite(number) else None
+
+
+def _circuit_method(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    sizes, faith = entry.get("sizes") or [], entry.get("faithfulness") or []
+    points = [
+        [int(k), _number(f)]
+        for k, f in zip(sizes, faith, strict=False)
+        if _number(k) is not None and _number(f) is not None
+    ]
+    return {"name": str(name), **{k: _number(entry.get(k)) for k in _CIRCUIT_FIELDS}, "curve": points}
+
+
+def circuit_entries(atlas: Atlas) -> list[dict[str, Any]]:
+    """Return one entry per task in ``meta["circuits"]`` (written by ``headatlas circuit --atlas``):
+    the ranking method and ablation, the model's clean accuracy, the minimal circuit's heads and
+    every method's CPR / CMD / minimal k and faithfulness curve ``[[k, f], ...]`` (Mueller et al.
+    2025, MIB). Strings stay plain text (the page writes them with ``textContent``); unknown or
+    malformed fields are dropped."""
+    circuits = atlas.meta.get("circuits")
+    if not isinstance(circuits, dict):
+        return []
+    out = []
+    for task, entry in circuits.items():
+        if not isinstance(entry, dict):
+            continue
+        methods = entry.get("methods")
+        if not isinstance(methods, dict):  # atlases written before the curves were kept
+            methods = {m: e for m, e in entry.items() if isinstance(e, dict)}
+        heads = []
+        for name in entry.get("heads") or []:
+            match = _HEAD_NAME.fullmatch(str(name))
+            if match:
+                heads.append({"name": str(name), "layer": int(match[1]), "head": int(match[2])})
+        out.append({
+            "task": str(task), "column": str(entry.get("column", "")), "method": str(entry.get("method", "")),
+            "ablation": str(entry.get("ablation", "")), "minimal_k": _number(entry.get("minimal_k")),
+            "threshold": _number(entry.get("threshold", 0.9)), "total_heads": _number(entry.get("total_heads")),
+            "n_pairs": _number(entry.get("n_pairs")), "clean_accuracy": _number(entry.get("clean_accuracy")),
+            "heads": heads,
+            "methods": [_circuit_method(m, e) for m, e in methods.items() if isinstance(e, dict)],
+        })  # fmt: skip
+    return out
+
+
 def atlas_payload(atlas: Atlas, max_example_bytes: int = DEFAULT_MAX_EXAMPLE_BYTES) -> dict[str, Any]:
     """Return everything the report shows, JSON-ready (no NaN: missing values are ``None``)."""
     model = atlas.model.to_dict()
@@ -235,4 +289,5 @@ def atlas_payload(atlas: Atlas, max_example_bytes: int = DEFAULT_MAX_EXAMPLE_BYT
         "no_role_color": NO_ROLE_COLOR,
         "heads": heads_payload(atlas),
         "examples": _examples(atlas, max_example_bytes),
+        "circuits": circuit_entries(atlas),
     }

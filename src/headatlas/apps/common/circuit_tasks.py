@@ -21,7 +21,8 @@ Tasks (all word lists are ours; ``seed`` fixes the draw):
   is the first token of the result, the counterfactual changes the operands so that its result's
   first token differs (the wrong answer).
 - ``acronym``: "The Central Processing Unit (C.P." → ``"U"`` (García-Carrasco et al. 2024, in a
-  dotted form so that each letter is a token); the counterfactual replaces the last word by one with
+  dotted form so that each letter is a token; where the tokenizer merges ".U", as Qwen2.5's does,
+  the spaced form "(C P" → ``" U"``); the counterfactual replaces the last word by one with
   another initial, whose letter is the wrong answer.
 - ``mcqa``: a colour question with four lettered options and ``"Answer:"`` (MIB's MCQA format;
   Wiegreffe et al. 2024); the counterfactual reorders the options so the right colour sits under
@@ -159,13 +160,19 @@ def _arithmetic(ops: str) -> Callable[[np.random.Generator], PatchPair | None]:
     return draw
 
 
-def _acronym(rng: np.random.Generator) -> PatchPair | None:
+def _acronym(rng: np.random.Generator, spaced: bool = False) -> PatchPair | None:
     words = [str(w) for w in rng.choice(_ACRONYM_WORDS, size=4, replace=False)]
     if words[2][0] == words[3][0]:
         return None
-    clean = f"The {words[0]} {words[1]} {words[2]} ({words[0][0]}.{words[1][0]}."
-    corrupt = f"The {words[0]} {words[1]} {words[3]} ({words[0][0]}.{words[1][0]}."
-    return PatchPair(clean, corrupt, words[2][0], words[3][0])
+    letters = f"{words[0][0]} {words[1][0]}" if spaced else f"{words[0][0]}.{words[1][0]}."
+    clean = f"The {words[0]} {words[1]} {words[2]} ({letters}"
+    corrupt = f"The {words[0]} {words[1]} {words[3]} ({letters}"
+    gap = " " if spaced else ""
+    return PatchPair(clean, corrupt, gap + words[2][0], gap + words[3][0])
+
+
+def _acronym_spaced(rng: np.random.Generator) -> PatchPair | None:
+    return _acronym(rng, spaced=True)
 
 
 def _mcqa(rng: np.random.Generator) -> PatchPair | None:
@@ -265,7 +272,12 @@ def circuit_task(tokenizer: Any, task: str, n: int = DEFAULT_PAIRS, seed: int = 
         base = ioi_task(tokenizer, n * 2, seed)
         pairs = tuple(p for p in base.pairs if usable(tokenizer, p))[:n]
     else:
-        pairs = _collect(tokenizer, task, n, seed, _draw(task))
+        try:
+            pairs = _collect(tokenizer, task, n, seed, _draw(task))
+        except HeadatlasError:
+            if task != "acronym":
+                raise
+            pairs = _collect(tokenizer, task, n, seed, _acronym_spaced)  # e.g. Qwen merges ".U"
     params = {"task": task, "n": len(pairs), "seed": seed}
     return PatchTask(task, pairs, "logit_diff", "pair", params)
 

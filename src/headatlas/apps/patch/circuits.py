@@ -264,31 +264,68 @@ def write_results(result: CircuitResult, out: str | Path) -> list[Path]:
     return paths
 
 
+_OPERATOR_WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "divide"}
+
+
+def circuit_column(task: str) -> str:
+    """Return the atlas column of ``task``'s circuit: ``circuit_<task>`` with operators spelled out
+    (``arithmetic:+`` → ``circuit_arithmetic_plus``) and every other non-alphanumeric as ``_``."""
+    base, colon, sub = task.lower().partition(":")
+    if base == "arithmetic":
+        sub = "_".join(_OPERATOR_WORDS.get(c, c) for c in sub)
+    spelled = base + colon + sub
+    safe = "".join(c if c.isalnum() else "_" for c in spelled)
+    return "circuit_" + "_".join(part for part in safe.split("_") if part)
+
+
+def _meta_entry(result: CircuitResult, method: str, order: list[tuple[int, int]]) -> dict[str, Any]:
+    k = result.methods[method]["minimal_k"]
+    keys = ("cpr", "cmd", "minimal_k", "stable_k", "cpr_std", "cmd_std", "ranking_seconds")
+    methods = {}
+    for name, entry in result.methods.items():
+        curve = entry.get("signed", entry)
+        methods[name] = {
+            **{key: entry[key] for key in keys if entry.get(key) is not None},
+            "sizes": list(curve["sizes"]),
+            "faithfulness": [round(float(f), 4) for f in curve["faithfulness"]],
+        }
+    return {
+        "column": circuit_column(result.task.name),
+        "method": method,
+        "ablation": result.ablation,
+        "minimal_k": k,
+        "threshold": THRESHOLD,
+        "total_heads": result.total_heads,
+        "n_pairs": result.baseline["n_pairs"],
+        "clean_accuracy": result.baseline["clean_accuracy"],
+        "heads": [head_name(*h) for h in order[: k or 0]],
+        "methods": methods,
+        **{m: {"cpr": e["cpr"], "cmd": e["cmd"]} for m, e in result.methods.items()},
+    }
+
+
 def write_circuit_columns(atlas: Atlas, result: CircuitResult) -> list[str]:
     """Add ``circuit_<task>`` (1 for the heads of the smallest circuit with f ≥ 0.9 by the first scored
     method, else 0) and ``circuit_<task>_rank`` (each head's rank by that method, 1 = most important)
     to ``atlas``; return the columns written. ``atlas.meta["circuits"][task]`` records the method, the
-    ablation and every method's CPR / CMD (Mueller et al. 2025)."""
+    ablation, the minimal circuit's heads (``heads``, most important first), the model's accuracy and
+    every method's CPR / CMD / minimal k and signed faithfulness curve (``methods``; Mueller et al.
+    2025), which is what ``headatlas report`` shows."""
     scored = [m for m in result.methods if m in result.scores]
     if not scored:
         return []
     method = scored[0]
     score = result.scores[method]
-    safe = "".join(c if c.isalnum() else "_" for c in result.task.name.lower()).strip("_")
-    column = f"circuit_{safe}"
+    column = circuit_column(result.task.name)
+    order = order_by(score)
     rank = np.zeros(score.shape)
-    for position, (layer, head) in enumerate(order_by(score), start=1):
+    for position, (layer, head) in enumerate(order, start=1):
         rank[layer, head] = position
     k = result.methods[method]["minimal_k"]
     atlas.set_matrix(column, (rank <= (k if k is not None else 0)).astype(float))
     atlas.set_matrix(f"{column}_n", np.full(score.shape, len(result.task.pairs)))
     atlas.set_matrix(f"{column}_rank", rank)
-    atlas.meta.setdefault("circuits", {})[result.task.name] = {
-        "method": method,
-        "ablation": result.ablation,
-        "minimal_k": k,
-        **{m: {"cpr": e["cpr"], "cmd": e["cmd"]} for m, e in result.methods.items()},
-    }
+    atlas.meta.setdefault("circuits", {})[result.task.name] = _meta_entry(result, method, order)
     return [column, f"{column}_rank"]
 
 

@@ -62,7 +62,12 @@ class Prepared:
 def _forward(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     device = loaded.device
     mask = mask.to(device)
-    out = loaded.model(input_ids=ids.to(device), attention_mask=mask, **padded_positions(loaded.model, mask))
+    out = loaded.model(
+        input_ids=ids.to(device),
+        attention_mask=mask,
+        logits_to_keep=1,
+        **padded_positions(loaded.model, mask),
+    )
     return out.logits[:, -1]  # [batch, vocab]
 
 

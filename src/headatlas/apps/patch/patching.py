@@ -147,7 +147,7 @@ def activation_patching(
                     **cache_kwargs(loaded.model, rows_cache), use_cache=True,
                 ).logits[:, -1]  # fmt: skip
             else:
-                logits = last_logits(loaded, [enc.corrupt[int(p)] for p in pair_of])
+                logits = last_logits(loaded, [enc.corrupt[int(p)] for p in pair_of], logits_to_keep=1)
             values = metric(logits, enc.answer[pair_of].to(device), enc.wrong[pair_of].to(device), kind).cpu()
             out[pair_of, picks[:, 0], picks[:, 1]] = values
             if progress is not None:
@@ -177,7 +177,10 @@ def attribution_patching(
     with head_outputs(loaded, track), torch.enable_grad():
         embeds = loaded.model.get_input_embeddings()(batch.input_ids.to(device)).detach().requires_grad_(True)
         logits = loaded.model(
-            inputs_embeds=embeds, attention_mask=mask, **padded_positions(loaded.model, mask)
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            logits_to_keep=1,
+            **padded_positions(loaded.model, mask),
         ).logits[:, -1]
         total = metric(logits, enc.answer.to(device), enc.wrong.to(device), kind).sum()
         layers = sorted(kept)

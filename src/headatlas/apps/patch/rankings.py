@@ -77,8 +77,9 @@ def eap_ig(loaded: LoadedModel, prep: Prepared, steps: int = 8, rows_per_pass: i
             mask = prep.mask[pairs].to(device)
             embeds = embed(prep.corrupt_ids[pairs].to(device)).detach().requires_grad_(True)
             logits = loaded.model(
-                inputs_embeds=embeds, attention_mask=mask, **padded_positions(loaded.model, mask)
-            ).logits[:, -1]
+                inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1,
+                **padded_positions(loaded.model, mask),
+            ).logits[:, -1]  # fmt: skip
             total = metric(logits, answer[pairs], wrong[pairs], "logit_diff").sum()
             layers = sorted(kept)
             grads = torch.autograd.grad(total, [kept[layer] for layer in layers])

@@ -217,6 +217,98 @@
     renderTable();
   });
 
+  // ---- circuits (meta["circuits"], written by headatlas circuit --atlas) ----
+  const CURVE_COLORS = ["#3454d1", "#d62728", "#2ca02c", "#ff7f0e", "#8c564b", "#7b2d8e"];
+
+  function drawCurves(cv, c) {
+    const w = 340;
+    const h = 200;
+    const dpr = window.devicePixelRatio || 1;
+    cv.width = w * dpr;
+    cv.height = h * dpr;
+    cv.style.width = w + "px";
+    cv.style.height = h + "px";
+    const ctx = cv.getContext("2d");
+    ctx.scale(dpr, dpr);
+    const total = c.total_heads || 1;
+    let fmax = 1.2;
+    let fmin = 0;
+    c.methods.forEach((m) => m.curve.forEach((p) => { fmax = Math.max(fmax, p[1]); fmin = Math.min(fmin, p[1]); }));
+    const X = (k) => 36 + (w - 46) * Math.log1p(k) / Math.log1p(total);
+    const Y = (f) => h - 22 - (h - 32) * (f - fmin) / (fmax - fmin);
+    ctx.strokeStyle = "#c9ced8";
+    ctx.fillStyle = "#5f6b7a";
+    ctx.font = "9px sans-serif";
+    [0, c.threshold || 0.9, 1].forEach((f) => {
+      ctx.setLineDash(f === 0 || f === 1 ? [] : [3, 3]);
+      ctx.beginPath(); ctx.moveTo(X(0), Y(f)); ctx.lineTo(X(total), Y(f)); ctx.stroke();
+      if (f !== c.threshold) ctx.fillText(String(f), 4, Y(f) + 3);
+    });
+    ctx.setLineDash([]);
+    if (fmax > 1.2) ctx.fillText(fmt(fmax, 1), 4, Y(fmax) + 8);
+    ctx.fillText("f", 24, Y(fmax) + 8);
+    [0, 1, 10, 100, 1000].filter((k) => X(total) - X(k) > 16).concat([total]).forEach((k) => ctx.fillText(String(k), X(k) - 4, h - 10));
+    ctx.fillText("heads kept (log scale)", w / 2 - 30, h - 1);
+    c.methods.forEach((m, i) => {
+      ctx.strokeStyle = CURVE_COLORS[i % CURVE_COLORS.length];
+      ctx.lineWidth = 1.6;
+      ctx.beginPath();
+      m.curve.forEach((p, j) => (j ? ctx.lineTo(X(p[0]), Y(p[1])) : ctx.moveTo(X(p[0]), Y(p[1]))));
+      ctx.stroke();
+    });
+    ctx.lineWidth = 1;
+  }
+
+  function renderCircuit(c) {
+    const box = el("div", "circuit");
+    box.appendChild(el("h3", null, c.task));
+    const facts = [c.method ? "ranked by " + c.method : "", c.ablation ? c.ablation + " ablation" : "",
+      c.n_pairs !== null ? fmt(c.n_pairs, 0) + " pairs" : "",
+      c.clean_accuracy !== null ? "clean accuracy " + fmt(c.clean_accuracy, 2) : "",
+      c.column ? "atlas column " + c.column : ""];
+    box.appendChild(el("div", "muted", facts.filter(Boolean).join(" · ")));
+    const body = el("div", "circuit-body");
+    const cv = el("canvas");
+    body.appendChild(cv);
+    const right = el("div");
+    const table = el("table", "circuit-methods");
+    const head = el("tr");
+    ["", "method", "CPR ↑", "CMD ↓", "minimal k", "ranking s"].forEach((t, i) => head.appendChild(el("th", i < 2 ? "l" : null, t)));
+    table.appendChild(head);
+    c.methods.forEach((m, i) => {
+      const tr = el("tr");
+      const sw = el("td", "l", "●");
+      sw.style.color = CURVE_COLORS[i % CURVE_COLORS.length];
+      const sd = (v) => (v !== null ? " ± " + fmt(v, 3) : "");
+      tr.append(sw, el("td", "l", m.name), el("td", null, fmt(m.cpr) + sd(m.cpr_std)), el("td", null, fmt(m.cmd) + sd(m.cmd_std)),
+        el("td", null, m.minimal_k !== null ? fmt(m.minimal_k, 0) : "–"), el("td", null, fmt(m.ranking_seconds, 1)));
+      table.appendChild(tr);
+    });
+    right.appendChild(table);
+    const hs = el("div", "circuit-heads");
+    const k = c.minimal_k;
+    hs.appendChild(el("span", null, k !== null
+      ? "Minimal circuit (f ≥ " + fmt(c.threshold, 2) + "): " + fmt(k, 0) + " of " + fmt(c.total_heads, 0) + " heads: "
+      : "No measured circuit reaches f ≥ " + fmt(c.threshold, 2) + "."));
+    c.heads.slice(0, 64).forEach((x) => {
+      const a = el("span", "head-link", x.name);
+      a.addEventListener("click", () => selectHead(x.layer, x.head, true));
+      hs.appendChild(a);
+    });
+    if (c.heads.length > 64) hs.appendChild(el("span", "muted", " … and " + (c.heads.length - 64) + " more"));
+    right.appendChild(hs);
+    body.appendChild(right);
+    box.appendChild(body);
+    drawCurves(cv, c);
+    return box;
+  }
+
+  if (data.circuits && data.circuits.length) {
+    const list = document.getElementById("circuit-list");
+    data.circuits.forEach((c) => list.appendChild(renderCircuit(c)));
+    document.getElementById("circuits").hidden = false;
+  }
+
   // ---- about ----
   const dl = document.getElementById("score-defs");
   data.scores.forEach((s) => dl.append(el("dt", null, s.label), el("dd", null, s.description)));
