@@ -68,12 +68,8 @@
     renderExample();
   }
 
-  function drawProfile(k) {
-    const cv = document.getElementById("profile");
-    const cap = document.getElementById("profile-caption");
-    const prof = k !== undefined && heads.profile ? heads.profile[k] : null;
-    const w = 300;
-    const h = 90;
+  // A w × h canvas drawn at the screen's pixel density; returns its 2-D context.
+  function sharpCanvas(cv, w, h) {
     const dpr = window.devicePixelRatio || 1;
     cv.width = w * dpr;
     cv.height = h * dpr;
@@ -81,6 +77,16 @@
     cv.style.height = h + "px";
     const ctx = cv.getContext("2d");
     ctx.scale(dpr, dpr);
+    return ctx;
+  }
+
+  function drawProfile(k) {
+    const cv = document.getElementById("profile");
+    const cap = document.getElementById("profile-caption");
+    const prof = k !== undefined && heads.profile ? heads.profile[k] : null;
+    const w = 300;
+    const h = 90;
+    const ctx = sharpCanvas(cv, w, h);
     ctx.clearRect(0, 0, w, h);
     if (!prof) {
       cap.textContent = "no distance profile in this atlas";
@@ -223,13 +229,7 @@
   function drawCurves(cv, c) {
     const w = 340;
     const h = 200;
-    const dpr = window.devicePixelRatio || 1;
-    cv.width = w * dpr;
-    cv.height = h * dpr;
-    cv.style.width = w + "px";
-    cv.style.height = h + "px";
-    const ctx = cv.getContext("2d");
-    ctx.scale(dpr, dpr);
+    const ctx = sharpCanvas(cv, w, h);
     const total = c.total_heads || 1;
     let fmax = 1.2;
     let fmin = 0;
