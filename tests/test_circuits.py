@@ -341,6 +341,7 @@ def test_circuit_columns_are_named_per_task_and_operator() -> None:
         assert score_spec(circuit_column(task) + "_rank").battery == "circuits", task
 
 
+@pytest.mark.slow
 @requires_qwen
 def test_acronym_falls_back_to_the_spaced_form_where_the_tokenizer_merges_letters() -> None:
     from transformers import AutoTokenizer
