@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import cpu_model, quiet
+from benchlib import cpu_model, quiet, strict_json
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -222,7 +222,7 @@ def main() -> None:
     name = args.model.replace("/", "_")
     stem = f"{args.part}{args.k}" if args.part == "safety-topk" else args.part
     path = RESULTS / f"{stem}-{name}.json"
-    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    path.write_text(strict_json(result, indent=1, default=str) + "\n")
     print(
         json.dumps({k: v for k, v in result.items() if k not in ("runs", "random")}, indent=1, default=str)[
             :3000

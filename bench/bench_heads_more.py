@@ -19,7 +19,6 @@ Writes ``bench/results/heads-more-<part>-<model>.json``. Usage (from the reposit
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchlib import cpu_model, quiet
+from benchlib import cpu_model, quiet, strict_json
 
 OUT = Path(__file__).parent / "results"
 
@@ -247,8 +246,9 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     name = args.model.replace("/", "_")
     path = OUT / f"heads-more-{args.part}-{name}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
+    text = strict_json(out, indent=2)
+    path.write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

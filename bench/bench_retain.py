@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import cpu_model, quiet
+from benchlib import cpu_model, quiet, strict_json
 
 CONDITIONS = ("plain", "replay", "seekr", "random")
 
@@ -184,7 +184,7 @@ def main() -> None:
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        args.out.write_text(strict_json(out, indent=1) + "\n")
 
 
 LOG_LINE = re.compile(r"^seed (\d+) (\w+)\s+(None|[\d.]+)\s*: (.*?)\s+(\d+) s$")
@@ -241,7 +241,7 @@ def merge(paths: list[Path], out: Path | None) -> None:
     ]
     print(table(merged))
     if out:
-        out.write_text(json.dumps(merged, indent=1) + "\n")
+        out.write_text(strict_json(merged, indent=1) + "\n")
 
 
 def table(result: dict) -> str:

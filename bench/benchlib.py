@@ -88,3 +88,20 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 0
+
+
+def strict_json(value: object, **kwargs: object) -> str:
+    """``value`` as strict JSON text: NaN and ±inf (a rate with no denominator) become ``null``."""
+    import json
+    import math
+
+    def clean(item: object) -> object:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: clean(inner) for key, inner in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [clean(inner) for inner in item]
+        return item
+
+    return json.dumps(clean(value), allow_nan=False, **kwargs)  # type: ignore[arg-type]

@@ -259,3 +259,4 @@ def test_conflict_and_safety_commands_say_in_one_line_why_a_tiny_model_cannot_be
     assert res.exit_code == 2 and "--prefer" in res.output
     res = runner.invoke(app, ["safety", str(tiny_model_dir), "--out", str(tmp_path / "s.json")])
     assert res.exit_code == 2 and "no chat template" in res.output and not (tmp_path / "s.json").exists()
+    assert "Ships" not in res.output  # the check runs before the progress bar starts

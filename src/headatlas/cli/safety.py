@@ -44,7 +44,7 @@ def safety(
 ) -> None:
     """Score each head's Ships on harmful requests; ablate the top k against random heads."""
     quiet_libraries(False)
-    from ..apps.safety.ships import safety_heads, write_head_set, write_ships
+    from ..apps.safety.ships import require_chat_frame, safety_heads, write_head_set, write_ships
     from ..atlas.table import open_atlas
     from ..core.errors import check_at_least
     from ..core.heads import HEAD_SET_FORMAT
@@ -55,6 +55,7 @@ def safety(
     if atlas is not None:
         run(lambda: check_output_dir(atlas, "atlas"))
     loaded = load_model(model, device)
+    run(lambda: require_chat_frame(loaded))  # before the progress bar: no empty bar above the error
     with progress_bar() as progress:
         result = run(
             lambda: safety_heads(loaded, k, seeds, seed, n_score, n_harmless, step(progress, "Ships"))

@@ -37,7 +37,7 @@ from ...core.errors import HeadatlasError, check_at_least
 from ...core.heads import HEAD_SET_FORMAT, Head, head_name
 from ...core.progress import Progress, no_progress
 from ...core.storage import write_json
-from ...data.sequences import chat_frame
+from ...data.sequences import ChatFrame, chat_frame
 from ...model.info import LoadedModel
 from ..common.evaluation import next_token_logits
 from .prompts import HARMFUL, HARMLESS, REFUSAL_OPENINGS, REPLY_TOKENS, is_refusal
@@ -45,12 +45,19 @@ from .prompts import HARMFUL, HARMLESS, REFUSAL_OPENINGS, REPLY_TOKENS, is_refus
 Ids = tuple[int, ...]
 
 
-def chat_prompts(loaded: LoadedModel, requests: Sequence[str]) -> list[Ids]:
-    """Return each request framed as one user turn of the model's chat template, with the assistant's
-    turn opened; raise :class:`HeadatlasError` for a model without a chat template."""
+def require_chat_frame(loaded: LoadedModel) -> ChatFrame:
+    """Return the model's chat frame; raise :class:`HeadatlasError` (one line) for a model without a
+    chat template, which cannot be asked the requests as a user."""
     frame = chat_frame(loaded.tokenizer)
     if frame is None:
         raise HeadatlasError(f"{loaded.info.name} has no chat template: safety heads need an instruct model")
+    return frame
+
+
+def chat_prompts(loaded: LoadedModel, requests: Sequence[str]) -> list[Ids]:
+    """Return each request framed as one user turn of the model's chat template, with the assistant's
+    turn opened; raise :class:`HeadatlasError` for a model without a chat template."""
+    frame = require_chat_frame(loaded)
     tok = loaded.tokenizer
     return [
         tuple(int(i) for i in tok(frame.before + r + frame.after, add_special_tokens=False)["input_ids"])
