@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import headatlas as ha
+from benchlib import strict_json
 from headatlas.apps.common.circuit_tasks import circuit_task, encode_exact
 from headatlas.apps.patch.circuits import measure_circuits
 from headatlas.apps.patch.faithfulness import prepare
@@ -187,7 +188,7 @@ def main() -> None:
     if args.what == "accuracy":
         name = f"circuits-{args.model}-accuracy{'-' + args.tag if args.tag else ''}.json"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / name).write_text(json.dumps(record, indent=1) + "\n")
+    (RESULTS / name).write_text(strict_json(record, indent=1) + "\n")
     print(f"{name}: {record['wall_seconds']} s")
     if args.what == "curves":
         for method, entry in data["methods"].items():
