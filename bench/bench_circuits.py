@@ -6,6 +6,7 @@ Examples (1 torch thread, ``nice -n 10``; each ≤ 15 min on the 2-core CPU at 1
     python bench/bench_circuits.py curves --task ioi --methods activation,eap-ig,attribution,random
     python bench/bench_circuits.py operators --methods eap-ig,random
     python bench/bench_circuits.py icl-top1 --task icl
+    python bench/bench_circuits.py edges --task ioi --methods eap-ig --top 10 --n 8  # head → head edges
     python bench/bench_circuits.py accuracy --model gemma3-270m --n 32     # every task's clean accuracy
     python bench/bench_circuits.py figure --results bench/results/circuits-gemma3-270m-curves-*.json
 
@@ -102,6 +103,38 @@ def _icl_top1(args: argparse.Namespace, loaded: ha.LoadedModel) -> dict:
     return out
 
 
+def _edges(args: argparse.Namespace, loaded: ha.LoadedModel) -> dict:
+    """Head → head edges among the top ``--top`` heads of the first method's ranking, by path
+    patching (q, k, v and the logits), on the pairs the model gets right; the time per edge and what
+    every pair of heads in different layers would cost at that rate."""
+    from dataclasses import replace
+
+    from headatlas.apps.patch.edges import LOGITS, circuit_edges
+
+    task = circuit_task(loaded.tokenizer, args.task, args.n, args.seed)
+    prep = prepare(loaded, encode_exact(loaded, task))
+    right = tuple(p for p, m in zip(task.pairs, prep.clean_metric.tolist(), strict=True) if m > 0)
+    task = replace(task, pairs=right)
+    enc = encode_exact(loaded, task)
+    prep = prepare(loaded, enc)
+    method = args.methods.split(",")[0]
+    score, ranking_seconds = method_scores(loaded, prep, method, args.steps, args.rows_per_pass)
+    heads = order_by(score)[: args.top]
+    edges = circuit_edges(loaded, enc, heads, rows_per_pass=args.rows_per_pass)
+    inner = edges.table[edges.table["receiver"] != LOGITS]
+    info = loaded.info
+    every = 3 * info.n_heads**2 * info.n_layers * (info.n_layers - 1) // 2  # sender layer < receiver layer
+    per_edge = edges.seconds / max(1, len(inner))
+    return {
+        "task": task.name, "n_pairs": len(task.pairs), "method": method, "top": len(edges.heads),
+        "heads": [head_name(*h) for h in edges.heads], "ranking_seconds": round(ranking_seconds, 2),
+        "edges_seconds": round(edges.seconds, 2), "forward_passes": edges.passes, "n_edges": len(inner),
+        "seconds_per_edge": round(per_edge, 4), "all_edges": every,
+        "all_edges_hours_at_this_rate": round(every * per_edge / 3600, 1),
+        "strongest": edges.strongest(10).to_dict("records"), "edges": edges.table.to_dict("records"),
+    }  # fmt: skip
+
+
 ACCURACY_TASKS = (
     "ioi", "greater-than", "arithmetic", "arithmetic:+", "arithmetic:-", "arithmetic:*", "arithmetic:/",
     "acronym", "mcqa", "icl", "icl:country-capital", "sequence",
@@ -152,7 +185,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=("accuracy", "curves", "operators", "icl-top1", "figure"))
+    parser.add_argument("what", choices=("accuracy", "curves", "operators", "icl-top1", "edges", "figure"))
     parser.add_argument("--model", default="default")
     parser.add_argument("--task", default="ioi")
     parser.add_argument("--methods", default="eap-ig,attribution,random")
@@ -163,6 +196,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows-per-pass", type=int, default=64)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--top", type=int, default=10, help="edges: heads of the ranking the edges join")
     parser.add_argument("--share", type=float, default=0.01, help="icl-top1: the share of heads ablated")
     parser.add_argument("--all-pairs", action="store_true", help="keep pairs the model gets wrong too")
     parser.add_argument("--results", nargs="*", default=[], help="figure: the curves results to draw")
@@ -174,16 +208,16 @@ def main() -> None:
     torch.set_num_threads(1)
     start = time.perf_counter()
     loaded = ha.load(args.model)
-    run = {"accuracy": _accuracy, "curves": _curves, "operators": _operators, "icl-top1": _icl_top1}[
-        args.what
-    ]
+    run = {
+        "accuracy": _accuracy, "curves": _curves, "operators": _operators, "icl-top1": _icl_top1, "edges": _edges,
+    }[args.what]  # fmt: skip
     data = run(args, loaded)
     record = {
         "what": args.what, "model": loaded.info.name, "args": vars(args), "result": data,
         "wall_seconds": round(time.perf_counter() - start, 1), "threads": 1,
     }  # fmt: skip
     tag = args.tag or (args.task if args.what != "operators" else "arithmetic")
-    ablation = args_mode if args.what == "icl-top1" else args.ablation
+    ablation = {"icl-top1": args_mode, "edges": "path"}.get(args.what, args.ablation)
     name = f"circuits-{args.model}-{args.what}-{tag}-{ablation}.json"
     if args.what == "accuracy":
         name = f"circuits-{args.model}-accuracy{'-' + args.tag if args.tag else ''}.json"

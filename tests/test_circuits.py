@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -251,12 +252,24 @@ def test_circuit_command_writes_results_atlas_columns_and_compares(
         out = tmp_path / ablation
         args = ["circuit", str(tiny_model_dir), "--task", str(pairs), "--method", methods, "--ablation", ablation,
                 "--sizes", "1,2,4", "--seeds", "0,1", "--steps", "2", "--only-correct", "--out", str(out), "--atlas", str(tmp_path / "atlas")]  # fmt: skip
-        res = CliRunner().invoke(app, args)
+        res = CliRunner().invoke(app, args + ["--edges", "4"] * (ablation == "mean"))
         assert res.exit_code == 0, res.output
         data = json.loads((out / "circuit.json").read_text())
         assert set(data["methods"]) == set(methods.split(",")) and (out / "circuit.png").exists()
         assert data["methods"]["attribution"]["signed"]["sizes"] == [0, 1, 2, 4, 12]
         runs.append(out)
+    edges = pd.read_csv(runs[1] / "edges.csv")  # among the top 4 heads by attribution
+    assert list(edges.columns) == ["sender", "receiver", "channel", "effect", "effect_std", "n_pairs"]
+    assert (edges["receiver"] == "logits").sum() == 4 and "strongest edges" in res.output
+    inner = edges[edges["receiver"] != "logits"]
+    layer = lambda name: int(name[1:].split("H")[0])  # noqa: E731
+    assert len(inner) and all(
+        layer(s) < layer(r) for s, r in zip(inner["sender"], inner["receiver"], strict=True)
+    )
+    res = CliRunner().invoke(
+        app, [*args[:4], "--method", "random", "--edges", "3", "--out", str(tmp_path / "r")]
+    )
+    assert res.exit_code == 2 and "--edges follows a method's ranking" in res.output
     atlas = ha.Atlas.load(tmp_path / "atlas")
     rank = atlas.matrix("circuit_pairs_rank")
     k = atlas.meta["circuits"]["pairs"]["minimal_k"]

@@ -292,6 +292,31 @@ def test_path_patching_finds_the_path_through_the_receivers_query() -> None:
     assert np.abs(np.stack([direct[1:], via["q"][1:]])).max() < 1e-3  # the other heads do nothing
 
 
+def test_edges_find_the_wire_from_the_sender_into_the_receivers_query() -> None:
+    from headatlas.apps.patch.edges import LOGITS, circuit_edges
+
+    loaded = _chain_model()
+    task = PatchTask("chain", (PatchPair("x Mary John to", "y Mary John to", "Mary", "John"),) * 2)
+    enc = encode_task(loaded, task, "all")
+    edges = circuit_edges(loaded, enc, [RECEIVER, SENDER, (0, 1), (1, 0)], rows_per_pass=3)
+    table = edges.table.set_index(["sender", "receiver", "channel"])["effect"]
+    assert table[("L0H0", "L1H2", "q")] == pytest.approx(1.0, abs=1e-3)  # the wired edge carries it all
+    assert abs(table[("L0H0", "L1H2", "k")]) < 1e-3 and abs(table[("L0H0", "L1H2", "v")]) < 1e-3
+    assert table[("L1H2", LOGITS, "")] == pytest.approx(1.0, abs=1e-3)  # the receiver writes the answer
+    assert abs(table[("L0H0", LOGITS, "")]) < 1e-3  # the sender reaches the logits only through it
+    others = edges.table[(edges.table["sender"] != "L0H0") | (edges.table["receiver"] != "L1H2")]
+    assert others[others["receiver"] != LOGITS]["effect"].abs().max() < 1e-3
+    layer = {name: int(name[1:].split("H")[0]) for name in ("L0H0", "L0H1", "L1H0", "L1H2")}
+    inner = edges.table[edges.table["receiver"] != LOGITS]
+    assert all(layer[s] < layer[r] for s, r in zip(inner["sender"], inner["receiver"], strict=True))
+    assert len(inner) == 2 * 2 * 3  # two senders of layer 0 × two receivers of layer 1 × q, k, v
+    assert edges.strongest(1)[["sender", "receiver", "channel"]].values.tolist() == [["L0H0", "L1H2", "q"]]
+    with pytest.raises(HeadatlasError, match="at least two heads"):
+        circuit_edges(loaded, enc, [SENDER, SENDER])
+    with pytest.raises(HeadatlasError, match="no head L5H0"):
+        circuit_edges(loaded, enc, [SENDER, (5, 0)])
+
+
 def test_the_ioi_circuit_command_writes_classes_roles_and_a_figure(tmp_path: Path) -> None:
     from headatlas.apps.common.patch_tasks import _NAMES
     from headatlas.core.roles import RULES

@@ -71,6 +71,9 @@ def circuit(
         bool, typer.Option(help="keep only the pairs the model answers right (as circuit papers do)")
     ] = False,
     rows_per_pass: Annotated[int, typer.Option(help="rows per forward pass")] = 64,
+    edges: Annotated[
+        int, typer.Option(help="head → head edges among the first method's top K heads, by path patching")
+    ] = 0,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Find the heads that carry a task and measure how faithfully they carry it (Mueller et al. 2025)."""
@@ -84,6 +87,7 @@ def circuit(
     if folders:
         fail(f"unexpected arguments {' '.join(map(str, folders))}: only circuit compare takes folders")
     run(lambda: check_at_least("rows_per_pass", rows_per_pass, 1))
+    run(lambda: check_at_least("edges", edges, 0))
     if method == "path":
         _path_classes(model, task, n, seed, out or Path("atlas"), rows_per_pass, device)
         return
@@ -99,6 +103,8 @@ def circuit(
     loaded = load_model(model, device)
     pairs = run(lambda: circuit_task(loaded.tokenizer, task, n, seed))
     methods = [m.strip() for m in method.split(",") if m.strip()]
+    if edges and all(m == "random" for m in methods):
+        fail("--edges follows a method's ranking: add one besides random (e.g. --method eap-ig,random)")
     with progress_bar() as progress:
         result = run(
             lambda: measure_circuits(
@@ -111,7 +117,45 @@ def circuit(
     if atlas is not None:
         _write_atlas(atlas, loaded, result)
     _print(result.as_dict())
+    if edges:
+        paths.append(_edges(loaded, result, edges, rows_per_pass, target))
     console.print(f"→ {', '.join(str(p) for p in paths)}", highlight=False)
+
+
+def _edges(loaded: Any, result: Any, k: int, rows_per_pass: int, target: Path) -> Path:
+    """Measure and print the head → head edges among the top ``k`` heads of the first ranked method."""
+    from ..apps.common.circuit_tasks import encode_exact
+    from ..apps.patch.edges import circuit_edges, write_edges
+    from ..apps.patch.rankings import order_by
+
+    method = next(iter(result.scores))
+    heads = order_by(result.scores[method])[:k]
+    enc = encode_exact(loaded, result.task)
+    with progress_bar() as progress:
+        found = run(
+            lambda: circuit_edges(
+                loaded, enc, heads, rows_per_pass=rows_per_pass, progress=step(progress, "edges")
+            )
+        )
+    table = Table(
+        title=f"strongest edges among the top {len(found.heads)} heads by {method}", title_justify="left"
+    )
+    for col in ("sender", "receiver", "channel", "effect", "± std"):
+        table.add_column(col, justify="right" if col in ("effect", "± std") else "left")
+    for row in found.strongest(10).itertuples():
+        table.add_row(
+            str(row.sender),
+            str(row.receiver),
+            str(row.channel),
+            f"{row.effect:+.3f}",
+            f"{row.effect_std:.3f}",
+        )
+    console.print(table)
+    console.print(
+        f"edges: {len(found.table)} rows, {found.passes} forward passes, {found.seconds:.1f} s",
+        highlight=False,
+    )
+    return write_edges(found, target)
 
 
 def _ints(text: str, flag: str) -> list[int]:

@@ -104,6 +104,30 @@ def _receiver_qkv(
     return tensors["q"], tensors["k"], tensors["v"]
 
 
+@dataclass
+class PathBase:
+    """What every path-patching pass on one set of pairs shares: both runs' head outputs, the clean
+    logit difference per pair and the mean clean − corrupted gap."""
+
+    clean_z: dict[int, torch.Tensor]  # layer -> [pair, query, head, d_head]
+    corrupt_z: dict[int, torch.Tensor]
+    clean_metric: torch.Tensor  # [pair]
+    gap: float
+
+
+def path_base(loaded: LoadedModel, enc: Encoded) -> PathBase:
+    """Return the clean and corrupted runs :func:`path_effects` patches between (two forward passes);
+    raise :class:`HeadatlasError` when both give the same logit difference."""
+    clean_z, clean_logits = clean_outputs(loaded, enc.clean, "all")
+    corrupt_z, corrupt_logits = clean_outputs(loaded, enc.corrupt, "all")
+    answer, wrong = enc.answer.to(loaded.device), enc.wrong.to(loaded.device)
+    clean_m = metric(clean_logits, answer, wrong, "logit_diff").cpu()
+    gap = float((clean_m - metric(corrupt_logits, answer, wrong, "logit_diff").cpu()).mean())
+    if abs(gap) < 1e-6:
+        raise HeadatlasError("clean and corrupted prompts give the same logit difference: nothing to patch")
+    return PathBase(clean_z, corrupt_z, clean_m, gap)
+
+
 def path_effects(
     loaded: LoadedModel,
     enc: Encoded,
@@ -112,21 +136,19 @@ def path_effects(
     channel: str = "q",
     rows_per_pass: int = 64,
     progress: Progress | None = None,
+    base: PathBase | None = None,
 ) -> np.ndarray:
     """Return each sender's path effect ``[pair, sender]`` (share of the logit difference lost).
 
     ``receivers=None`` measures the path to the logits; otherwise the path into the receivers'
     ``channel`` (``"q"``, ``"k"`` or ``"v"``). Needs clean and corrupted prompts of equal length.
+    ``base`` (:func:`path_base` of the same ``enc``) saves its two passes when called many times.
     """
     check_choice("channel", channel, CHANNELS)
-    clean_z, clean_logits = clean_outputs(loaded, enc.clean, "all")
-    corrupt_z, corrupt_logits = clean_outputs(loaded, enc.corrupt, "all")
+    base = base if base is not None else path_base(loaded, enc)
+    clean_z, corrupt_z, clean_m, gap = base.clean_z, base.corrupt_z, base.clean_metric, base.gap
     device = loaded.device
     answer, wrong = enc.answer.to(device), enc.wrong.to(device)
-    clean_m = metric(clean_logits, answer, wrong, "logit_diff").cpu()
-    gap = float((clean_m - metric(corrupt_logits, answer, wrong, "logit_diff").cpu()).mean())
-    if abs(gap) < 1e-6:
-        raise HeadatlasError("clean and corrupted prompts give the same logit difference: nothing to patch")
     n_pairs = len(enc.clean)
     per = max(1, rows_per_pass // n_pairs)
     chunks = [senders[i : i + per] for i in range(0, len(senders), per)]
@@ -188,6 +210,7 @@ def ioi_circuit(
     """
     info = loaded.info
     enc = encode_task(loaded, task, "all")
+    base = path_base(loaded, enc)
     every = [(layer, head) for layer in range(info.n_layers) for head in range(info.n_heads)]
     effects: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     classes: dict[str, list[Head]] = {}
@@ -205,7 +228,7 @@ def ioi_circuit(
             break
         top = max((layer for layer, _ in into or []), default=info.n_layers)  # senders precede a receiver
         senders = [h for h in every if h[0] < top and (into is None or h not in into)]
-        values = path_effects(loaded, enc, senders, into, channel, rows_per_pass, progress)
+        values = path_effects(loaded, enc, senders, into, channel, rows_per_pass, progress, base)
         mean = np.full((info.n_layers, info.n_heads), np.nan)
         std = np.full_like(mean, np.nan)
         for i, (layer, head) in enumerate(senders):
