@@ -107,14 +107,11 @@ def _edges(args: argparse.Namespace, loaded: ha.LoadedModel) -> dict:
     """Head → head edges among the top ``--top`` heads of the first method's ranking, by path
     patching (q, k, v and the logits), on the pairs the model gets right; the time per edge and what
     every pair of heads in different layers would cost at that rate."""
-    from dataclasses import replace
-
+    from headatlas.apps.patch.circuits import correct_pairs
     from headatlas.apps.patch.edges import LOGITS, circuit_edges
 
     task = circuit_task(loaded.tokenizer, args.task, args.n, args.seed)
-    prep = prepare(loaded, encode_exact(loaded, task))
-    right = tuple(p for p, m in zip(task.pairs, prep.clean_metric.tolist(), strict=True) if m > 0)
-    task = replace(task, pairs=right)
+    task = correct_pairs(task, prepare(loaded, encode_exact(loaded, task)))
     enc = encode_exact(loaded, task)
     prep = prepare(loaded, enc)
     method = args.methods.split(",")[0]

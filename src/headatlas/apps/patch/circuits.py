@@ -33,6 +33,7 @@ from .faithfulness import (
     ABLATIONS,
     THRESHOLD,
     Curve,
+    Prepared,
     areas,
     faithfulness_curve,
     full_sizes,
@@ -126,6 +127,18 @@ def _random_entry(curves: list[Curve], seeds: Sequence[int], total: int) -> dict
     }
 
 
+def correct_pairs(task: PatchTask, prep: Prepared) -> PatchTask:
+    """Return ``task`` with only the pairs whose clean answer beats the wrong one in ``prep`` (as
+    circuit papers filter their prompts); raise :class:`HeadatlasError` when fewer than two remain."""
+    drawn = len(task.pairs)
+    right = tuple(p for p, m in zip(task.pairs, prep.clean_metric.tolist(), strict=True) if m > 0)
+    if len(right) < 2:
+        raise HeadatlasError(
+            f"the model answers {len(right)} of {drawn} pairs of {task.name!r} right: too few"
+        )
+    return replace(task, pairs=right, params={**(task.params or {}), "only_correct": True, "drawn": drawn})
+
+
 def measure_circuits(
     loaded: LoadedModel,
     task: PatchTask,
@@ -161,14 +174,7 @@ def measure_circuits(
     prep = prepare(loaded, encode_exact(loaded, task))
     accuracy, drawn = prep.accuracy, len(task.pairs)
     if only_correct:
-        right = tuple(p for p, m in zip(task.pairs, prep.clean_metric.tolist(), strict=True) if m > 0)
-        if len(right) < 2:
-            raise HeadatlasError(
-                f"the model answers {len(right)} of {drawn} pairs of {task.name!r} right: too few"
-            )
-        task = replace(
-            task, pairs=right, params={**(task.params or {}), "only_correct": True, "drawn": drawn}
-        )
+        task = correct_pairs(task, prep)
         prep = prepare(loaded, encode_exact(loaded, task))
     baseline = {
         "n_pairs": len(task.pairs),

@@ -22,10 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ...core.errors import HeadatlasError, check_choice
-from ...core.heads import Head, head_name
+from ...core.heads import Head, check_heads, head_name
 from ...core.progress import Progress
 from ...core.storage import atomic_path
 from ...model.info import LoadedModel
@@ -68,14 +69,9 @@ def circuit_edges(
     unknown channel.
     """
     info = loaded.info
-    chosen = sorted(dict.fromkeys((int(a), int(b)) for a, b in heads))
+    chosen = sorted(dict.fromkeys(check_heads(list(heads), info.n_layers, info.n_heads)))
     if len(chosen) < 2:
         raise HeadatlasError(f"edges need at least two heads, got {len(chosen)}")
-    for layer, head in chosen:
-        if not (0 <= layer < info.n_layers and 0 <= head < info.n_heads):
-            raise HeadatlasError(
-                f"no head {head_name(layer, head)} in a {info.n_layers} × {info.n_heads} model"
-            )
     for channel in channels:
         check_choice("channel", channel, CHANNELS)
     start = time.perf_counter()
@@ -88,10 +84,15 @@ def circuit_edges(
         rows.append((head_name(*sender), LOGITS, "", direct[:, i].mean(), direct[:, i].std(), n_pairs))
     per = max(1, rows_per_pass // n_pairs)  # senders per pass, as path_effects batches them
     passes = 2 + -(-len(chosen) // per)
+    measured: dict[tuple[int, int, str], np.ndarray] = {}  # a k / v edge patches the KV head its group shares
     for done, (receiver, channel) in enumerate(jobs):
         senders = [s for s in chosen if s[0] < receiver[0]]
-        values = path_effects(loaded, enc, senders, [receiver], channel, rows_per_pass, base=base)
-        passes += 2 * -(-len(senders) // per)
+        slot = receiver[1] if channel == "q" else info.kv_head(receiver[1])
+        values = measured.get((receiver[0], slot, channel))
+        if values is None:
+            values = path_effects(loaded, enc, senders, [receiver], channel, rows_per_pass, base=base)
+            measured[(receiver[0], slot, channel)] = values
+            passes += 2 * -(-len(senders) // per)
         for i, sender in enumerate(senders):
             rows.append(
                 (
