@@ -7,7 +7,11 @@ round then decodes exactly ``--new`` tokens (greedy, no early stop) from a copy 
 (``full``) and from the plan's compressed cache (``plan``, ``kv.compressed(source=...)``: what
 the accuracy rows used), alternating the order. It prints the median ms per token of each, the
 ratio full / plan (> 1: the plan decodes faster), and the KV bytes each holds after prefill
-(``cache.nbytes``: tensors, not a formula). Usage::
+(``cache.nbytes``: tensors, not a formula). Then, once per length, the peak RSS of one decode of
+``--new`` tokens from each cache alone: first from the prefilled plain cache itself (no copy),
+then, after that cache is cropped back, compressed into the plan's cache and released
+(``malloc_trim`` hands the freed pages back), from the plan's cache. The difference of the two
+peaks is what the plan saves during decode, to set beside the bytes it frees. Usage::
 
     .venv/bin/python bench/bench_kv_decode.py --plan bench/results/kv-fit-plan-default-answer.json \\
         --lengths 1024,4096 --new 64 --rounds 5 --json bench/results/kv-decode-default.json
@@ -18,6 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
+import gc
 import json
 import statistics
 import time
@@ -25,7 +31,7 @@ from typing import Any
 
 import torch
 
-from benchlib import cpu_model, quiet, usable_cores
+from benchlib import cpu_model, current_rss_mib, peak_since_reset_mib, quiet, reset_peak_rss, usable_cores
 from headatlas.model.compat import cache_kwargs
 
 
@@ -42,6 +48,41 @@ def _time_decode(loaded: Any, ids: torch.Tensor, cache: Any, new: int) -> float:
         pad_token_id=loaded.tokenizer.eos_token_id,
     )
     return 1000 * (time.perf_counter() - start) / new
+
+
+def _release() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so that
+    RSS drops by what was freed; a no-op where there is no glibc."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _decode_memory(
+    loaded: Any, kv: Any, plan: Any, ids: torch.Tensor, plain: Any, new: int
+) -> dict[str, Any]:
+    """Peak RSS (MiB) of one decode of ``new`` tokens from ``plain`` alone, then from the plan's
+    cache alone (``plain`` is emptied: the caller must not use it afterwards); the RSS each decode
+    started from and the difference of the peaks (full − plan)."""
+    out: dict[str, Any] = {}
+    _release()
+    out["rss_before_full_mib"] = current_rss_mib()
+    reset_peak_rss()
+    with torch.no_grad():
+        _time_decode(loaded, ids, plain, new)
+    out["peak_full_mib"] = peak_since_reset_mib()
+    extra = plain.get_seq_length() - (ids.shape[1] - 1)  # prefill ran all but the prompt's last token
+    if extra > 0:
+        plain.crop(-extra)  # transformers' crop takes the tokens to drop as a negative count
+    with kv.compressed(loaded, plan, source=plain) as cache, torch.no_grad():
+        plain.layers.clear()  # the full cache's tensors go; only the plan's cache is held
+        _release()
+        out["rss_before_plan_mib"] = current_rss_mib()
+        reset_peak_rss()
+        _time_decode(loaded, ids, cache, new)
+        out["peak_plan_mib"] = peak_since_reset_mib()
+    out["peak_saved_mib"] = round(out["peak_full_mib"] - out["peak_plan_mib"], 1)
+    return out
 
 
 def main() -> None:
@@ -72,8 +113,10 @@ def main() -> None:
         "model": loaded.info.name, "plan": args.plan, "new_tokens": args.new, "rounds": args.rounds,
         "threads": args.threads, "cpu": cpu_model(), "cores": usable_cores(), "lengths": {},
     }  # fmt: skip
-    print("| prompt tokens | KV MiB full / plan | decode ms/token full | plan | full / plan |")
-    print("|---:|---:|---:|---:|---:|")
+    print(
+        "| prompt tokens | KV MiB full / plan | decode ms/token full | plan | full / plan | decode peak MiB full / plan |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
     for length in [int(x) for x in args.lengths.split(",")]:
         ids = encode(loaded.tokenizer, make_samples(loaded.tokenizer, "niah", length, 1, seed=0)[0])
         with torch.no_grad():
@@ -100,10 +143,13 @@ def main() -> None:
             "decode_ms": {"full": round(full_ms, 2), "plan": round(plan_ms, 2)},
             "rounds_ms": {k: [round(t, 2) for t in v] for k, v in times.items()},
             "speedup": round(full_ms / plan_ms, 3),
+            "freed_mib": round((held["full"] - held["plan"]) / 2**20, 3),
+            "decode_memory": _decode_memory(loaded, kv, plan, ids, plain, args.new),
         }
+        memory = out["lengths"][str(ids.shape[1])]["decode_memory"]
         print(
             f"| {ids.shape[1]} | {held['full'] / 2**20:.1f} / {held['plan'] / 2**20:.1f} | {full_ms:.1f} | "
-            f"{plan_ms:.1f} | {full_ms / plan_ms:.2f}× |",
+            f"{plan_ms:.1f} | {full_ms / plan_ms:.2f}× | {memory['peak_full_mib']:.0f} / {memory['peak_plan_mib']:.0f} |",
             flush=True,
         )
         del plain
