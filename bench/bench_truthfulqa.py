@@ -5,7 +5,8 @@ KL cost, through ``headatlas.steer.truthfulqa``.
 Writes every number, the wall times and the machine to ``--out`` (JSON) and prints the table.
 ``--checkpoint DIR`` keeps each finished stage (the unsteered pass over all questions, then each
 split), so a run that stops resumes where it was; ``--count N`` takes the first N questions (a quick
-check). Usage::
+check). ``--splits 0-0,1-1`` computes only those (seed, fold) splits into the checkpoint, so
+processes given disjoint splits share a run; a last call without it gathers them. Usage::
 
     .venv/bin/python bench/bench_truthfulqa.py --model default --alphas 0,5,15 --ks 16 --rotate \\
         --checkpoint /tmp/tqa-default --out bench/results/truthfulqa-default.json
@@ -55,7 +56,12 @@ def main() -> None:
     parser.add_argument("--rotate", action="store_true", help="score each question's ITI in one seed only")
     parser.add_argument("--count", type=int, default=None, help="first N questions only (quick check)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="directory of finished stages (resume)")
+    parser.add_argument(
+        "--splits", default=None, help="SEED-FOLD pairs to compute, e.g. 0-0,1-1 (share a run)"
+    )
+    parser.add_argument("--batch-tokens", type=int, default=256, help="packed tokens per forward pass")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--note", default=None, help="how the run was made (written to the JSON)")
     parser.add_argument("--out", type=Path, default=None, help="JSON to write")
     parser.add_argument("--figure", type=Path, default=None, help="PNG to write (validation sweep, test MC)")
     args = parser.parse_args()
@@ -63,7 +69,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     import headatlas as ha
-    from headatlas.apps.steer.tqa import summary_table, truthfulqa_figure
+    from headatlas.apps.steer.tqa import parse_splits, summary_table, truthfulqa_figure
 
     start = time.perf_counter()
     loaded = ha.load(args.model)
@@ -86,7 +92,9 @@ def main() -> None:
         n_text=args.n_text,
         rotate=args.rotate,
         checkpoint=args.checkpoint,
+        batch_tokens=args.batch_tokens,
         progress=progress,
+        splits=parse_splits(args.splits) if args.splits else None,
     )
     wall = time.perf_counter() - start
     table = summary_table(result.summary)
@@ -101,7 +109,7 @@ def main() -> None:
         + " ".join(
             f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
             for k, v in vars(args).items()
-            if v not in (None, False) and k not in ("out", "figure")
+            if v not in (None, False) and k not in ("out", "figure", "note")
         ),
         "load_seconds": round(load_s, 1),
         "wall_seconds": round(wall, 1),
@@ -113,6 +121,7 @@ def main() -> None:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+        "notes": args.note,
     }
     summary["table"] = table.to_dict("records")
     print(f"wall {wall:.0f} s (load {load_s:.0f} s)")

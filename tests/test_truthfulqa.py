@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from headatlas.apps.common.probe_tasks import build_probe_task
 from headatlas.apps.common.truthfulqa import PRIMER, qa_prompt, question_folds, read_truthfulqa, split_answers
 from headatlas.apps.steer.mc import choice_logprobs, encode_choices, mc_metrics
 from headatlas.apps.steer.steering import HeadShift, rank_heads
-from headatlas.apps.steer.tqa import bootstrap
+from headatlas.apps.steer.tqa import bootstrap, parse_splits
 from headatlas.cli import app
 from headatlas.core.errors import HeadatlasError
 from tiny_models import BUILDERS, make_tokenizer
@@ -201,6 +202,34 @@ def test_iti_at_alpha_zero_is_the_baseline_and_random_heads_count_k(
     assert steered.summary["splits"] == again.summary["splits"]
     assert all(split["cost"]["iti_kl"] > 0 for split in steered.summary["splits"])
     assert steered.per_question[steered.per_question["kind"] == "iti"]["question"].is_unique
+
+
+def test_processes_given_disjoint_splits_share_one_run(
+    tiny_loaded: ha.LoadedModel, tiny_csv: Path, tmp_path: Path
+) -> None:
+    settings: dict[str, Any] = {"alphas": (0.0, 8.0), "ks": (3,), "seeds": 2, "n_text": 2, "rotate": True}
+    whole = ha.steer.truthfulqa(tiny_loaded, tiny_csv, **settings)
+    first = ha.steer.truthfulqa(
+        tiny_loaded, tiny_csv, checkpoint=tmp_path, splits=[(0, 0), (1, 1)], **settings
+    )
+    assert first.summary["settings"]["splits"] == ["0-0", "1-1"]
+    ha.steer.truthfulqa(tiny_loaded, tiny_csv, checkpoint=tmp_path, splits=[(0, 1)], **settings)
+    files = sorted(p.name.split("-")[0] for p in tmp_path.iterdir())
+    assert files == ["baseline"] + ["split"] * 3  # one baseline pass, shared by every process
+    # the last process computes the one split left and gathers the others from the checkpoint
+    gathered = ha.steer.truthfulqa(tiny_loaded, tiny_csv, checkpoint=tmp_path, splits=[(1, 0)], **settings)
+    assert gathered.summary["settings"]["splits"] == ["0-0", "0-1", "1-0", "1-1"]
+    for key in ("baseline", "iti", "random", "iti_minus_random", "cost", "chosen"):
+        assert gathered.summary[key] == whole.summary[key], key
+    # other settings reuse the baseline pass, not the splits
+    other: dict[str, Any] = {**settings, "alphas": (0.0, 4.0)}
+    ha.steer.truthfulqa(tiny_loaded, tiny_csv, checkpoint=tmp_path, splits=[(0, 0)], **other)
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()).count("baseline") == 1
+    for text, needle in (("0-0,x", "SEED-FOLD"), (" , ", "empty")):
+        with pytest.raises(HeadatlasError, match=needle):
+            parse_splits(text)
+    with pytest.raises(HeadatlasError, match="outside the run"):
+        ha.steer.truthfulqa(tiny_loaded, tiny_csv, splits=[(2, 0)], **settings)
 
 
 def test_bad_settings_are_one_line_errors(tiny_loaded: ha.LoadedModel, tiny_csv: Path) -> None:

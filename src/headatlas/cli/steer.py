@@ -214,6 +214,10 @@ def steer_truthfulqa(
     checkpoint: Annotated[
         Path | None, typer.Option(help="directory that keeps finished stages, to resume a stopped run")
     ] = None,
+    splits: Annotated[
+        str | None,
+        typer.Option(help="SEED-FOLD pairs to compute, e.g. 0-0,1-1; the rest come from --checkpoint"),
+    ] = None,
     out: Annotated[Path, typer.Option(help="directory to write")] = Path("truthfulqa"),
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
@@ -221,20 +225,21 @@ def steer_truthfulqa(
     """ITI on TruthfulQA: MC1 / MC2 of baseline, ITI (α, K chosen on training halves) and random heads."""
     quiet_libraries(False)
     from ..apps.common.truthfulqa import read_truthfulqa
-    from ..apps.steer.tqa import FOLDER, summary_table, truthfulqa, truthfulqa_figure
+    from ..apps.steer.tqa import FOLDER, parse_splits, summary_table, truthfulqa, truthfulqa_figure
     from ..core.outputs import check_output_folder, output_folder
     from ..core.storage import write_json
 
     values = floats(alphas, "--alphas")
     heads = [int(k) for k in floats(ks, "--ks")]
     run(lambda: read_truthfulqa(csv))
+    chosen_splits = run(lambda: parse_splits(splits)) if splits is not None else None
     run(lambda: check_output_folder(out, FOLDER, force))
     loaded = load_model(model, device)
     with progress_bar() as progress:
         steps = labelled_steps(progress)
         result = run(
             lambda: truthfulqa(loaded, csv, values, heads, folds, seeds, n_text=n_text, rotate=rotate,
-                               checkpoint=checkpoint, progress=steps)
+                               checkpoint=checkpoint, progress=steps, splits=chosen_splits)
         )  # fmt: skip
     table = summary_table(result.summary)
     with output_folder(out, FOLDER) as tmp:

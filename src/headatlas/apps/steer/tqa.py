@@ -7,11 +7,13 @@ split. On the training part every head gets a logistic probe on its output at th
 question + answer (true and false answers; here read during the unsteered scoring pass, with the
 primer), heads are ranked by the probes' validation accuracy (:func:`.steering.rank_heads`), and
 each gets the mass-mean direction and σ over the whole training half. Every (α, K) of the grid is
-scored on the validation questions and the best by mean MC2 is kept; only then is the test half
-scored: baseline, ITI at the kept (α, K), and K random heads (their own mass-mean directions and
-σ) at the same α. The shift acts on the answer tokens (:mod:`.mc`) for MC, on every token for the
-CE / KL cost on EWT text (:func:`.evaluation.text_costs`). Confidence intervals: 95 % bootstrap
-over questions of the per-question scores (averaged over the seeds that tested the question).
+scored on the validation questions. The best steered configuration (α > 0) by mean MC2 is then
+scored on the test half, as ITI reports it: ITI at that (α, K), and K random heads (their own
+mass-mean directions and σ) at the same α. Validation's own choice, where α = 0 (no steering) may
+win, is reported beside them (``validated``: the baseline's scores where α = 0 won). The shift acts on
+the answer tokens (:mod:`.mc`) for MC, on every token for the CE / KL cost on EWT text
+(:func:`.evaluation.text_costs`). Confidence intervals: 95 % bootstrap over questions of the
+per-question scores (averaged over the seeds that tested the question).
 
 ``rotate=True`` scores each question under ITI and the control in one seed only (a fixed seeded
 assignment, always from a split that held it out): the cost of one seed, questions from all.
@@ -47,7 +49,9 @@ FOLDER = Folder("steer truthfulqa", "truthfulqa.json")
 """The output folder of ``headatlas steer truthfulqa``: its marker is the results JSON."""
 ALPHAS = (0.0, 5.0, 10.0, 15.0)
 KS = (8, 16, 32)
-KINDS = ("baseline", "iti", "random")
+KINDS = ("baseline", "iti", "random", "validated")
+"""``iti`` and ``random``: the best steered (α > 0) configuration on the validation questions, as
+ITI reports it; ``validated``: validation's own choice, which is the baseline where α = 0 won."""
 StageProgress = Callable[[str, int, int], None]
 """``(label, done, total)``: one label per stage (the CLI shows one bar each)."""
 
@@ -67,6 +71,9 @@ class _Stages:
     def __init__(self, directory: str | Path | None, key: str) -> None:
         self.directory = Path(directory) if directory is not None else None
         self.key = key
+
+    def has(self, name: str) -> bool:
+        return self.directory is not None and (self.directory / f"{name}-{self.key}.pt").is_file()
 
     def get(self, name: str, make: Callable[[], Any]) -> Any:
         if self.directory is None:
@@ -152,8 +159,9 @@ def _split(run: _Run, seed: int, fold: int, folds: list[np.ndarray], tested: np.
     )
     label = f"seed {seed} fold {fold}"
     grid = _grid(run, ranking, val, f"{label}: α × K on {len(val)} validation questions")
-    best = max(grid, key=lambda g: g["mc2"])
-    alpha, k = best["alpha"], int(best["k"])
+    best = max(grid, key=lambda g: g["mc2"])  # validation's choice: α = 0 (no steering) may win
+    steer = max((g for g in grid if g["alpha"] != 0), key=lambda g: g["mc2"], default=best)
+    alpha, k = steer["alpha"], int(steer["k"])
     random_shift = ranking.shift(torch.as_tensor(rng.choice(ranking.val.numel(), size=k, replace=False)))
     shifts = {"iti": ranking.top(k), "random": random_shift}
     scored = {}
@@ -175,7 +183,8 @@ def _split(run: _Run, seed: int, fold: int, folds: list[np.ndarray], tested: np.
     )
     return {
         "seed": seed, "fold": fold, "n_train": len(train), "n_val": len(val), "n_test": len(test),
-        "tested": tested.tolist(), "val_grid": grid, "chosen": {"alpha": alpha, "k": k},
+        "tested": tested.tolist(), "val_grid": grid, "chosen": {"alpha": best["alpha"], "k": int(best["k"])},
+        "steered": {"alpha": alpha, "k": k},
         "heads": [f"L{layer}H{head}" for layer, head in shifts["iti"].heads],
         "val_accuracy": [round(float(v), 4) for v in ranking.val[ranking.order[:k]]],
         "random_heads": [f"L{layer}H{head}" for layer, head in random_shift.heads],
@@ -203,8 +212,10 @@ def _frame(baseline: np.ndarray, splits: list[dict[str, Any]]) -> pd.DataFrame:
         for q, m in enumerate(baseline.tolist())
     ]
     for split in splits:
-        for kind in ("iti", "random"):
-            for q, m in zip(split["tested"], split["scores"][kind], strict=True):
+        unsteered = baseline[split["tested"]].tolist()
+        chosen = split["scores"]["iti"] if split["chosen"]["alpha"] != 0 else unsteered
+        for kind, scores in (*split["scores"].items(), ("validated", chosen)):
+            for q, m in zip(split["tested"], scores, strict=True):
                 rows.append(
                     {
                         "kind": kind,
@@ -226,16 +237,27 @@ def _summarise(frame: pd.DataFrame, splits: list[dict[str, Any]]) -> dict[str, A
     for kind in KINDS:
         part = means[kind].loc[tested]
         out[kind] = {m: bootstrap(part[m].to_numpy()) for m in ("mc1", "mc2")}
-    for a, b in (("iti", "baseline"), ("iti", "random"), ("random", "baseline")):
+    for a, b in (("iti", "baseline"), ("iti", "random"), ("random", "baseline"), ("validated", "baseline")):
         diff = means[a].loc[tested] - means[b].loc[tested]
         out[f"{a}_minus_{b}"] = {m: bootstrap(diff[m].to_numpy()) for m in ("mc1", "mc2")}
     out["n_questions"] = len(tested)
+    costs = [_chosen_cost(s["cost"], s["chosen"]["alpha"] != 0) for s in splits]
     out["cost"] = {
-        key: round(float(np.mean([s["cost"][key] for s in splits])), 5)
-        for key in ("ce_base", "iti_ce", "iti_kl", "random_ce", "random_kl")
+        key: round(float(np.mean([c[key] for c in costs])), 5)
+        for key in ("ce_base", "iti_ce", "iti_kl", "random_ce", "random_kl", "validated_ce", "validated_kl")
     }
     out["chosen"] = [dict(s["chosen"], seed=s["seed"], fold=s["fold"]) for s in splits]
+    out["steered"] = [dict(s.get("steered", s["chosen"]), seed=s["seed"], fold=s["fold"]) for s in splits]
     return out
+
+
+def _chosen_cost(cost: dict[str, float], steered: bool) -> dict[str, float]:
+    """A split's cost with validation's choice added: ITI's when it steers, none otherwise."""
+    return {
+        **cost,
+        "validated_ce": cost["iti_ce"] if steered else cost["ce_base"],
+        "validated_kl": cost["iti_kl"] if steered else 0.0,
+    }
 
 
 def _check(
@@ -262,17 +284,42 @@ def _check(
     return values
 
 
-def _key(loaded: LoadedModel, csv: Path, settings: dict[str, Any]) -> str:
+def _check_splits(
+    splits: Sequence[tuple[int, int]] | None, seeds: int, n_folds: int
+) -> set[tuple[int, int]] | None:
+    if splits is None:
+        return None
+    for seed, fold in splits:
+        if not (0 <= seed < seeds and 0 <= fold < n_folds):
+            raise HeadatlasError(
+                f"{param('splits')} {seed}-{fold} is outside the run: seeds 0..{seeds - 1}, folds 0..{n_folds - 1}"
+            )
+    return {(int(seed), int(fold)) for seed, fold in splits}
+
+
+def _key(loaded: LoadedModel, csv: Path, settings: dict[str, Any] | None) -> str:
+    """The checkpoint key of a stage: the weights, the CSV and (for splits) the settings; the
+    baseline pass depends on the first two only, so runs with other settings reuse it."""
     record = weights_record(loaded)
-    text = json.dumps(
-        [
-            record.get("params_sha256") or record["model_sha256"],
-            hashlib.sha256(csv.read_bytes()).hexdigest(),
-            settings,
-        ],
-        sort_keys=True,
-    )
+    parts = [
+        record.get("params_sha256") or record["model_sha256"],
+        hashlib.sha256(csv.read_bytes()).hexdigest(),
+    ]
+    text = json.dumps(parts if settings is None else [*parts, settings], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def parse_splits(text: str) -> list[tuple[int, int]]:
+    """Return the ``(seed, fold)`` pairs of ``"0-0,1-1"``; a one-line error on anything else."""
+    pairs = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        seed, _, fold = item.partition("-")
+        if not (seed.isdigit() and fold.isdigit()):
+            raise HeadatlasError(f"{param('splits')} takes SEED-FOLD pairs such as 0-0,0-1; got {item!r}")
+        pairs.append((int(seed), int(fold)))
+    if not pairs:
+        raise HeadatlasError(f"{param('splits')} is empty: give SEED-FOLD pairs such as 0-0,0-1")
+    return pairs
 
 
 def truthfulqa(
@@ -286,15 +333,21 @@ def truthfulqa(
     n_text: int = 32,
     rotate: bool = False,
     checkpoint: str | Path | None = None,
-    batch_tokens: int = 1024,
+    batch_tokens: int = 256,
     progress: StageProgress | None = None,
+    splits: Sequence[tuple[int, int]] | None = None,
 ) -> TruthfulQAResult:
     """Run ITI on TruthfulQA (Lin et al. 2022) as Li et al. 2023 validate it: ``seeds`` random
     ``n_folds``-fold splits over questions; per split probes, head ranking and mass-mean directions
     on the training half, (α, K) from ``alphas`` × ``ks`` chosen on its validation questions by
     MC2, then baseline, ITI and K random heads scored (MC1, MC2) on the held-out half, with the
-    CE / KL cost on ``n_text`` EWT sentences — ``ha.steer.truthfulqa``."""
+    CE / KL cost on ``n_text`` EWT sentences — ``ha.steer.truthfulqa``.
+
+    ``splits`` (``(seed, fold)`` pairs) computes only those splits and takes the others from
+    ``checkpoint`` where finished there (left out otherwise): processes given disjoint splits and
+    one ``checkpoint`` share the work, and a last call without ``splits`` gathers every split."""
     values = _check(loaded, alphas, ks, n_folds, seeds, val_share, n_text)
+    wanted = _check_splits(splits, seeds, n_folds)
     questions = read_truthfulqa(csv)
     if len(questions) < 2 * n_folds:
         raise HeadatlasError(
@@ -309,12 +362,14 @@ def truthfulqa(
         "n_text": n_text,
         "rotate": rotate,
         "seeds": seeds,
+        "steered": "best α > 0 on validation",
     }
     stages = _Stages(checkpoint, _key(loaded, Path(csv), settings) if checkpoint is not None else "")
+    passes = _Stages(checkpoint, _key(loaded, Path(csv), None) if checkpoint is not None else "")
     start = time.perf_counter()
     encoded = encode_choices(loaded, questions)
     label = f"baseline: {len(questions)} questions"
-    scores, features = stages.get(
+    scores, features = passes.get(
         "baseline",
         lambda: choice_logprobs(
             loaded, encoded, features=True, batch_tokens=batch_tokens, progress=lambda d, t: tell(label, d, t)
@@ -330,13 +385,17 @@ def truthfulqa(
         values, [int(k) for k in ks], val_share, n_text, batch_tokens, tell,
     )  # fmt: skip
     owner = np.random.default_rng(len(questions)).permutation(len(questions)) % seeds
-    splits = []
+    done: list[dict[str, Any]] = []
     for seed in range(seeds):
         folds = question_folds(len(questions), n_folds, seed)
         for fold in range(n_folds):
             tested = folds[fold][owner[folds[fold]] == seed] if rotate else folds[fold]
-            splits.append(stages.get(f"split-{seed}-{fold}", partial(_split, run, seed, fold, folds, tested)))
-    frame = _frame(run.baseline, splits)
+            name = f"split-{seed}-{fold}"
+            if wanted is None or (seed, fold) in wanted:
+                done.append(stages.get(name, partial(_split, run, seed, fold, folds, tested)))
+            elif stages.has(name):
+                done.append(stages.get(name, lambda: None))
+    frame = _frame(run.baseline, done)
     summary = {
         "paper": "Li et al. 2023 (ITI), on TruthfulQA (Lin et al. 2022)",
         "model": loaded.info.name,
@@ -347,18 +406,24 @@ def truthfulqa(
         },
         "settings": {
             **settings,
+            "splits": [f"{split['seed']}-{split['fold']}" for split in done],
             "direction": "mass-mean",
-            "select": "max validation MC2",
+            "select": "max validation MC2 (iti, random: over α > 0; validated: α = 0 included)",
             "shift_at": "answer tokens (MC), every token (CE / KL)",
         },
-        **_summarise(frame, splits),
-        "splits": splits,
+        **_summarise(frame, done),
+        "splits": done,
         "seconds": {"baseline": round(baseline_s, 1), "total": round(time.perf_counter() - start, 1)},
     }
     return TruthfulQAResult(summary, frame)
 
 
-LABELS = {"baseline": "baseline", "iti": "ITI (top-K probe heads)", "random": "K random heads"}
+LABELS = {
+    "baseline": "baseline",
+    "iti": "ITI (top-K probe heads)",
+    "random": "K random heads",
+    "validated": "validation's choice (α = 0 allowed)",
+}
 
 
 def summary_table(summary: dict[str, Any]) -> pd.DataFrame:
@@ -401,7 +466,7 @@ def truthfulqa_figure(summary: dict[str, Any], title: str, out: str | Path) -> P
             [summary[kind][m]["mean"] - summary[kind][m]["low"] for m in ("mc1", "mc2")],
             [summary[kind][m]["high"] - summary[kind][m]["mean"] for m in ("mc1", "mc2")],
         ]
-        ax.bar(np.arange(2) + 0.27 * (offset - 1), means, 0.27, yerr=errors, capsize=3, label=LABELS[kind])
+        ax.bar(np.arange(2) + 0.2 * (offset - 1.5), means, 0.2, yerr=errors, capsize=3, label=LABELS[kind])
     ax.set_xticks([0, 1], ["MC1", "MC2"], fontsize=8)
     ax.set_ylabel(f"held-out questions (n = {summary['n_questions']})", fontsize=9)
     ax.tick_params(labelsize=7)
