@@ -20,7 +20,7 @@ from headatlas.apps.common.probe_tasks import build_probe_task
 from headatlas.apps.common.truthfulqa import PRIMER, qa_prompt, question_folds, read_truthfulqa, split_answers
 from headatlas.apps.steer.mc import choice_logprobs, encode_choices, mc_metrics
 from headatlas.apps.steer.steering import HeadShift, rank_heads
-from headatlas.apps.steer.tqa import bootstrap, parse_splits
+from headatlas.apps.steer.tqa import _frame, _summarise, bootstrap, parse_splits
 from headatlas.cli import app
 from headatlas.core.errors import HeadatlasError
 from tiny_models import BUILDERS, make_tokenizer
@@ -230,6 +230,25 @@ def test_processes_given_disjoint_splits_share_one_run(
             parse_splits(text)
     with pytest.raises(HeadatlasError, match="outside the run"):
         ha.steer.truthfulqa(tiny_loaded, tiny_csv, splits=[(2, 0)], **settings)
+
+
+def test_validations_choice_is_the_baseline_where_alpha_zero_won() -> None:
+    baseline = np.array([[0.0, 0.2], [1.0, 0.6], [0.0, 0.3], [1.0, 0.9]])
+    cost = {"ce_base": 5.0, "iti_ce": 6.0, "iti_kl": 1.0, "random_ce": 5.5, "random_kl": 0.5}
+    splits = [
+        {"seed": 0, "fold": fold, "tested": tested, "chosen": {"alpha": alpha, "k": 2},
+         "steered": {"alpha": 5.0, "k": 2}, "cost": cost,
+         "scores": {"iti": [[1.0, 0.9], [1.0, 0.8]], "random": [[0.0, 0.1], [0.0, 0.4]]}}
+        for fold, tested, alpha in ((0, [0, 1], 0.0), (1, [2, 3], 5.0))
+    ]  # fmt: skip
+    frame = _frame(baseline, splits)
+    validated = frame[frame["kind"] == "validated"].set_index("question")["mc2"]
+    assert validated.to_dict() == {0: 0.2, 1: 0.6, 2: 0.9, 3: 0.8}  # fold 0 kept α = 0: unsteered
+    summary = _summarise(frame, splits)
+    assert summary["cost"]["validated_kl"] == 0.5 and summary["cost"]["iti_kl"] == 1.0
+    assert summary["iti"]["mc2"]["mean"] == round((0.9 + 0.8 + 0.9 + 0.8) / 4, 4)
+    assert [s["alpha"] for s in summary["chosen"]] == [0.0, 5.0]
+    assert [s["alpha"] for s in summary["steered"]] == [5.0, 5.0]
 
 
 def test_bad_settings_are_one_line_errors(tiny_loaded: ha.LoadedModel, tiny_csv: Path) -> None:

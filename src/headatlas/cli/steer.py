@@ -263,5 +263,6 @@ def steer_truthfulqa(
         )
     console.print(shown)
     chosen = ", ".join(f"α {c['alpha']:g} K {c['k']}" for c in result.summary["chosen"])
-    console.print(f"chosen per split (validation MC2): {chosen}", highlight=False)
+    steered = ", ".join(f"α {c['alpha']:g} K {c['k']}" for c in result.summary["steered"])
+    console.print(f"chosen per split (validation MC2): {chosen}; steered rows at: {steered}", highlight=False)
     console.print(f"→ {out} (truthfulqa.json, table.csv, per_question.csv, truthfulqa.png)", highlight=False)
