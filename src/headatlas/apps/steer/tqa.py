@@ -213,8 +213,8 @@ def _frame(baseline: np.ndarray, splits: list[dict[str, Any]]) -> pd.DataFrame:
     ]
     for split in splits:
         unsteered = baseline[split["tested"]].tolist()
-        chosen = split["scores"]["iti"] if split["chosen"]["alpha"] != 0 else unsteered
-        for kind, scores in (*split["scores"].items(), ("validated", chosen)):
+        validated = split["scores"]["iti"] if split["chosen"]["alpha"] != 0 else unsteered
+        for kind, scores in (*split["scores"].items(), ("validated", validated)):
             for q, m in zip(split["tested"], scores, strict=True):
                 rows.append(
                     {
@@ -241,17 +241,17 @@ def _summarise(frame: pd.DataFrame, splits: list[dict[str, Any]]) -> dict[str, A
         diff = means[a].loc[tested] - means[b].loc[tested]
         out[f"{a}_minus_{b}"] = {m: bootstrap(diff[m].to_numpy()) for m in ("mc1", "mc2")}
     out["n_questions"] = len(tested)
-    costs = [_chosen_cost(s["cost"], s["chosen"]["alpha"] != 0) for s in splits]
+    costs = [_validated_cost(s["cost"], s["chosen"]["alpha"] != 0) for s in splits]
     out["cost"] = {
         key: round(float(np.mean([c[key] for c in costs])), 5)
         for key in ("ce_base", "iti_ce", "iti_kl", "random_ce", "random_kl", "validated_ce", "validated_kl")
     }
     out["chosen"] = [dict(s["chosen"], seed=s["seed"], fold=s["fold"]) for s in splits]
-    out["steered"] = [dict(s.get("steered", s["chosen"]), seed=s["seed"], fold=s["fold"]) for s in splits]
+    out["steered"] = [dict(s["steered"], seed=s["seed"], fold=s["fold"]) for s in splits]
     return out
 
 
-def _chosen_cost(cost: dict[str, float], steered: bool) -> dict[str, float]:
+def _validated_cost(cost: dict[str, float], steered: bool) -> dict[str, float]:
     """A split's cost with validation's choice added: ITI's when it steers, none otherwise."""
     return {
         **cost,
@@ -297,16 +297,19 @@ def _check_splits(
     return {(int(seed), int(fold)) for seed, fold in splits}
 
 
-def _key(loaded: LoadedModel, csv: Path, settings: dict[str, Any] | None) -> str:
-    """The checkpoint key of a stage: the weights, the CSV and (for splits) the settings; the
-    baseline pass depends on the first two only, so runs with other settings reuse it."""
+def _keys(loaded: LoadedModel, csv: Path, settings: dict[str, Any]) -> tuple[str, str]:
+    """Return the checkpoint keys of the unsteered pass (the weights and the CSV: runs with other
+    settings reuse it) and of the splits (the settings too); the weights are hashed once."""
     record = weights_record(loaded)
     parts = [
         record.get("params_sha256") or record["model_sha256"],
         hashlib.sha256(csv.read_bytes()).hexdigest(),
     ]
-    text = json.dumps(parts if settings is None else [*parts, settings], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    pass_key, split_key = (
+        hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        for key in (parts, [*parts, settings])
+    )
+    return pass_key, split_key
 
 
 def parse_splits(text: str) -> list[tuple[int, int]]:
@@ -339,9 +342,10 @@ def truthfulqa(
 ) -> TruthfulQAResult:
     """Run ITI on TruthfulQA (Lin et al. 2022) as Li et al. 2023 validate it: ``seeds`` random
     ``n_folds``-fold splits over questions; per split probes, head ranking and mass-mean directions
-    on the training half, (α, K) from ``alphas`` × ``ks`` chosen on its validation questions by
-    MC2, then baseline, ITI and K random heads scored (MC1, MC2) on the held-out half, with the
-    CE / KL cost on ``n_text`` EWT sentences — ``ha.steer.truthfulqa``.
+    on the training half, the best steered (α > 0) (α, K) from ``alphas`` × ``ks`` on its
+    validation questions by MC2, then baseline, ITI and K random heads at it scored (MC1, MC2) on
+    the held-out half beside validation's own choice (α = 0 allowed), with the CE / KL cost on
+    ``n_text`` EWT sentences — ``ha.steer.truthfulqa``.
 
     ``splits`` (``(seed, fold)`` pairs) computes only those splits and takes the others from
     ``checkpoint`` where finished there (left out otherwise): processes given disjoint splits and
@@ -364,8 +368,8 @@ def truthfulqa(
         "seeds": seeds,
         "steered": "best α > 0 on validation",
     }
-    stages = _Stages(checkpoint, _key(loaded, Path(csv), settings) if checkpoint is not None else "")
-    passes = _Stages(checkpoint, _key(loaded, Path(csv), None) if checkpoint is not None else "")
+    pass_key, split_key = _keys(loaded, Path(csv), settings) if checkpoint is not None else ("", "")
+    stages, passes = _Stages(checkpoint, split_key), _Stages(checkpoint, pass_key)
     start = time.perf_counter()
     encoded = encode_choices(loaded, questions)
     label = f"baseline: {len(questions)} questions"
